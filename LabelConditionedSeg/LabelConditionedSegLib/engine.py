@@ -1,0 +1,211 @@
+"""Encode once, decode many labels: the fast path from a normalized model-grid volume to a label map.
+
+Labels are decoded in batches, each label only inside a box around its atlas region
+(when the network's normalization makes that exact), and their probabilities are folded
+into a running maximum and arg-maximum as they stream, so memory does not grow with
+the number of labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import Cancelled, LCSError
+from .model import LCSNet
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Condition:
+    """What to segment: a binary mask on the atlas (one label, a union, or a painted region)."""
+
+    name: str
+    value: int  # the value written in the output label map
+    mask: np.ndarray  # bool, model grid (z, y, x)
+    color: tuple[int, int, int] = (128, 128, 128)
+
+
+@dataclass
+class Encoded:
+    """A volume's encoder features on the engine's device, reusable for any number of labels."""
+
+    features: list[torch.Tensor]
+    shape: tuple[int, int, int]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' (CUDA, else Apple MPS, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'; a clear error if absent."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise LCSError("device 'mps' is not available on this machine; use --device auto or cpu")
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise LCSError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device auto or cpu")
+        index = int(name.split(":")[1]) if ":" in name and name.split(":")[1].isdigit() else 0
+        if ":" in name and not name.split(":")[1].isdigit():
+            raise LCSError(f"device {name!r} is not valid; write cuda:0, cuda:1, ...")
+        if index >= torch.cuda.device_count():
+            raise LCSError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device(f"cuda:{index}")
+    raise LCSError(f"device {name!r} is not known; use auto, cpu, cuda, cuda:N or mps")
+
+
+class Engine:
+    """Runs an LCSNet over conditions; `messages` receives notices such as a fallback to the CPU."""
+
+    def __init__(self, model: LCSNet, atlas_image: np.ndarray, device: str | torch.device = "auto",
+                 memory_budget_mb: float | None = None, margin: int = 16, messages: Callable[[str], None] | None = None):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.model = model.eval().to(self.device)
+        self.atlas_image = torch.from_numpy(np.ascontiguousarray(atlas_image, dtype=np.float32))[None, None]
+        self.memory_budget_mb = memory_budget_mb
+        self.margin = margin
+        self.messages = messages or (lambda text: None)
+        self.factor = model.config.factor
+
+    # ---- encoding -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, image: np.ndarray) -> Encoded:
+        """Encoder features of a normalized model-grid volume (z, y, x)."""
+        if any(s % self.factor for s in image.shape):
+            raise LCSError(f"model grid {image.shape} is not a multiple of {self.factor}")
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        features = self._run(lambda dev: self.model.encode(x.to(dev)))
+        return Encoded(features, tuple(image.shape))
+
+    # ---- decoding -------------------------------------------------------------------------
+    @torch.no_grad()
+    def segment(self, encoded: Encoded, conditions: Sequence[Condition], threshold: float = 0.5,
+                on_probability: Callable[[Condition, np.ndarray], None] | None = None,
+                progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> np.ndarray:
+        """Label map (condition values, 0 where every probability is below `threshold`) on the model grid.
+
+        on_probability, when given, receives each condition's full probability map, one at a time.
+        """
+        best = np.zeros(encoded.shape, np.float32)
+        winner = np.full(encoded.shape, -1, np.int32)
+        index_of = {id(c): i for i, c in enumerate(conditions)}
+        done = 0
+        for batch, boxes in self._batches(conditions):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            probabilities = self._decode_batch(encoded, batch, boxes)
+            for i, (condition, box) in enumerate(zip(batch, boxes)):
+                region = tuple(slice(s, s + n) for s, n in zip(box[0], box[1]))
+                p = probabilities[i]
+                better = p > best[region]
+                best[region][better] = p[better]
+                winner[region][better] = index_of[id(condition)]
+                if on_probability is not None:
+                    full = np.zeros(encoded.shape, np.float32)
+                    full[region] = p
+                    on_probability(condition, full)
+            done += len(batch)
+            if progress is not None:
+                progress(done / len(conditions), f"decoded {done} of {len(conditions)} labels")
+        values = np.array([c.value for c in conditions] + [0], np.int32)
+        return np.where(best >= threshold, values[winner], 0).astype(np.int32)
+
+    def probability(self, encoded: Encoded, condition: Condition) -> np.ndarray:
+        """One condition's probability map on the whole model grid (for tests and plots)."""
+        maps = []
+        self.segment(encoded, [condition], on_probability=lambda c, p: maps.append(p))
+        return maps[0]
+
+    def _batches(self, conditions: Sequence[Condition]):
+        """Conditions grouped by similar box size, each group no larger than the memory budget allows."""
+        boxes = {id(c): self._box(c.mask) for c in conditions}
+        order = sorted(conditions, key=lambda c: -int(np.prod(boxes[id(c)][1])))
+        start = 0
+        while start < len(order):
+            size = np.array(boxes[id(order[start])][1])
+            n = max(1, min(len(order) - start, self._batch_size(int(np.prod(size)))))
+            group = order[start:start + n]
+            size = np.max([boxes[id(c)][1] for c in group], axis=0)
+            yield group, [self._place(boxes[id(c)], size) for c in group]
+            start += n
+
+    def _box(self, mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(start, size) of the decoding box: atlas region plus margin, aligned to the pooling grid."""
+        shape = np.array(mask.shape)
+        if not self.model.config.region_invariant or not mask.any():
+            return (0, 0, 0), tuple(int(s) for s in shape)
+        nonzero = np.nonzero(mask)
+        lo = np.array([a.min() for a in nonzero]) - self.margin
+        hi = np.array([a.max() for a in nonzero]) + 1 + self.margin
+        lo = np.clip(lo // self.factor * self.factor, 0, None)
+        hi = np.minimum(-(-hi // self.factor) * self.factor, shape)
+        return tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo)
+
+    @staticmethod
+    def _place(box, size) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """A box of `size` holding `box`, shifted inside the grid (sizes and grid are multiples of the factor)."""
+        start, own = np.array(box[0]), np.array(box[1])
+        grid_end = start + own  # never beyond the grid
+        begin = np.maximum(0, np.minimum(start, grid_end - size))
+        return tuple(int(v) for v in begin), tuple(int(v) for v in size)
+
+    def _batch_size(self, voxels: int) -> int:
+        """How many boxes of `voxels` fit in the memory budget (decoder activations, float32)."""
+        per_voxel = 4 * (7 * self.model.config.base_channels + 6)
+        budget = self.memory_budget_mb
+        if budget is None:
+            if self.device.type == "cuda":
+                budget = torch.cuda.mem_get_info(self.device)[0] / 2**20 * 0.5
+            else:
+                budget = 256
+        return max(1, int(budget * 2**20 // (per_voxel * voxels)))
+
+    def _decode_batch(self, encoded: Encoded, batch: Sequence[Condition], boxes) -> np.ndarray:
+        def crop(t: torch.Tensor, level: int, box) -> torch.Tensor:
+            s = 2**level
+            return t[..., box[0][0] // s:(box[0][0] + box[1][0]) // s,
+                     box[0][1] // s:(box[0][1] + box[1][1]) // s, box[0][2] // s:(box[0][2] + box[1][2]) // s]
+
+        masks = [torch.from_numpy(np.ascontiguousarray(c.mask, dtype=np.float32))[None, None] for c in batch]
+
+        def run(dev: torch.device) -> torch.Tensor:
+            features = [torch.cat([crop(f, level, b) for b in boxes]).to(dev) for level, f in enumerate(encoded.features)]
+            atlas = torch.cat([crop(self.atlas_image, 0, b) for b in boxes]).to(dev)
+            mask = torch.cat([crop(m, 0, b) for m, b in zip(masks, boxes)]).to(dev)
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+                return torch.sigmoid(self.model.decode(features, atlas, mask).float())[:, 0]
+
+        split = (lambda: self._split(encoded, batch, boxes)) if len(batch) > 1 else None
+        return self._run(run, split).cpu().numpy()
+
+    def _split(self, encoded, batch, boxes) -> torch.Tensor:
+        """Out of memory with several boxes: decode them in halves."""
+        half = len(batch) // 2
+        return torch.from_numpy(np.concatenate([self._decode_batch(encoded, batch[:half], boxes[:half]),
+                                                self._decode_batch(encoded, batch[half:], boxes[half:])]))
+
+    def _run(self, work, split=None):
+        """Run on the engine's device; on CUDA out-of-memory, split the batch, then fall back to the CPU."""
+        try:
+            return work(self.device)
+        except torch.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise LCSError("out of memory on the CPU; close other programs or use a smaller volume") from None
+            torch.cuda.empty_cache()
+        if split is not None:
+            self.messages("GPU out of memory: decoding fewer labels at a time")
+            return split()
+        self.messages(f"GPU out of memory on {self.device}: continuing on the CPU (slower)")
+        self.device = torch.device("cpu")
+        self.model.to(self.device)
+        return work(self.device)

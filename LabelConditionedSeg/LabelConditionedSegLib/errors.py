@@ -1,0 +1,12 @@
+"""One exception type for everything a user can fix; the CLI prints it as one line."""
+
+
+class LCSError(Exception):
+    """Bad input or environment: the message says what is wrong and what to do."""
+
+
+class Cancelled(LCSError):
+    """The user cancelled a run; nothing was written."""
+
+    def __init__(self, message: str = "cancelled by the user; nothing was changed"):
+        super().__init__(message)

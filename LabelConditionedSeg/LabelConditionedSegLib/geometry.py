@@ -1,0 +1,134 @@
+"""From any scan to the model grid and back: register to the atlas, resample, normalize.
+
+The transform returned by register() maps atlas (model grid) points to input points, the
+direction sitk.Resample wants for pulling the input onto the model grid; its inverse takes
+label maps back onto the input's own grid.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import LCSError
+
+REGISTRATIONS = ("affine", "rigid", "none")
+
+
+def model_grid(reference: sitk.Image, spacing: float, factor: int) -> sitk.Image:
+    """An empty grid covering `reference` at isotropic `spacing`, each size a multiple of `factor`."""
+    extent = np.array(reference.GetSize()) * np.array(reference.GetSpacing())
+    size = np.ceil(np.ceil(extent / spacing) / factor).astype(int) * factor
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    center = reference.TransformContinuousIndexToPhysicalPoint((np.array(reference.GetSize()) - 1) / 2.0)
+    origin = np.array(center) - direction @ ((size - 1) / 2.0 * spacing)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    grid.SetSpacing([spacing] * 3)
+    grid.SetDirection(reference.GetDirection())
+    grid.SetOrigin(origin.tolist())
+    return grid
+
+
+def normalize_intensity(image: sitk.Image, mask: np.ndarray | None = None, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Percentiles (inside `mask`, or of non-zero voxels) mapped to 0..1, clipped: scanner units stop mattering."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    values = array[mask > 0] if mask is not None else array[array != 0]
+    if values.size == 0:
+        values = array.ravel()
+    lo, hi = np.percentile(values, [low, high])
+    if hi <= lo:
+        raise LCSError("input has no intensity contrast inside the brain region after registration; is it the right scan?")
+    return np.clip((array - lo) / (hi - lo), 0, 1).astype(np.float32)
+
+
+def register(moving: sitk.Image, fixed: sitk.Image, mode: str = "affine", fixed_mask: sitk.Image | None = None,
+             seed: int = 1) -> sitk.AffineTransform:
+    """Atlas-to-input transform by mutual information: centre of mass, then rigid, then affine."""
+    if mode not in REGISTRATIONS:
+        raise LCSError(f"registration must be one of {', '.join(REGISTRATIONS)}, not {mode!r}")
+    if mode == "none":
+        return sitk.AffineTransform(3)
+    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
+    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    transform = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
+    transform = _optimize(fixed, moving, transform, fixed_mask, seed, _shrink_factors(fixed, [8.0, 4.0]))
+    if mode == "affine":
+        center = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
+        transform = _optimize(fixed, moving, as_affine(transform, center), fixed_mask, seed, _shrink_factors(fixed, [4.0, 2.0]))
+    return as_affine(transform)
+
+
+def _shrink_factors(fixed: sitk.Image, resolutions_mm: list[float]) -> list[int]:
+    """Pyramid levels at about the given physical resolutions, whatever the atlas spacing."""
+    factors = [max(1, int(round(mm / min(fixed.GetSpacing())))) for mm in resolutions_mm]
+    return sorted(set(factors), reverse=True)
+
+
+def _optimize(fixed, moving, initial, fixed_mask, seed, shrink) -> sitk.Transform:
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.1, seed)
+    if fixed_mask is not None:
+        method.SetMetricFixedMask(fixed_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100,
+                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(shrink)
+    method.SetSmoothingSigmasPerLevel([s / 2 for s in shrink])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    method.SetInitialTransform(initial, inPlace=False)
+    try:
+        return method.Execute(fixed, moving)
+    except RuntimeError as error:
+        raise LCSError(f"registration to the atlas failed ({str(error).strip().splitlines()[-1][:100]}); "
+                       "try --registration rigid or none") from None
+
+
+def as_affine(transform: sitk.Transform, center=(0.0, 0.0, 0.0)) -> sitk.AffineTransform:
+    """Any linear transform (possibly composite) flattened into one AffineTransform about `center`."""
+    points = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], float) * 100.0
+    mapped = np.array([transform.TransformPoint(p.tolist()) for p in points])
+    matrix = (mapped[1:] - mapped[0]).T / 100.0
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(list(center))
+    affine.SetMatrix(matrix.ravel().tolist())
+    affine.SetTranslation((mapped[0] + matrix @ np.array(center) - np.array(center)).tolist())
+    return affine
+
+
+def to_model_grid(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> sitk.Image:
+    """The input pulled onto the model grid (linear interpolation, zero outside its field of view)."""
+    return sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def to_input_grid(model_image: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
+                  interpolator: int = sitk.sitkNearestNeighbor, pixel_type: int | None = None) -> sitk.Image:
+    """A model-grid image pushed back onto the input's grid (size, spacing, origin, direction kept).
+
+    Only the input region covering the image's non-zero voxels is resampled (the rest is 0),
+    so mapping back one small label costs little on a large scan.
+    """
+    inverse = as_affine(transform).GetInverse()
+    pixel_type = model_image.GetPixelID() if pixel_type is None else pixel_type
+    out = sitk.Image(reference.GetSize(), pixel_type)
+    out.CopyInformation(reference)
+    nonzero = np.nonzero(sitk.GetArrayViewFromImage(model_image))
+    if not nonzero[0].size:
+        return out
+    lo = [int(a.min()) - 1 for a in nonzero[::-1]]
+    hi = [int(a.max()) + 1 for a in nonzero[::-1]]
+    corners = [model_image.TransformContinuousIndexToPhysicalPoint([float(x), float(y), float(z)])
+               for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+    inside = np.array([reference.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(c)) for c in corners])
+    begin = np.clip(np.floor(inside.min(0)).astype(int) - 2, 0, np.array(reference.GetSize()))
+    end = np.clip(np.ceil(inside.max(0)).astype(int) + 3, 0, np.array(reference.GetSize()))
+    if np.any(end <= begin):
+        return out
+    region = sitk.Image([int(v) for v in end - begin], pixel_type)
+    region.SetSpacing(reference.GetSpacing())
+    region.SetDirection(reference.GetDirection())
+    region.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in begin]))
+    moved = sitk.Resample(model_image, region, inverse, interpolator, 0, pixel_type)
+    return sitk.Paste(out, moved, moved.GetSize(), [0, 0, 0], [int(v) for v in begin])

@@ -1,0 +1,123 @@
+"""The LCS 3D U-Net (Ma, Lee and Sabuncu, MIDL 2022).
+
+One encoder pass per volume, one decoder pass per label: the atlas image and the
+binary atlas label are pooled to the bottleneck grid and concatenated there, so
+the same weights segment whichever label the atlas mask names.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("batch", "instance", "group", "none")
+CONDITION_LEVELS = ("bottleneck", "all")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of an LCS network; stored in every checkpoint.
+
+    condition_levels: "bottleneck" is the paper (atlas at 1/2**depth only);
+    "all" also gives the decoder the atlas at every scale (an experiment).
+    norm: "batch" keeps inference independent of the decoded region
+    (eval-mode statistics), which region-restricted decoding relies on.
+    """
+
+    base_channels: int = 8
+    depth: int = 4
+    norm: str = "batch"
+    condition_levels: str = "bottleneck"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, not {self.norm!r}")
+        if self.condition_levels not in CONDITION_LEVELS:
+            raise ValueError(f"condition_levels must be one of {CONDITION_LEVELS}")
+        if self.depth < 1 or self.base_channels < 1:
+            raise ValueError("depth and base_channels must be positive")
+
+    @property
+    def factor(self) -> int:
+        """Grid sizes must be multiples of this (2**depth)."""
+        return 2**self.depth
+
+    @property
+    def region_invariant(self) -> bool:
+        """True when decoding a crop gives the same voxels as decoding the whole grid."""
+        return self.norm in ("batch", "none")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(min(4, channels), channels)
+    return nn.Identity()
+
+
+class ConvBlock(nn.Sequential):
+    """3x3x3 convolution, normalization, LeakyReLU (one per scale, as in the paper)."""
+
+    def __init__(self, cin: int, cout: int, norm: str, dropout: float = 0.0):
+        layers = [nn.Conv3d(cin, cout, 3, padding=1), _norm(norm, cout), nn.LeakyReLU(0.1, inplace=True)]
+        if dropout > 0:
+            layers.append(nn.Dropout3d(dropout))
+        super().__init__(*layers)
+
+
+class LCSNet(nn.Module):
+    """3D U-Net with single-channel output conditioned on (atlas image, atlas mask).
+
+    encode(image) -> list of feature maps, finest first (label independent).
+    decode(features, atlas_image, atlas_mask) -> logits, one channel.
+    The atlas tensors are on the full-resolution grid, shape (B, 1, D, H, W), and
+    are pooled here; features may be repeated or cropped along the batch for many labels.
+    """
+
+    def __init__(self, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.config = config
+        c = [config.base_channels * 2**i for i in range(config.depth + 1)]
+        n, p = config.norm, config.dropout
+        self.down = nn.ModuleList([ConvBlock(1, c[0], n)] + [ConvBlock(c[i - 1], c[i], n) for i in range(1, config.depth + 1)])
+        extra = 2 if config.condition_levels == "all" else 0
+        self.bottleneck = ConvBlock(c[-1] + 2, c[-1], n, p)
+        self.upsample = nn.ModuleList([nn.ConvTranspose3d(c[i + 1], c[i], 2, stride=2) for i in range(config.depth)])
+        self.up = nn.ModuleList([ConvBlock(2 * c[i] + extra, c[i], n, p) for i in range(config.depth)])
+        self.head = nn.Conv3d(c[0], 1, 1)
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        features = [self.down[0](image)]
+        for block in self.down[1:]:
+            features.append(block(F.max_pool3d(features[-1], 2)))
+        return features
+
+    def decode(self, features: list[torch.Tensor], atlas_image: torch.Tensor, atlas_mask: torch.Tensor) -> torch.Tensor:
+        atlas = self._atlas_pyramid(atlas_image, atlas_mask)
+        x = self.bottleneck(torch.cat([features[-1], atlas[-1]], 1))
+        for level in reversed(range(self.config.depth)):
+            parts = [self.upsample[level](x), features[level]]
+            if self.config.condition_levels == "all":
+                parts.append(atlas[level])
+            x = self.up[level](torch.cat(parts, 1))
+        return self.head(x)
+
+    def forward(self, image: torch.Tensor, atlas_image: torch.Tensor, atlas_mask: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(image), atlas_image, atlas_mask)
+
+    def _atlas_pyramid(self, atlas_image: torch.Tensor, atlas_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Atlas at each scale: image by average pooling, mask by max pooling (small labels survive)."""
+        pyramid = [torch.cat([atlas_image, atlas_mask], 1)]
+        for _ in range(self.config.depth):
+            image, mask = F.avg_pool3d(pyramid[-1][:, :1], 2), F.max_pool3d(pyramid[-1][:, 1:], 2)
+            pyramid.append(torch.cat([image, mask], 1))
+        return pyramid

@@ -1,0 +1,97 @@
+"""Any scan in, label map on that scan's own grid out: checkpoint + geometry + engine.
+
+`Segmenter.prepare` registers and encodes a volume once; `Segmenter.segment` then decodes
+whatever labels are asked for, so another label costs one decode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .checkpoint import Checkpoint
+from .engine import Condition, Encoded, Engine, Progress
+from .errors import LCSError
+from .geometry import normalize_intensity, register, to_input_grid, to_model_grid
+from .volume import check_volume
+
+
+@dataclass
+class Prepared:
+    """A volume registered to the atlas and encoded: reuse it for every label of that volume."""
+
+    reference: sitk.Image  # the input's grid: the output lands here
+    transform: sitk.Transform  # atlas (model grid) points -> input points
+    model_image: np.ndarray  # normalized, on the model grid (z, y, x)
+    encoded: Encoded
+
+
+class Segmenter:
+    """Segments volumes with one checkpoint on one device."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str = "auto", messages: Callable[[str], None] | None = None,
+                 memory_budget_mb: float | None = None):
+        self.checkpoint = checkpoint
+        self.atlas_mask = sitk.GetArrayFromImage(checkpoint.atlas_mask) > 0
+        self.atlas_labels = sitk.GetArrayFromImage(checkpoint.atlas_labels)
+        self.engine = Engine(checkpoint.build_model(), sitk.GetArrayFromImage(checkpoint.atlas_image), device,
+                             memory_budget_mb=memory_budget_mb, messages=messages)
+
+    @property
+    def device(self) -> str:
+        return str(self.engine.device)
+
+    def prepare(self, image: sitk.Image, registration: str = "affine", progress: Progress | None = None) -> Prepared:
+        check_volume(image)
+        step = progress or (lambda fraction, message: None)
+        step(0.0, f"registering to the atlas ({registration})")
+        atlas = self.checkpoint.atlas_image
+        transform = register(image, atlas, registration, fixed_mask=self.checkpoint.atlas_mask)
+        moved = to_model_grid(image, atlas, transform)
+        if not sitk.GetArrayViewFromImage(moved)[self.atlas_mask].any():
+            raise LCSError("the input does not overlap the atlas after registration; is it the anatomy this model was trained on?")
+        n = self.checkpoint.normalization
+        model_image = normalize_intensity(moved, self.atlas_mask, n["low"], n["high"])
+        step(0.5, f"encoding on {self.device}")
+        return Prepared(image, transform, model_image, self.engine.encode(model_image))
+
+    def conditions(self, labels: Sequence[str | int] = (), masks: Sequence[tuple[str, sitk.Image]] = ()) -> list[Condition]:
+        """Atlas labels by name or value ('A+B' for a union) and masks drawn on the atlas, as conditions."""
+        table = self.checkpoint.label_table
+        out = []
+        for item in labels:
+            parts = [table.resolve(p) for p in str(item).split("+")]
+            mask = np.isin(self.atlas_labels, [p.value for p in parts])
+            out.append(Condition("+".join(p.name for p in parts), parts[0].value, mask, parts[0].color))
+        next_value = max(table.values) + 1
+        for i, (name, image) in enumerate(masks):
+            check_volume(image, f"condition mask {name!r}")
+            on_grid = sitk.Resample(sitk.Cast(image != 0, sitk.sitkFloat32), self.checkpoint.atlas_image,
+                                    sitk.Transform(), sitk.sitkLinear, 0.0)
+            mask = sitk.GetArrayFromImage(on_grid) >= 0.5
+            if not mask.any():
+                raise LCSError(f"condition mask {name!r} does not overlap the atlas grid; draw it on the atlas image")
+            color = tuple(int(c) for c in np.random.default_rng(next_value + i).integers(40, 256, 3))
+            out.append(Condition(name, next_value + i, mask, color))
+        if not out:
+            raise LCSError("no labels to segment; name some with --labels, use --all, or give --condition masks")
+        return out
+
+    def segment(self, prepared: Prepared, conditions: Sequence[Condition], threshold: float = 0.5,
+                on_probability: Callable[[Condition, sitk.Image], None] | None = None,
+                progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> sitk.Image:
+        """Label map on the input's grid (values of the conditions, 0 background)."""
+        def back(condition: Condition, probability: np.ndarray) -> None:
+            on_probability(condition, self.to_input(prepared, probability, sitk.sitkLinear))
+
+        labels = self.engine.segment(prepared.encoded, conditions, threshold,
+                                     back if on_probability is not None else None, progress, cancel)
+        return self.to_input(prepared, labels, sitk.sitkLabelGaussian)
+
+    def to_input(self, prepared: Prepared, array: np.ndarray, interpolator: int) -> sitk.Image:
+        """A model-grid array mapped onto the input's grid through the inverse registration."""
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(self.checkpoint.atlas_image)
+        return to_input_grid(image, prepared.reference, prepared.transform, interpolator)

@@ -1,0 +1,103 @@
+"""The inference engine: region-restricted decoding, streaming combination, batching, devices, cancel."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from LabelConditionedSegLib.engine import Condition, Engine, resolve_device
+from LabelConditionedSegLib.errors import Cancelled, LCSError
+from LabelConditionedSegLib.pipeline import Segmenter
+
+from conftest import dice, heldout_subject
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny, colin27):
+    segmenter = Segmenter(tiny, "cpu")
+    image, truth = heldout_subject(colin27, seed=11, grid="atlas")
+    return segmenter, segmenter.prepare(image)
+
+
+def conditions(segmenter):
+    return segmenter.conditions([l.name for l in segmenter.checkpoint.label_table])
+
+
+def test_decoding_around_each_label_matches_decoding_the_whole_grid(tiny, prepared):
+    segmenter, volume = prepared
+    atlas = sitk.GetArrayFromImage(tiny.atlas_image)
+    cropped = Engine(tiny.build_model(), atlas, "cpu", margin=16)
+    whole = Engine(tiny.build_model(), atlas, "cpu", margin=10_000)
+    conds = conditions(segmenter)
+    assert cropped._box(conds[0].mask)[1] != volume.model_image.shape  # the crop is really smaller
+    a = cropped.segment(cropped.encode(volume.model_image), conds)
+    b = whole.segment(whole.encode(volume.model_image), conds)
+    for c in conds:
+        assert dice(a == c.value, b == c.value) > 0.97, c.name
+
+
+def test_streaming_combination_equals_argmax_of_all_probability_maps(tiny, prepared):
+    segmenter, volume = prepared
+    engine = segmenter.engine
+    conds = conditions(segmenter)
+    maps = []
+    labels = engine.segment(volume.encoded, conds, threshold=0.5, on_probability=lambda c, p: maps.append((c.value, p)))
+    values = np.array([v for v, _ in maps])
+    stack = np.stack([p for _, p in maps])
+    expected = np.where(stack.max(0) >= 0.5, values[stack.argmax(0)], 0)
+    assert np.array_equal(labels, expected)
+    assert set(np.unique(labels)) - {0} <= set(values.tolist())
+
+
+def test_batches_sized_by_memory_give_the_same_result(tiny, prepared):
+    segmenter, volume = prepared
+    atlas = sitk.GetArrayFromImage(tiny.atlas_image)
+    small = Engine(tiny.build_model(), atlas, "cpu", memory_budget_mb=0.001)
+    large = Engine(tiny.build_model(), atlas, "cpu", memory_budget_mb=10_000)
+    conds = conditions(segmenter)
+    assert len(list(small._batches(conds))) == len(conds)
+    assert len(list(large._batches(conds))) < len(conds)
+    a = small.segment(small.encode(volume.model_image), conds)
+    b = large.segment(large.encode(volume.model_image), conds)
+    assert np.array_equal(a, b)
+
+
+def test_threshold_leaves_uncertain_voxels_as_background(prepared):
+    segmenter, volume = prepared
+    conds = conditions(segmenter)
+    loose = segmenter.engine.segment(volume.encoded, conds, threshold=0.1)
+    strict = segmenter.engine.segment(volume.encoded, conds, threshold=0.9)
+    assert (strict > 0).sum() < (loose > 0).sum()
+
+
+def test_progress_reaches_one_and_cancel_stops(prepared):
+    segmenter, volume = prepared
+    seen = []
+    segmenter.engine.segment(volume.encoded, conditions(segmenter), progress=lambda f, m: seen.append(f))
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    with pytest.raises(Cancelled):
+        segmenter.engine.segment(volume.encoded, conditions(segmenter), cancel=lambda: True)
+
+
+def test_union_and_painted_conditions(tiny, prepared):
+    segmenter, volume = prepared
+    union = segmenter.conditions(["Frontal_Sup_L+Frontal_Sup_R"])[0]
+    atlas_labels = sitk.GetArrayFromImage(tiny.atlas_labels)
+    assert np.array_equal(union.mask, np.isin(atlas_labels, [3, 4]))
+    painted = sitk.Cast(tiny.atlas_labels == 3, sitk.sitkUInt8)
+    condition = segmenter.conditions([], [("my region", painted)])[0]
+    assert condition.name == "my region" and condition.value > max(tiny.label_table.values)
+    with pytest.raises(LCSError, match="not in the atlas"):
+        segmenter.conditions(["Hippocampus_XYZ"])
+
+
+def test_devices():
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(LCSError, match="not known"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(LCSError, match="no CUDA"):
+            resolve_device("cuda:0")
+    else:
+        with pytest.raises(LCSError, match="does not exist"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")

@@ -1,0 +1,77 @@
+"""Any orientation, spacing and field of view in; a label map on the input's own grid out."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LabelConditionedSegLib.geometry import as_affine, model_grid, register, to_input_grid
+from LabelConditionedSegLib.pipeline import Segmenter
+from lcs_training.synth import random_grid
+
+from conftest import TINY_LABELS, dice, heldout_subject
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            and np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection()))
+
+
+def test_model_grid_covers_the_reference_in_multiples_of_the_factor(colin27):
+    image = sitk.ReadImage(str(colin27 / "images/colin27.nii.gz"))
+    grid = model_grid(image, 2.0, 16)
+    assert all(s % 16 == 0 for s in grid.GetSize())
+    assert np.allclose(grid.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in grid.GetSize()]),
+                       image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()]))
+
+
+def test_registration_recovers_a_moved_reoriented_cropped_scan(colin27, tiny):
+    """The atlas labels pushed through the found transform land on the scan's own labels."""
+    image, truth = heldout_subject(colin27, seed=5, strength=0.0)  # rigid+scale only, on a random grid
+    moved = sitk.Euler3DTransform((0, 0, 18), 0.15, -0.1, 0.2, (6, -8, 5))
+    image = sitk.Resample(image, image, moved, sitk.sitkLinear, 0.0)
+    truth = sitk.Resample(truth, truth, moved, sitk.sitkNearestNeighbor, 0)
+    atlas_labels = sitk.ReadImage(str(colin27 / "labels/colin27.nii.gz"))
+    unregistered = sitk.GetArrayFromImage(to_input_grid(atlas_labels, image, sitk.AffineTransform(3)))
+    transform = register(image, tiny.atlas_image, "affine", fixed_mask=tiny.atlas_mask)
+    propagated = to_input_grid(atlas_labels, image, transform)
+    assert same_grid(propagated, image)
+    t, p = sitk.GetArrayFromImage(truth), sitk.GetArrayFromImage(propagated)
+    brain = dice(t > 0, p > 0)
+    assert brain > 0.9
+    assert brain > dice(t > 0, unregistered > 0) + 0.1
+
+
+def test_as_affine_flattens_composite_transforms():
+    composite = sitk.CompositeTransform([sitk.Euler3DTransform((1, 2, 3), 0.1, 0.2, 0.3, (4, 5, 6)),
+                                         sitk.ScaleTransform(3, (1.1, 0.9, 1.0))])
+    flat = as_affine(composite, center=(10, 20, 30))
+    for point in [(0, 0, 0), (50, -20, 7), (-3, 80, 40)]:
+        assert np.allclose(flat.TransformPoint(point), composite.TransformPoint(point), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_segmentation_lies_on_the_input_grid_and_matches_ground_truth(tiny, colin27, seed):
+    image, truth = heldout_subject(colin27, seed=seed)
+    assert not np.allclose(image.GetDirection(), tiny.atlas_image.GetDirection()) or image.GetSpacing() != tiny.atlas_image.GetSpacing()
+    segmenter = Segmenter(tiny, "cpu")
+    labels = segmenter.segment(segmenter.prepare(image), segmenter.conditions(TINY_LABELS))
+    assert same_grid(labels, image)
+    t, p = sitk.GetArrayFromImage(truth), sitk.GetArrayFromImage(labels)
+    scores = [dice(t == l.value, p == l.value) for l in tiny.label_table]
+    assert np.mean(scores) > 0.45, scores
+
+
+def test_registration_none_for_scans_already_in_atlas_space(tiny, colin27):
+    image, truth = heldout_subject(colin27, seed=3, strength=0.3, grid="atlas")
+    segmenter = Segmenter(tiny, "cpu")
+    prepared = segmenter.prepare(image, registration="none")
+    assert np.allclose(as_affine(prepared.transform).GetMatrix(), np.eye(3).ravel())
+    labels = sitk.GetArrayFromImage(segmenter.segment(prepared, segmenter.conditions(TINY_LABELS)))
+    t = sitk.GetArrayFromImage(truth)
+    assert np.mean([dice(t == l.value, labels == l.value) for l in tiny.label_table]) > 0.45
+
+
+def test_random_grids_differ_from_the_source(colin27):
+    image = sitk.ReadImage(str(colin27 / "images/colin27.nii.gz"))
+    grids = [random_grid(image, np.random.default_rng(i)) for i in range(4)]
+    assert len({g.GetDirection() for g in grids}) > 1
+    assert all(g.GetSpacing() != image.GetSpacing() for g in grids)

@@ -1,0 +1,58 @@
+"""The network: shapes, the encode/decode split, and labels decoded in a batch equal to one at a time."""
+import pytest
+import torch
+
+from LabelConditionedSegLib.model import LCSNet, ModelConfig
+
+
+@pytest.mark.parametrize("levels", ["bottleneck", "all"])
+def test_shapes_and_single_channel_output(levels):
+    model = LCSNet(ModelConfig(base_channels=4, depth=4, condition_levels=levels)).eval()
+    x = torch.randn(1, 1, 32, 48, 32)
+    features = model.encode(x)
+    assert [f.shape[1] for f in features] == [4, 8, 16, 32, 64]
+    assert [tuple(f.shape[2:]) for f in features][-1] == (2, 3, 2)  # bottleneck at 1/16
+    mask = (torch.rand(1, 1, 32, 48, 32) > 0.8).float()
+    y = model.decode(features, torch.randn(1, 1, 32, 48, 32), mask)
+    assert y.shape == (1, 1, 32, 48, 32)
+
+
+def test_decoding_k_labels_in_a_batch_equals_k_single_decodes():
+    torch.manual_seed(0)
+    model = LCSNet(ModelConfig(base_channels=4, depth=3, norm="batch")).eval()
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 1, 24, 32, 24)
+    atlas = torch.randn(1, 1, 24, 32, 24)
+    masks = torch.zeros(5, 1, 24, 32, 24)
+    for k in range(5):  # distinct regions, as atlas labels are
+        masks[k, 0, 4 * k:4 * k + 6, 2 * k:2 * k + 10, 3:3 + 4 * k + 4] = 1
+    with torch.no_grad():
+        features = model.encode(x)
+        batched = model.decode([f.expand(5, -1, -1, -1, -1) for f in features], atlas.expand(5, -1, -1, -1, -1), masks)
+        single = torch.cat([model.decode(features, atlas, masks[k:k + 1]) for k in range(5)])
+    assert torch.allclose(batched, single, atol=1e-5)
+    assert not torch.allclose(single[0], single[1])  # the condition really changes the output
+
+
+def test_forward_is_encode_then_decode():
+    model = LCSNet(ModelConfig(base_channels=4, depth=2)).eval()
+    x, atlas, mask = torch.randn(1, 1, 16, 16, 16), torch.randn(1, 1, 16, 16, 16), (torch.rand(1, 1, 16, 16, 16) > 0.5).float()
+    with torch.no_grad():
+        assert torch.equal(model(x, atlas, mask), model.decode(model.encode(x), atlas, mask))
+
+
+def test_small_labels_survive_pooling_to_the_bottleneck():
+    model = LCSNet(ModelConfig(base_channels=2, depth=4))
+    mask = torch.zeros(1, 1, 32, 32, 32)
+    mask[0, 0, 17, 5, 9] = 1  # a one-voxel label
+    pyramid = model._atlas_pyramid(torch.zeros_like(mask), mask)
+    assert pyramid[-1][:, 1].sum() == 1
+
+
+def test_config_rejects_unknown_norm():
+    with pytest.raises(ValueError, match="norm"):
+        ModelConfig(norm="layer")

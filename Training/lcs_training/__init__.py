@@ -1,0 +1,1 @@
+"""Training, synthetic subjects, evaluation and benchmarks for Label Conditioned Segmentation."""

@@ -1,0 +1,117 @@
+"""Training data: a folder of image / label-map pairs and a label table, brought onto the atlas grid.
+
+    DATA/labels.csv            value,name,r,g,b[,code]
+    DATA/images/CASE.nii.gz    any format SimpleITK reads
+    DATA/labels/CASE.nii.gz    same file name as the image
+    DATA/masks/CASE.nii.gz     optional brain (foreground) mask; else derived from the labels
+
+One case is the atlas: it fixes the model grid and conditions the network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from LabelConditionedSegLib.errors import LCSError
+from LabelConditionedSegLib.geometry import model_grid, normalize_intensity, register, to_model_grid
+from LabelConditionedSegLib.labels import LabelTable
+from LabelConditionedSegLib.volume import read_volume
+
+MRICRON = Path("/usr/share/mricron/templates")
+
+
+@dataclass
+class Case:
+    """One labelled scan on the model grid (raw intensities) and the labels it annotates."""
+
+    name: str
+    image: sitk.Image
+    labels: sitk.Image
+    mask: sitk.Image
+    present: list[int]
+
+
+def case_files(folder: Path) -> dict[str, tuple[Path, Path, Path | None]]:
+    """Case name -> (image, labels, optional mask) paths, matched by file name."""
+    images = {p.name: p for p in sorted((folder / "images").glob("*")) if p.is_file() or p.is_dir()}
+    if not images:
+        raise LCSError(f"{folder}/images holds no images; see 'lcs train --help' for the folder layout")
+    cases = {}
+    for file_name, image in images.items():
+        label = folder / "labels" / file_name
+        if not label.exists():
+            raise LCSError(f"{image} has no label map at {label}")
+        mask = folder / "masks" / file_name
+        cases[_stem(file_name)] = (image, label, mask if mask.exists() else None)
+    return cases
+
+
+def _stem(file_name: str) -> str:
+    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"):
+        if file_name.endswith(suffix):
+            return file_name[: -len(suffix)]
+    return file_name
+
+
+def mask_from_labels(labels: sitk.Image) -> sitk.Image:
+    """Foreground from the label map: labelled voxels, closed and hole-filled."""
+    mask = sitk.Cast(labels > 0, sitk.sitkUInt8)
+    radius = [max(1, int(round(6.0 / s))) for s in labels.GetSpacing()]
+    return sitk.BinaryFillhole(sitk.BinaryMorphologicalClosing(mask, radius))
+
+
+def load_atlas(folder: Path, name: str, spacing: float, factor: int) -> Case:
+    """The atlas case resampled onto a fresh model grid at `spacing` (multiples of `factor`)."""
+    files = case_files(folder)
+    if name not in files:
+        raise LCSError(f"atlas case {name!r} is not in {folder}/images (cases: {', '.join(sorted(files))})")
+    image_path, label_path, mask_path = files[name]
+    image, labels = read_volume(image_path), sitk.ReadImage(str(label_path))
+    mask = sitk.ReadImage(str(mask_path)) if mask_path else mask_from_labels(labels)
+    grid = model_grid(image, spacing, factor)
+    identity = sitk.Transform()
+    return Case(name, to_model_grid(image, grid, identity),
+                sitk.Resample(labels, grid, identity, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32),
+                sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), grid, identity, sitk.sitkNearestNeighbor, 0),
+                sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v))
+
+
+def load_cases(folder: Path, atlas: Case, registration: str = "affine") -> list[Case]:
+    """Every case registered to the atlas and resampled onto its grid, as inference will see it."""
+    cases = []
+    for name, (image_path, label_path, mask_path) in case_files(folder).items():
+        if name == atlas.name:
+            cases.append(atlas)
+            continue
+        image, labels = read_volume(image_path), sitk.ReadImage(str(label_path))
+        mask = sitk.ReadImage(str(mask_path)) if mask_path else mask_from_labels(labels)
+        transform = register(image, atlas.image, registration, fixed_mask=atlas.mask)
+        cases.append(Case(name, to_model_grid(image, atlas.image, transform),
+                          sitk.Resample(labels, atlas.image, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32),
+                          sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), atlas.image, transform, sitk.sitkNearestNeighbor, 0),
+                          sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v)))
+    return cases
+
+
+def normalized(image: sitk.Image, atlas_mask: sitk.Image) -> np.ndarray:
+    """Model-grid intensities as inference computes them: percentiles inside the atlas mask."""
+    return normalize_intensity(image, sitk.GetArrayViewFromImage(atlas_mask))
+
+
+def write_colin27_aal(folder: Path) -> Path:
+    """The demo data set: Colin27 head with the 116-label AAL atlas and its brain mask (Debian's mricron-data)."""
+    needed = [MRICRON / f for f in ("ch2.nii.gz", "ch2bet.nii.gz", "aal.nii.gz", "aal.nii.txt", "aal.nii.lut")]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise LCSError(f"missing {missing[0]}; install Debian's mricron-data (apt-get install mricron-data)")
+    for sub in ("images", "labels", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.ReadImage(str(MRICRON / "ch2.nii.gz")), str(folder / "images/colin27.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(MRICRON / "aal.nii.gz")), str(folder / "labels/colin27.nii.gz"))
+    brain = sitk.Cast(sitk.ReadImage(str(MRICRON / "ch2bet.nii.gz")) > 0, sitk.sitkUInt8)
+    sitk.WriteImage(brain, str(folder / "masks/colin27.nii.gz"))
+    LabelTable.from_mricron(MRICRON / "aal.nii.txt", MRICRON / "aal.nii.lut").write_csv(folder / "labels.csv")
+    return folder
