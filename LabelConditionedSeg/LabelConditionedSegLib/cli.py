@@ -126,7 +126,21 @@ def _training(module: str):
         raise LCSError(f"this command needs the training extras ({error.name} is missing): pip install 'lcs[train]'") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+TRAINING_COMMANDS = {
+    "train": ("train a checkpoint on a folder of labelled scans",
+              "Train an LCS model. DATA holds labels.csv (value,name,r,g,b), images/CASE.nii.gz and labels/CASE.nii.gz "
+              "(any SimpleITK format, same file names) and optionally masks/CASE.nii.gz; --atlas names the atlas case. "
+              "Several processes: torchrun --nproc_per_node N -m LabelConditionedSegLib.cli train ..."),
+    "evaluate": ("Dice of a checkpoint against atlas registration on held-out subjects",
+                 "Generate held-out subjects (other seeds, stronger warps, other grids), segment them with the checkpoint "
+                 "and with affine atlas-label propagation, and write per-label Dice (CSV) and a plot."),
+    "benchmark": ("speed and memory of segmenting all labels of a 1 mm head",
+                  "Time and peak memory for all labels, one more label, and the paper's one-network-per-label scheme."),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; `command` names the training subcommand whose arguments to load, if any."""
     parser = argparse.ArgumentParser(prog="lcs", description="Label Conditioned Segmentation: one model, any atlas label.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -157,17 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=default_checkpoint())
     p.set_defaults(run=labels)
 
-    p = sub.add_parser("train", help="train a checkpoint on a folder of labelled scans", description=(
-        "Train an LCS model. DATA holds labels.csv (value,name,r,g,b), images/CASE.nii.gz and labels/CASE.nii.gz "
-        "(any SimpleITK format, same file names) and optionally masks/CASE.nii.gz; --atlas names the atlas case. "
-        "Several processes: torchrun --nproc_per_node N -m LabelConditionedSegLib.cli train ..."))
-    p.set_defaults(run=lambda a: _training("train").run(a), module="train")
-
-    p = sub.add_parser("evaluate", help="Dice of a checkpoint against atlas registration on held-out subjects")
-    p.set_defaults(run=lambda a: _training("evaluate").run(a), module="evaluate")
-
-    p = sub.add_parser("benchmark", help="speed and memory of segmenting all labels of a 1 mm head")
-    p.set_defaults(run=lambda a: _training("benchmark").run(a), module="benchmark")
+    for name, (summary, description) in TRAINING_COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=description)
+        if name == command:  # only the command being run imports the training extras
+            module = _training(name)
+            module.add_arguments(p)
+            p.set_defaults(run=module.run)
 
     p = sub.add_parser("demo-data", help="write the Colin27 + AAL training folder from Debian's mricron-data")
     p.add_argument("folder", type=Path)
@@ -177,13 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     try:
-        # training subcommands bring their own arguments from lcs_training
-        if argv and argv[0] in ("train", "evaluate", "benchmark"):
-            module = _training(argv[0])
-            module.add_arguments(parser._subparsers._group_actions[0].choices[argv[0]])
-        args = parser.parse_args(argv)
+        args = build_parser(argv[0] if argv else None).parse_args(argv)
         args.run(args)
         return 0
     except Cancelled as error:

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from .checkpoint import Checkpoint
 from .engine import Condition, Encoded, Engine, Progress
 from .errors import LCSError
-from .geometry import normalize_intensity, register, to_input_grid, to_model_grid
+from .geometry import labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid
 from .volume import check_volume
 
 
@@ -84,14 +84,16 @@ class Segmenter:
                 progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> sitk.Image:
         """Label map on the input's grid (values of the conditions, 0 background)."""
         def back(condition: Condition, probability: np.ndarray) -> None:
-            on_probability(condition, self.to_input(prepared, probability, sitk.sitkLinear))
+            on_probability(condition, self.to_input(prepared, probability))
 
         labels = self.engine.segment(prepared.encoded, conditions, threshold,
                                      back if on_probability is not None else None, progress, cancel)
-        return self.to_input(prepared, labels, sitk.sitkLabelGaussian)
-
-    def to_input(self, prepared: Prepared, array: np.ndarray, interpolator: int) -> sitk.Image:
-        """A model-grid array mapped onto the input's grid through the inverse registration."""
-        image = sitk.GetImageFromArray(array)
+        image = sitk.GetImageFromArray(labels)
         image.CopyInformation(self.checkpoint.atlas_image)
-        return to_input_grid(image, prepared.reference, prepared.transform, interpolator)
+        return labels_to_input(image, prepared.reference, prepared.transform)
+
+    def to_input(self, prepared: Prepared, probability: np.ndarray) -> sitk.Image:
+        """A model-grid probability map mapped onto the input's grid (linear interpolation)."""
+        image = sitk.GetImageFromArray(probability)
+        image.CopyInformation(self.checkpoint.atlas_image)
+        return to_input_grid(image, prepared.reference, prepared.transform, sitk.sitkLinear)
