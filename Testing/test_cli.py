@@ -60,6 +60,26 @@ def test_segment_writes_seg_nrrd_labelmap_csv_png_and_probabilities(tiny_checkpo
     assert first.GetSize() == scan.GetSize() and 0 <= sitk.GetArrayViewFromImage(first).min() <= sitk.GetArrayViewFromImage(first).max() <= 1
 
 
+def test_slicer_reads_the_segmentation_with_names_values_and_colors(tiny_checkpoint, tiny, subject, tmp_path, capsys):
+    """Slicer's own segmentation storage node (PyPI's slicer-core) loads what `lcs segment` writes."""
+    slicer = pytest.importorskip("slicer")
+    code, _, err = run(["segment", subject / "scan.nrrd", "-o", tmp_path / "s.seg.nrrd", "--checkpoint", tiny_checkpoint,
+                        "--quiet", "--device", "cpu"], capsys)
+    assert code == 0, err
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(tmp_path / "s.seg.nrrd"))
+    assert storage.ReadData(node)
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(tiny.label_table)
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        label = tiny.label_table.resolve(segment.GetName())
+        assert segment.GetLabelValue() == label.value
+        assert np.allclose(segment.GetColor(), np.array(label.color) / 255, atol=1e-3)
+
+
 def write_dicom_series(image: sitk.Image, folder: Path) -> None:
     """A real DICOM series (one file per slice, position/orientation/spacing tags)."""
     folder.mkdir()

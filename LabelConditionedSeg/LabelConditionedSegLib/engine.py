@@ -120,12 +120,6 @@ class Engine:
         values = np.array([c.value for c in conditions] + [0], np.int32)
         return np.where(best >= threshold, values[winner], 0).astype(np.int32)
 
-    def probability(self, encoded: Encoded, condition: Condition) -> np.ndarray:
-        """One condition's probability map on the whole model grid (for tests and plots)."""
-        maps = []
-        self.segment(encoded, [condition], on_probability=lambda c, p: maps.append(p))
-        return maps[0]
-
     def _batches(self, conditions: Sequence[Condition]):
         """Conditions grouped by similar box size, each group no larger than the memory budget allows."""
         boxes = {id(c): self._box(c.mask) for c in conditions}

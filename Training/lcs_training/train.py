@@ -260,11 +260,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    config = ModelConfig(args.base_channels, args.depth, args.norm, args.condition_levels)
-    settings = TrainSettings(args.data, args.out, args.atlas, args.spacing, config,
-                             args.labels.split(",") if args.labels else None, args.steps, args.minutes, args.batch_size,
-                             args.lr, 0.5, args.strength, args.validate_every, args.validation_subjects, args.seed,
-                             args.device, args.workers, args.resume, args.name)
+    config = ModelConfig(base_channels=args.base_channels, depth=args.depth, norm=args.norm,
+                         condition_levels=args.condition_levels)
+    settings = TrainSettings(data=args.data, out=args.out, atlas=args.atlas, spacing=args.spacing, model=config,
+                             labels=args.labels.split(",") if args.labels else None, steps=args.steps, minutes=args.minutes,
+                             batch_size=args.batch_size, lr=args.lr, strength=args.strength,
+                             validate_every=args.validate_every, validation_subjects=args.validation_subjects,
+                             seed=args.seed, device=args.device, workers=args.workers, resume=args.resume, name=args.name)
     best = train(settings)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {best}")

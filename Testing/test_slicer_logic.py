@@ -1,0 +1,159 @@
+"""SegmentationLogic on a real MRML scene (PyPI's slicer-core), volumes read by Slicer's own readers."""
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from LabelConditionedSegLib.errors import Cancelled  # noqa: E402
+from LabelConditionedSegLib.logic import SegmentationLogic, volume_to_image  # noqa: E402
+
+from conftest import TINY_LABELS, dice, heldout_subject  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    yield scene
+    scene.Clear(True)
+
+
+@pytest.fixture(scope="module")
+def scans(colin27, tmp_path_factory):
+    """Two real files in different orientations and spacings, with their ground truth."""
+    folder = tmp_path_factory.mktemp("scans")
+    out = []
+    for seed, suffix in [(51, ".nrrd"), (52, ".nii.gz")]:
+        image, truth = heldout_subject(colin27, seed=seed)
+        sitk.WriteImage(image, str(folder / f"scan{seed}{suffix}"))
+        out.append((folder / f"scan{seed}{suffix}", truth))
+    return out
+
+
+def load_volume(scene, path):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", path.name.split(".")[0])
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(node)
+    return node
+
+
+def segment_ids(*ids):
+    array = vtk.vtkStringArray()
+    for i in ids:
+        array.InsertNextValue(i)
+    return array
+
+
+def read_segment(scene, segmentation, segment_id, volume) -> np.ndarray:
+    """A segment exported on the volume's own voxel grid."""
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, segment_ids(segment_id), labelmap, volume)
+    array = slicer.util.arrayFromVolume(labelmap) > 0
+    scene.RemoveNode(labelmap)
+    return array
+
+
+def add_segment(scene, segmentation, name, mask, volume) -> str:
+    """A user's segment, added as Slicer's import does (slicer-core has no empty-segment converters)."""
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    labelmap.CopyOrientation(volume)
+    slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8))
+    segments = segmentation.GetSegmentation()
+    count = segments.GetNumberOfSegments()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation, "")
+    scene.RemoveNode(labelmap)
+    assert segments.GetNumberOfSegments() == count + 1
+    segment_id = segments.GetNthSegmentID(count)
+    segments.GetSegment(segment_id).SetName(name)
+    return segment_id
+
+
+def names(segmentation):
+    segments = segmentation.GetSegmentation()
+    return [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
+
+
+def test_segments_have_names_colors_geometry_and_match_ground_truth(scene, scans, tiny, tiny_checkpoint):
+    logic = SegmentationLogic(scene)
+    for path, truth in scans:
+        volume = load_volume(scene, path)
+        segmentation = logic.process(volume, TINY_LABELS, checkpointPath=tiny_checkpoint, device="cpu")
+        assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()).GetID() == volume.GetID()
+        assert sorted(names(segmentation)) == sorted(TINY_LABELS)
+        on_node = sitk.Resample(truth, volume_to_image(volume), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        truth_array = sitk.GetArrayFromImage(on_node)
+        segments = segmentation.GetSegmentation()
+        scores = []
+        for label in tiny.label_table:
+            segment_id = segments.GetSegmentIdBySegmentName(label.name)
+            assert np.allclose(segments.GetSegment(segment_id).GetColor(), np.array(label.color) / 255, atol=1e-3)
+            scores.append(dice(read_segment(scene, segmentation, segment_id, volume), truth_array == label.value))
+        assert np.mean(scores) > 0.45, (path.name, scores)
+    assert logic.lastDevice == "cpu"
+
+
+def test_user_segments_survive(scene, scans, tiny_checkpoint):
+    volume = load_volume(scene, scans[0][0])
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    mine = np.zeros(slicer.util.arrayFromVolume(volume).shape, bool)
+    mine[10:20, 10:20, 10:20] = True
+    for name in ("my tumour", "Frontal_Sup_L"):  # one carries an atlas label's name
+        add_segment(scene, segmentation, name, mine, volume)
+    SegmentationLogic(scene).process(volume, ["Frontal_Sup_L", "Temporal_Mid_L"], outputSegmentation=segmentation,
+                                     checkpointPath=tiny_checkpoint, device="cpu")
+    segments = segmentation.GetSegmentation()
+    assert names(segmentation)[:2] == ["my tumour", "Frontal_Sup_L"] and len(names(segmentation)) == 4
+    for i in range(2):
+        assert np.array_equal(read_segment(scene, segmentation, segments.GetNthSegmentID(i), volume), mine)
+    assert read_segment(scene, segmentation, segments.GetNthSegmentID(2), volume).sum() > 100
+
+
+def test_cancel_leaves_the_scene_unchanged(scene, scans, tiny_checkpoint):
+    volume = load_volume(scene, scans[0][0])
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(Cancelled):
+        SegmentationLogic(scene).process(volume, TINY_LABELS, checkpointPath=tiny_checkpoint, device="cpu", cancel=lambda: True)
+    assert scene.GetNumberOfNodes() == before
+
+
+def test_another_label_reuses_the_cached_encoding(scene, scans, tiny_checkpoint):
+    volume = load_volume(scene, scans[1][0])
+    logic = SegmentationLogic(scene)
+    start = time.perf_counter()
+    segmentation = logic.process(volume, ["Frontal_Sup_L"], checkpointPath=tiny_checkpoint, device="cpu")
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    logic.process(volume, ["Temporal_Mid_R"], outputSegmentation=segmentation, checkpointPath=tiny_checkpoint, device="cpu")
+    second = time.perf_counter() - start
+    assert logic.encodings == 1
+    assert second < first / 2  # registration and encoding were not repeated
+    slicer.util.arrayFromVolume(volume)[0, 0, 0] += 1  # the voxels changed: the cache must not be reused
+    slicer.util.arrayFromVolumeModified(volume)
+    logic.process(volume, ["Temporal_Mid_R"], outputSegmentation=segmentation, checkpointPath=tiny_checkpoint, device="cpu")
+    assert logic.encodings == 2
+
+
+def test_a_label_painted_on_the_atlas_is_segmented(scene, scans, tiny, tiny_checkpoint):
+    volume = load_volume(scene, scans[0][0])
+    truth = sitk.GetArrayFromImage(sitk.Resample(scans[0][1], volume_to_image(volume), sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    logic = SegmentationLogic(scene)
+    atlas = logic.loadAtlas(tiny_checkpoint)
+    assert sorted(names(atlas)) == sorted(TINY_LABELS)
+    assert logic.loadAtlas(tiny_checkpoint) is atlas  # loaded once
+    atlas_volume = scene.GetFirstNodeByName("LCS atlas image")
+    source = read_segment(scene, atlas, atlas.GetSegmentation().GetSegmentIdBySegmentName("Frontal_Sup_L"), atlas_volume)
+    painted = source.copy()
+    painted[:, : int(np.median(np.nonzero(source)[1])), :] = False  # half of the label: a new sub-region
+    painted_id = add_segment(scene, atlas, "frontal part", painted, atlas_volume)
+    segmentation = logic.process(volume, [painted_id], checkpointPath=tiny_checkpoint, device="cpu")
+    assert names(segmentation) == ["frontal part"]
+    found = read_segment(scene, segmentation, segmentation.GetSegmentation().GetNthSegmentID(0), volume)
+    assert found.sum() > 50
+    assert np.logical_and(found, truth == 3).sum() / found.sum() > 0.4  # on the structure it was painted in
