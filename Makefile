@@ -28,12 +28,14 @@ demo: env data
 test: env data
 	$(PY) -m pytest -q Testing
 
-# Re-create Resources/Models/demo.lcs (hours on a 2-core CPU; --resume continues an interrupted run).
+# Re-create Resources/Models/demo.lcs (hours on a 2-core CPU). EXTRA passes more options, e.g.
+#   make demo-model EXTRA=--resume                              continue an interrupted run (build/demo-model/state.pt)
+#   make demo-model EXTRA="--init Resources/Models/demo.lcs"    continue training the committed model
 demo-model: env data
 	$(LCS) demo-data build/colin27
 	$(LCS) train build/colin27 --atlas colin27 -o build/demo-model --condition-levels all --lr 1e-3 \
 	  --steps 100000 --minutes $${MINUTES:-110} --validate-every 250 --validation-subjects 2 \
-	  --name "Colin27 AAL demo (116 labels, 2 mm)" $(RESUME)
+	  --name "Colin27 AAL demo (116 labels, 2 mm)" $(EXTRA)
 	cp build/demo-model/best.lcs Resources/Models/demo.lcs
 
 benchmark: env data

@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from LabelConditionedSegLib.checkpoint import Checkpoint
+from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.model import ModelConfig
 from lcs_training.data import load_atlas, load_cases
 from lcs_training.train import TrainSettings, pick_labels, train
@@ -83,3 +85,15 @@ def test_torchrun_two_cpu_processes(colin27, tmp_path):
     assert checkpoint.provenance["processes"] == 2
     assert checkpoint.provenance["batch_size"] == 4
     assert checkpoint.provenance["iterations"] == 3
+
+
+def test_init_continues_from_a_checkpoint(tiny_checkpoint, tiny, colin27, tmp_path):
+    settings = TrainSettings(colin27, tmp_path, "colin27", spacing=4.0, model=tiny.config, labels=TINY_LABELS, steps=242,
+                             validate_every=1000, validation_subjects=1, device="cpu", workers=0, init=tiny_checkpoint)
+    continued = Checkpoint.load(train(settings))
+    assert continued.provenance["iterations"] == 242
+    assert continued.provenance["validation_dice"] > 0.3  # the trained weights were used, not a fresh start
+    wrong = TrainSettings(colin27, tmp_path / "x", "colin27", spacing=4.0, model=ModelConfig(4, 2), labels=TINY_LABELS,
+                          steps=1, device="cpu", workers=0, init=tiny_checkpoint)
+    with pytest.raises(LCSError, match="architecture"):
+        train(wrong)

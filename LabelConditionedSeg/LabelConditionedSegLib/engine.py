@@ -21,12 +21,37 @@ Progress = Callable[[float, str], None]
 
 @dataclass
 class Condition:
-    """What to segment: a binary mask on the atlas (one label, a union, or a painted region)."""
+    """What to segment: a binary mask on the atlas (one label, a union, or a painted region).
+
+    The mask is kept cropped to its bounding box (`offset` on the model grid), so holding
+    many conditions costs little memory.
+    """
 
     name: str
     value: int  # the value written in the output label map
-    mask: np.ndarray  # bool, model grid (z, y, x)
+    mask: np.ndarray  # bool, the atlas region's bounding box on the model grid (z, y, x)
     color: tuple[int, int, int] = (128, 128, 128)
+    offset: tuple[int, int, int] = (0, 0, 0)
+
+    @classmethod
+    def of(cls, name: str, value: int, mask: np.ndarray, color: tuple[int, int, int] = (128, 128, 128)) -> "Condition":
+        """A condition from a whole-grid mask."""
+        nonzero = np.nonzero(mask)
+        if not nonzero[0].size:
+            return cls(name, value, np.zeros((0, 0, 0), bool), color)
+        lo = [int(a.min()) for a in nonzero]
+        hi = [int(a.max()) + 1 for a in nonzero]
+        return cls(name, value, mask[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(bool), color, tuple(lo))
+
+    def within(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+        """The mask inside the box (start, size) of the model grid."""
+        out = np.zeros(tuple(size), bool)
+        lo = np.maximum(self.offset, start)
+        hi = np.minimum(np.add(self.offset, self.mask.shape), np.add(start, size))
+        if np.all(hi > lo):
+            out[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = \
+                self.mask[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, self.offset))]
+        return out
 
 
 @dataclass
@@ -100,7 +125,7 @@ class Engine:
         winner = np.full(encoded.shape, -1, np.int32)
         index_of = {id(c): i for i, c in enumerate(conditions)}
         done = 0
-        for batch, boxes in self._batches(conditions):
+        for batch, boxes in self._batches(conditions, encoded.shape):
             if cancel is not None and cancel():
                 raise Cancelled()
             probabilities = self._decode_batch(encoded, batch, boxes)
@@ -120,9 +145,9 @@ class Engine:
         values = np.array([c.value for c in conditions] + [0], np.int32)
         return np.where(best >= threshold, values[winner], 0).astype(np.int32)
 
-    def _batches(self, conditions: Sequence[Condition]):
+    def _batches(self, conditions: Sequence[Condition], encoded_shape: tuple[int, int, int]):
         """Conditions grouped by similar box size, each group no larger than the memory budget allows."""
-        boxes = {id(c): self._box(c.mask) for c in conditions}
+        boxes = {id(c): self._box(c, encoded_shape) for c in conditions}
         order = sorted(conditions, key=lambda c: -int(np.prod(boxes[id(c)][1])))
         start = 0
         while start < len(order):
@@ -133,14 +158,13 @@ class Engine:
             yield group, [self._place(boxes[id(c)], size) for c in group]
             start += n
 
-    def _box(self, mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _box(self, condition: Condition, grid: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(start, size) of the decoding box: atlas region plus margin, aligned to the pooling grid."""
-        shape = np.array(mask.shape)
-        if not self.model.config.region_invariant or not mask.any():
+        shape = np.array(grid)
+        if not self.model.config.region_invariant or not condition.mask.any():
             return (0, 0, 0), tuple(int(s) for s in shape)
-        nonzero = np.nonzero(mask)
-        lo = np.array([a.min() for a in nonzero]) - self.margin
-        hi = np.array([a.max() for a in nonzero]) + 1 + self.margin
+        lo = np.array(condition.offset) - self.margin
+        hi = np.array(condition.offset) + np.array(condition.mask.shape) + self.margin
         lo = np.clip(lo // self.factor * self.factor, 0, None)
         hi = np.minimum(-(-hi // self.factor) * self.factor, shape)
         return tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo)
@@ -170,12 +194,10 @@ class Engine:
             return t[..., box[0][0] // s:(box[0][0] + box[1][0]) // s,
                      box[0][1] // s:(box[0][1] + box[1][1]) // s, box[0][2] // s:(box[0][2] + box[1][2]) // s]
 
-        masks = [torch.from_numpy(np.ascontiguousarray(c.mask, dtype=np.float32))[None, None] for c in batch]
-
         def run(dev: torch.device) -> torch.Tensor:
             features = [torch.cat([crop(f, level, b) for b in boxes]).to(dev) for level, f in enumerate(encoded.features)]
             atlas = torch.cat([crop(self.atlas_image, 0, b) for b in boxes]).to(dev)
-            mask = torch.cat([crop(m, 0, b) for m, b in zip(masks, boxes)]).to(dev)
+            mask = torch.cat([torch.from_numpy(c.within(*b).astype(np.float32))[None, None] for c, b in zip(batch, boxes)]).to(dev)
             with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
                 return torch.sigmoid(self.model.decode(features, atlas, mask).float())[:, 0]
 

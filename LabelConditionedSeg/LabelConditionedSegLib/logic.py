@@ -84,7 +84,7 @@ class SegmentationLogic:
         self.atlasSegmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LCS atlas labels")
         self.atlasSegmentation.CreateDefaultDisplayNodes()
         self.atlasSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(image)
-        conditions = [Condition(l.name, l.value, np.zeros(0, bool), l.color) for l in checkpoint.label_table]
+        conditions = [Condition(l.name, l.value, np.zeros((0, 0, 0), bool), l.color) for l in checkpoint.label_table]
         self._import(checkpoint.atlas_labels, conditions, image, self.atlasSegmentation)
         return self.atlasSegmentation
 

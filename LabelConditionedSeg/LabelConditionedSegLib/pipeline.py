@@ -64,7 +64,7 @@ class Segmenter:
         for item in labels:
             parts = [table.resolve(p) for p in str(item).split("+")]
             mask = np.isin(self.atlas_labels, [p.value for p in parts])
-            out.append(Condition("+".join(p.name for p in parts), parts[0].value, mask, parts[0].color))
+            out.append(Condition.of("+".join(p.name for p in parts), parts[0].value, mask, parts[0].color))
         next_value = max(table.values) + 1
         for i, (name, image) in enumerate(masks):
             check_volume(image, f"condition mask {name!r}")
@@ -74,7 +74,7 @@ class Segmenter:
             if not mask.any():
                 raise LCSError(f"condition mask {name!r} does not overlap the atlas grid; draw it on the atlas image")
             color = tuple(int(c) for c in np.random.default_rng(next_value + i).integers(40, 256, 3))
-            out.append(Condition(name, next_value + i, mask, color))
+            out.append(Condition.of(name, next_value + i, mask, color))
         if not out:
             raise LCSError("no labels to segment; name some with --labels, use --all, or give --condition masks")
         return out

@@ -58,7 +58,8 @@ def worker(mode: str, scan: Path, checkpoint_path: Path, device: str) -> dict:
         begin = time.time()
         with torch.no_grad():
             for c in segmenter.conditions(values):
-                torch.sigmoid(model(x, atlas, torch.from_numpy(c.mask.astype(np.float32))[None, None].to(engine.device)))
+                full = c.within((0, 0, 0), prepared.model_image.shape).astype(np.float32)
+                torch.sigmoid(model(x, atlas, torch.from_numpy(full)[None, None].to(engine.device)))
         return {"naive_network_s": time.time() - begin}
     conditions = segmenter.conditions(values if mode == "all" else values[:1])
     prepared = segmenter.prepare(image)

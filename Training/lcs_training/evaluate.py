@@ -23,6 +23,7 @@ from LabelConditionedSegLib.pipeline import Segmenter
 
 from .data import case_files, write_colin27_aal
 from .metrics import dice_per_label
+from .plots import plot_method_dice
 from .synth import Strength, SubjectGenerator, random_grid
 
 
@@ -68,28 +69,8 @@ def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength
         writer.writerows(rows)
     summary = {m: float(np.mean([r["dice"] for r in rows if r["method"] == m])) for m in ("lcs", "propagation")}
     summary.update({f"{m}_seconds": float(np.mean(s)) for m, s in seconds.items()})
-    _plot(rows, table, out / "heldout_dice.png", summary)
+    plot_method_dice(rows, ("propagation", "lcs"), summary, out / "heldout_dice.png")
     return summary
-
-
-def _plot(rows, table, png: Path, summary) -> None:
-    from .plots import _pyplot
-    plt = _pyplot()
-    per_label = {m: {} for m in ("lcs", "propagation")}
-    for r in rows:
-        per_label[r["method"]].setdefault(r["value"], []).append(r["dice"])
-    values = sorted(per_label["propagation"], key=lambda v: np.mean(per_label["propagation"][v]))
-    fig, ax = plt.subplots(figsize=(12, 4))
-    for method, color in (("propagation", "tab:blue"), ("lcs", "tab:red")):
-        ax.plot([np.mean(per_label[method].get(v, [0])) for v in values], "o", ms=3, color=color,
-                label=f"{method} (mean {summary[method]:.3f})")
-    ax.set_xlabel("label, sorted by propagation Dice")
-    ax.set_ylabel("Dice (mean over held-out subjects)")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

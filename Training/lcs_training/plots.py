@@ -32,3 +32,23 @@ def plot_history(history_csv: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def plot_method_dice(rows: list[dict], methods: tuple[str, str], means: dict, png: Path) -> None:
+    """Per-label Dice (mean over cases) of two methods, labels sorted by the first method's Dice."""
+    per_label = {m: {} for m in methods}
+    for r in rows:
+        per_label[r["method"]].setdefault(r["value"], []).append(r["dice"])
+    order = sorted(per_label[methods[0]], key=lambda v: np.mean(per_label[methods[0]][v]))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(12, 4))
+    for method, color in zip(methods, ("tab:blue", "tab:red")):
+        ax.plot([np.mean(per_label[method].get(v, [0])) for v in order], "o", ms=3, color=color,
+                label=f"{method} (mean {means[method]:.3f})")
+    ax.set_xlabel(f"label, sorted by {methods[0]} Dice")
+    ax.set_ylabel("Dice (mean over cases)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

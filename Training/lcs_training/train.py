@@ -54,6 +54,7 @@ class TrainSettings:
     device: str = "auto"
     workers: int = 1
     resume: bool = False
+    init: Path | None = None  # start from this checkpoint's weights (same architecture)
     name: str = "LCS model"
 
 
@@ -105,7 +106,7 @@ def validation_subjects(cases: list[Case], atlas: Case, count: int, strength: St
 def validate(model: LCSNet, atlas_image: np.ndarray, atlas_labels: np.ndarray, table: LabelTable, subjects, device) -> dict[int, float]:
     """Mean Dice per label over the validation subjects, all labels decoded together as at inference."""
     engine = Engine(model, atlas_image, device)
-    conditions = [Condition(l.name, l.value, atlas_labels == l.value) for l in table]
+    conditions = [Condition.of(l.name, l.value, atlas_labels == l.value) for l in table]
     scores: dict[int, list[float]] = {}
     for image, truth in subjects:
         prediction = engine.segment(engine.encode(image), conditions)
@@ -147,6 +148,12 @@ def train(s: TrainSettings) -> Path:
     model = LCSNet(s.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     step, best, history = 0, -1.0, []
+    if s.init is not None:
+        initial = Checkpoint.load(s.init)
+        if initial.config != s.model:
+            raise LCSError(f"--init {s.init} has architecture {initial.config}, not {s.model}; match the model options")
+        model.load_state_dict(initial.weights)
+        step = int(initial.provenance.get("iterations", 0))
     state_path = s.out / "state.pt"
     if s.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
@@ -256,6 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--workers", type=int, default=1, help="processes generating subjects")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    parser.add_argument("--init", type=Path, help="start from the weights of this checkpoint (e.g. to continue the demo model)")
     parser.add_argument("--name", default="LCS model", help="model name stored in the checkpoint")
 
 
@@ -266,7 +274,8 @@ def run(args: argparse.Namespace) -> None:
                              labels=args.labels.split(",") if args.labels else None, steps=args.steps, minutes=args.minutes,
                              batch_size=args.batch_size, lr=args.lr, strength=args.strength,
                              validate_every=args.validate_every, validation_subjects=args.validation_subjects,
-                             seed=args.seed, device=args.device, workers=args.workers, resume=args.resume, name=args.name)
+                             seed=args.seed, device=args.device, workers=args.workers, resume=args.resume, init=args.init,
+                             name=args.name)
     best = train(settings)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {best}")
