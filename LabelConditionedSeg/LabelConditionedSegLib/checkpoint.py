@@ -6,6 +6,7 @@ A torch zip file holding only tensors, strings and numbers, read back with
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,13 @@ from .labels import LabelTable
 from .model import LCSNet, ModelConfig
 
 FORMAT = "label-conditioned-segmentation"
+BUNDLED = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "demo.lcs"
 VERSION = 1
+
+
+def default_checkpoint() -> Path:
+    """$LCS_CHECKPOINT, else the bundled demo model."""
+    return Path(os.environ.get("LCS_CHECKPOINT", BUNDLED))
 
 
 @dataclass

@@ -12,15 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .checkpoint import default_checkpoint
 from .errors import Cancelled, LCSError
-
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "demo.lcs"
-
-
-def default_checkpoint() -> Path:
-    """$LCS_CHECKPOINT, else the bundled demo model."""
-    return Path(os.environ.get("LCS_CHECKPOINT", DEFAULT_CHECKPOINT))
-
 
 def _writable(path: Path | None, overwrite: bool, folder: bool = False) -> None:
     """Refuse before any work: an existing output (without --overwrite) or a folder we cannot write."""

@@ -15,13 +15,12 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, default_checkpoint
 from .engine import Condition
 from .errors import Cancelled, LCSError
 from .pipeline import Prepared, Segmenter
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "demo.lcs"
 
 
 def volume_to_image(volume) -> sitk.Image:
@@ -70,7 +69,7 @@ class SegmentationLogic:
 
     # ---- model and atlas ----------------------------------------------------------------
     def segmenter(self, checkpointPath: str | Path | None = None, device: str = "auto") -> Segmenter:
-        key = (str(checkpointPath or DEFAULT_CHECKPOINT), device)
+        key = (str(checkpointPath or default_checkpoint()), device)
         if key not in self._segmenters:
             self._segmenters[key] = Segmenter(Checkpoint.load(key[0]), device, messages=lambda m: self.messages(m))
         return self._segmenters[key]

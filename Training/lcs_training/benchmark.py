@@ -19,8 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from LabelConditionedSegLib.checkpoint import Checkpoint
-from LabelConditionedSegLib.cli import default_checkpoint
+from LabelConditionedSegLib.checkpoint import Checkpoint, default_checkpoint
 from LabelConditionedSegLib.pipeline import Segmenter
 from LabelConditionedSegLib.volume import read_volume
 

@@ -16,8 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from LabelConditionedSegLib.checkpoint import Checkpoint
-from LabelConditionedSegLib.cli import default_checkpoint
+from LabelConditionedSegLib.checkpoint import Checkpoint, default_checkpoint
 from LabelConditionedSegLib.geometry import to_input_grid
 from LabelConditionedSegLib.pipeline import Segmenter
 

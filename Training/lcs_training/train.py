@@ -185,7 +185,21 @@ def train(s: TrainSettings) -> Path:
         Checkpoint(s.model, {k: v.cpu() for k, v in model.state_dict().items()}, image, atlas.labels, atlas.mask,
                    table, provenance=provenance).save(path)
 
-    start_time, last_dice = time.time(), {}
+    last_dice: dict[int, float] = {}
+
+    def checkpoint_now() -> float:
+        """Validate, write last.lcs (and best.lcs when better) and the resume state; rank 0 only."""
+        nonlocal best, last_dice
+        last_dice = validate(model, atlas_image, atlas_labels, table, subjects, device)
+        mean = float(np.mean(list(last_dice.values())))
+        save(s.out / "last.lcs", last_dice)
+        if mean > best:
+            best = mean
+            save(s.out / "best.lcs", last_dice)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}, state_path)
+        return mean
+
+    start_time = time.time()
     bar = tqdm(total=s.steps, initial=step, desc="training", disable=rank != 0, dynamic_ncols=True)
     net.train()
     while step < s.steps and (s.minutes is None or time.time() - start_time < s.minutes * 60):
@@ -202,25 +216,16 @@ def train(s: TrainSettings) -> Path:
         row = {"step": step, "loss": loss.item(), "val_dice": ""}
         if step % s.validate_every == 0 or step == s.steps:
             if rank == 0:
-                last_dice = validate(model, atlas_image, atlas_labels, table, subjects, device)
-                row["val_dice"] = float(np.mean(list(last_dice.values())))
-                save(s.out / "last.lcs", last_dice)
-                if row["val_dice"] > best:
-                    best = row["val_dice"]
-                    save(s.out / "best.lcs", last_dice)
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}, state_path)
+                row["val_dice"] = checkpoint_now()
             if world > 1:
                 dist.barrier()
         history.append(row)
     bar.close()
     if rank == 0:
-        if not history or history[-1]["val_dice"] == "":
-            last_dice = validate(model, atlas_image, atlas_labels, table, subjects, device)
-            save(s.out / "last.lcs", last_dice)
-            if float(np.mean(list(last_dice.values()))) > best:
-                save(s.out / "best.lcs", last_dice)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "best": max(best, float(np.mean(list(last_dice.values()))))}, state_path)
+        if not history or history[-1]["val_dice"] == "":  # stopped by --minutes between validations
+            mean = checkpoint_now()
+            if history:
+                history[-1]["val_dice"] = mean
         _append_history(s.out, history)
     if world > 1:
         dist.barrier()
