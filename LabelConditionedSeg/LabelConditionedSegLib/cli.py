@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except LCSError as error:
         print(f"lcs: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as error:  # a disk full or a path that turned out unwritable while writing
         print(f"lcs: error: {error.strerror or error} ({error.filename or 'output'}); check the output path and free space", file=sys.stderr)
         return 2
