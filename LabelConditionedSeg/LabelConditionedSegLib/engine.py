@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, LCSError
+from .geometry import bounding_box, keep_highest
 from .model import LCSNet
 
 Progress = Callable[[float, str], None]
@@ -36,11 +37,10 @@ class Condition:
     @classmethod
     def of(cls, name: str, value: int, mask: np.ndarray, color: tuple[int, int, int] = (128, 128, 128)) -> "Condition":
         """A condition from a whole-grid mask."""
-        nonzero = np.nonzero(mask)
-        if not nonzero[0].size:
+        box = bounding_box(mask)
+        if box is None:
             return cls(name, value, np.zeros((0, 0, 0), bool), color)
-        lo = [int(a.min()) for a in nonzero]
-        hi = [int(a.max()) + 1 for a in nonzero]
+        lo, hi = box
         return cls(name, value, mask[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(bool), color, tuple(lo))
 
     def within(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -132,9 +132,7 @@ class Engine:
             for i, (condition, box) in enumerate(zip(batch, boxes)):
                 region = tuple(slice(s, s + n) for s, n in zip(box[0], box[1]))
                 p = probabilities[i]
-                better = p > best[region]
-                best[region][better] = p[better]
-                winner[region][better] = index_of[id(condition)]
+                keep_highest(best, winner, region, p, index_of[id(condition)])
                 if on_probability is not None:
                     full = np.zeros(encoded.shape, np.float32)
                     full[region] = p

@@ -14,6 +14,21 @@ from .errors import LCSError
 REGISTRATIONS = ("affine", "rigid", "none")
 
 
+def bounding_box(array: np.ndarray) -> tuple[list[int], list[int]] | None:
+    """(first, one-past-last) index of the non-zero voxels per axis, in array order; None when all zero."""
+    nonzero = np.nonzero(array)
+    if not nonzero[0].size:
+        return None
+    return [int(a.min()) for a in nonzero], [int(a.max()) + 1 for a in nonzero]
+
+
+def keep_highest(best: np.ndarray, winner: np.ndarray, region: tuple[slice, ...], scores: np.ndarray, label: int) -> None:
+    """Fold one label's scores over `region` into running maxima: where they beat `best`, `label` wins."""
+    better = scores > best[region]
+    best[region][better] = scores[better]
+    winner[region][better] = label
+
+
 def model_grid(reference: sitk.Image, spacing: float, factor: int) -> sitk.Image:
     """An empty grid covering `reference` at isotropic `spacing`, each size a multiple of `factor`."""
     extent = np.array(reference.GetSize()) * np.array(reference.GetSpacing())
@@ -122,11 +137,11 @@ def to_input_region(model_image: sitk.Image, reference: sitk.Image, transform: s
     (None, []) when nothing is non-zero or it falls outside the input.
     """
     pixel_type = model_image.GetPixelID() if pixel_type is None else pixel_type
-    nonzero = np.nonzero(sitk.GetArrayViewFromImage(model_image))
-    if not nonzero[0].size:
+    box = bounding_box(sitk.GetArrayViewFromImage(model_image))
+    if box is None:
         return None, []
-    lo = [int(a.min()) - 1 for a in nonzero[::-1]]
-    hi = [int(a.max()) + 1 for a in nonzero[::-1]]
+    lo = [v - 1 for v in box[0][::-1]]
+    hi = [v for v in box[1][::-1]]
     corners = [model_image.TransformContinuousIndexToPhysicalPoint([float(x), float(y), float(z)])
                for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
     inside = np.array([reference.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(c)) for c in corners])
@@ -168,9 +183,7 @@ def labels_to_input(labels: sitk.Image, reference: sitk.Image, transform: sitk.T
             continue
         coverage = sitk.GetArrayViewFromImage(region)
         target = tuple(slice(b, b + n) for b, n in zip(begin[::-1], coverage.shape))
-        better = coverage > best[target]
-        best[target][better] = coverage[better]
-        out[target][better] = value
+        keep_highest(best, out, target, coverage, value)
         covered[target] += coverage
     out[best <= 1 - covered] = 0
     image = sitk.GetImageFromArray(out)
