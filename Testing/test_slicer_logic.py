@@ -1,4 +1,5 @@
 """SegmentationLogic on a real MRML scene (PyPI's slicer-core), volumes read by Slicer's own readers."""
+import threading
 import time
 
 import numpy as np
@@ -152,8 +153,69 @@ def test_a_label_painted_on_the_atlas_is_segmented(scene, scans, tiny, tiny_chec
     painted = source.copy()
     painted[:, : int(np.median(np.nonzero(source)[1])), :] = False  # half of the label: a new sub-region
     painted_id = add_segment(scene, atlas, "frontal part", painted, atlas_volume)
+    atlas.GetSegmentation().GetSegment(painted_id).SetColor(0.2, 0.4, 1.0)
+    assert logic.paintedSegmentIds(tiny_checkpoint) == [painted_id]  # what the panel lists as painted
     segmentation = logic.process(volume, [painted_id], checkpointPath=tiny_checkpoint, device="cpu")
     assert names(segmentation) == ["frontal part"]
+    assert np.allclose(segmentation.GetSegmentation().GetNthSegment(0).GetColor(), (0.2, 0.4, 1.0), atol=0.01)
     found = read_segment(scene, segmentation, segmentation.GetSegmentation().GetNthSegmentID(0), volume)
     assert found.sum() > 50
     assert np.logical_and(found, truth == 3).sum() / found.sum() > 0.4  # on the structure it was painted in
+    by_name = logic.process(volume, ["frontal part"], checkpointPath=tiny_checkpoint, device="cpu")  # name, not ID
+    assert np.array_equal(read_segment(scene, by_name, by_name.GetSegmentation().GetNthSegmentID(0), volume), found)
+
+
+def test_the_gui_path_runs_in_a_worker_thread_and_cancels_within_a_second(scene, scans, tiny_checkpoint):
+    """start() and finish() on the main thread, run() in a worker, as the module's widget does."""
+    volume = load_volume(scene, scans[1][0])
+    logic = SegmentationLogic(scene)
+    before = scene.GetNumberOfNodes()
+    stop = threading.Event()
+    job = logic.start(volume, TINY_LABELS, tiny_checkpoint, "cpu")
+    errors = []
+    worker = threading.Thread(target=lambda: _run(job, stop.is_set, errors))
+    worker.start()
+    time.sleep(0.3)
+    stop.set()
+    asked = time.perf_counter()
+    worker.join()
+    assert time.perf_counter() - asked < 1.0
+    assert len(errors) == 1 and isinstance(errors[0], Cancelled)
+    assert scene.GetNumberOfNodes() == before and logic.encodings == 0
+
+    job = logic.start(volume, TINY_LABELS, tiny_checkpoint, "cpu")
+    worker = threading.Thread(target=lambda: _run(job, lambda: False, errors))
+    worker.start()
+    while worker.is_alive():  # the main thread stays free while the worker computes
+        time.sleep(0.05)
+    segmentation = logic.finish(job)
+    assert sorted(names(segmentation)) == sorted(TINY_LABELS) and logic.encodings == 1
+
+
+def _run(job, cancel, errors):
+    try:
+        job.run(cancel=cancel)
+    except Exception as error:  # handed to the main thread, as the widget does
+        errors.append(error)
+
+
+def test_probability_volumes_and_replacing_same_named_segments(scene, scans, tiny_checkpoint):
+    volume = load_volume(scene, scans[0][0])
+    logic = SegmentationLogic(scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    mine = np.zeros(slicer.util.arrayFromVolume(volume).shape, bool)
+    mine[10:20, 10:20, 10:20] = True
+    for name in ("my tumour", "Frontal_Sup_L"):
+        add_segment(scene, segmentation, name, mine, volume)
+    logic.process(volume, ["Frontal_Sup_L"], outputSegmentation=segmentation, checkpointPath=tiny_checkpoint,
+                  device="cpu", keepProbabilities=True, replaceExisting=True)
+    assert sorted(names(segmentation)) == ["Frontal_Sup_L", "my tumour"]  # only the same-named one was replaced
+    segments = segmentation.GetSegmentation()
+    mine_id = segments.GetSegmentIdBySegmentName("my tumour")
+    assert np.array_equal(read_segment(scene, segmentation, mine_id, volume), mine)
+    new = read_segment(scene, segmentation, segments.GetSegmentIdBySegmentName("Frontal_Sup_L"), volume)
+    assert new.sum() > 100 and not np.array_equal(new, mine)
+    probability = scene.GetFirstNodeByName(f"{volume.GetName()} Frontal_Sup_L probability")
+    p = slicer.util.arrayFromVolume(probability)
+    assert p.shape == new.shape and 0 <= p.min() and p.max() <= 1
+    assert p[new].mean() > 0.5 > p[~new].mean()

@@ -19,8 +19,17 @@ from .labels import LabelTable
 from .model import LCSNet, ModelConfig
 
 FORMAT = "label-conditioned-segmentation"
-BUNDLED = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "demo.lcs"
 VERSION = 1
+
+
+def _bundled() -> Path:
+    """demo.lcs beside the package (a built Slicer extension) or at the repository's top (a source tree)."""
+    here = Path(__file__).resolve()
+    candidates = [root / "Resources" / "Models" / "demo.lcs" for root in (here.parents[1], here.parents[2])]
+    return next((p for p in candidates if p.exists()), candidates[-1])
+
+
+BUNDLED = _bundled()
 
 
 def default_checkpoint() -> Path:

@@ -7,6 +7,7 @@ so asking for another label of the same volume costs one decode.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,6 +22,16 @@ from .errors import Cancelled, LCSError
 from .pipeline import Prepared, Segmenter
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _in_table(table, label: str | int) -> bool:
+    """Whether `label` (a name, a value or an 'A+B' union) names trained atlas labels."""
+    try:
+        for part in str(label).split("+"):
+            table.resolve(part)
+        return True
+    except LCSError:
+        return False
 
 
 def volume_to_image(volume) -> sitk.Image:
@@ -55,6 +66,36 @@ def image_to_volume(image: sitk.Image, scene, name: str, class_name: str = "vtkM
     return node
 
 
+@dataclass
+class Job:
+    """One run, split by thread: `SegmentationLogic.start` reads MRML (main thread), `run` only computes
+    (any thread: a GUI runs it in a worker), `SegmentationLogic.finish` writes MRML (main thread)."""
+
+    volumeId: str
+    cacheKey: tuple
+    segmenter: Segmenter
+    conditions: list[Condition]
+    registration: str
+    threshold: float
+    keepProbabilities: bool
+    image: sitk.Image | None = None  # None when the volume's encoding is cached
+    prepared: Prepared | None = None
+    encoded: bool = False  # whether `run` registered and encoded the volume (a cache miss)
+    labelmap: sitk.Image | None = None
+    probabilities: list[tuple[Condition, sitk.Image]] = field(default_factory=list)
+
+    def run(self, progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None) -> None:
+        report = progress or (lambda f, m: None)
+        if self.prepared is None:
+            self.prepared = self.segmenter.prepare(self.image, self.registration, lambda f, m: report(0.3 * f, m), cancel)
+            self.encoded = True
+        keep = (lambda c, p: self.probabilities.append((c, p))) if self.keepProbabilities else None
+        self.labelmap = self.segmenter.segment(self.prepared, self.conditions, self.threshold, keep,
+                                               lambda f, m: report(0.3 + 0.7 * f, m), cancel)
+        if cancel is not None and cancel():
+            raise Cancelled()
+
+
 class SegmentationLogic:
     """LCS on MRML nodes, GUI-free: the Slicer module's Logic and scripts call `process`."""
 
@@ -83,63 +124,104 @@ class SegmentationLogic:
         self.atlasSegmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LCS atlas labels")
         self.atlasSegmentation.CreateDefaultDisplayNodes()
         self.atlasSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(image)
+        self.atlasSegmentation.SetNodeReferenceID(self.atlasSegmentation.GetReferenceImageGeometryReferenceRole(), image.GetID())
         conditions = [Condition(l.name, l.value, np.zeros((0, 0, 0), bool), l.color) for l in checkpoint.label_table]
         self._import(checkpoint.atlas_labels, conditions, image, self.atlasSegmentation)
         return self.atlasSegmentation
 
+    def paintedSegmentIds(self, checkpointPath: str | Path | None = None) -> list[str]:
+        """IDs of the atlas segments that are not trained labels: the regions users painted."""
+        if self.atlasSegmentation is None or not self.scene.IsNodePresent(self.atlasSegmentation):
+            return []
+        trained = {l.name for l in self.segmenter(checkpointPath, "cpu").checkpoint.label_table}
+        segments = self.atlasSegmentation.GetSegmentation()
+        ids = [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())]
+        return [i for i in ids if segments.GetSegment(i).GetName() not in trained]
+
     # ---- segmentation -------------------------------------------------------------------
     def process(self, inputVolume, labels: Sequence[str | int], outputSegmentation=None, checkpointPath=None,
                 device: str = "auto", registration: str = "affine", progress: Callable[[float, str], None] | None = None,
-                cancel: Callable[[], bool] | None = None, threshold: float = 0.5):
-        """Segment `labels` (atlas names or values, or segment IDs of the painted atlas segmentation) on
-        `inputVolume`; new segments go into `outputSegmentation` (created when None). Existing
-        segments are never replaced; a cancelled run leaves the scene as it was."""
+                cancel: Callable[[], bool] | None = None, threshold: float = 0.5, keepProbabilities: bool = False,
+                replaceExisting: bool = False):
+        """Segment `labels` (atlas names or values, or IDs or names of segments painted on the atlas) on
+        `inputVolume`; new segments go into `outputSegmentation` (created when None). Existing segments
+        are kept unless `replaceExisting` (then only same-named ones go); a cancelled run leaves the scene
+        as it was. `keepProbabilities` adds one probability volume per label."""
+        job = self.start(inputVolume, labels, checkpointPath, device, registration, threshold, keepProbabilities)
+        job.run(progress, cancel)
+        return self.finish(job, outputSegmentation, replaceExisting)
+
+    def start(self, inputVolume, labels: Sequence[str | int], checkpointPath=None, device: str = "auto",
+              registration: str = "affine", threshold: float = 0.5, keepProbabilities: bool = False) -> Job:
+        """Everything a run needs from the scene, read now (main thread)."""
+        if inputVolume is None or inputVolume.GetImageData() is None:
+            raise LCSError("select an input volume that holds image data")
         segmenter = self.segmenter(checkpointPath, device)
-        prepared = self.prepare(inputVolume, segmenter, registration, progress)
-        names, masks = self._split_labels(labels, segmenter)
-        conditions = segmenter.conditions(names, masks)
-        report = progress or (lambda f, m: None)
-        labelmap = segmenter.segment(prepared, conditions, threshold, progress=lambda f, m: report(0.3 + 0.7 * f, m),
-                                     cancel=cancel)
-        if cancel is not None and cancel():
-            raise Cancelled()
-        self.lastDevice = segmenter.device
+        names, painted = self._split_labels(labels, segmenter)
+        conditions = segmenter.conditions(names, [(name, mask) for name, mask, _ in painted])
+        for i, (_, _, color) in enumerate(painted, start=len(conditions) - len(painted)):
+            conditions[i] = replace(conditions[i], color=color)
+        key = self._cache_key(inputVolume, segmenter, registration)
+        prepared = self._prepared.get(key)
+        return Job(inputVolume.GetID(), key, segmenter, conditions, registration, threshold, keepProbabilities,
+                   image=None if prepared else volume_to_image(inputVolume), prepared=prepared)
+
+    def finish(self, job: Job, outputSegmentation=None, replaceExisting: bool = False):
+        """Write a finished job's segments (and probability volumes) into the scene as one undo step (main thread)."""
+        inputVolume = self.scene.GetNodeByID(job.volumeId)
+        if inputVolume is None:
+            raise LCSError("the input volume was removed from the scene while it was being segmented")
+        if job.encoded:
+            self._prepared = {k: v for k, v in self._prepared.items() if k[0] != job.volumeId}  # one state per volume
+            self._prepared[job.cacheKey] = job.prepared
+            self.encodings += 1
+        self.lastDevice = job.segmenter.device
         self.scene.SaveStateForUndo()
         if outputSegmentation is None:
             outputSegmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{inputVolume.GetName()} LCS")
             outputSegmentation.CreateDefaultDisplayNodes()
         outputSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
         outputSegmentation.SetNodeReferenceID(outputSegmentation.GetReferenceImageGeometryReferenceRole(), inputVolume.GetID())
-        self._import(labelmap, conditions, inputVolume, outputSegmentation)
+        if replaceExisting:
+            segments = outputSegmentation.GetSegmentation()
+            for condition in job.conditions:
+                while segments.GetSegmentIdBySegmentName(condition.name):
+                    segments.RemoveSegment(segments.GetSegmentIdBySegmentName(condition.name))
+        self._import(job.labelmap, job.conditions, inputVolume, outputSegmentation)
+        for condition, probability in job.probabilities:
+            image_to_volume(probability, self.scene, f"{inputVolume.GetName()} {condition.name} probability")
         self._place_beside(outputSegmentation, inputVolume)
-        report(1.0, f"done on {segmenter.device}")
         return outputSegmentation
 
-    def prepare(self, inputVolume, segmenter: Segmenter, registration: str, progress=None) -> Prepared:
-        """Registered, encoded volume from the cache, or computed and cached (keyed on the voxels' state)."""
+    def _cache_key(self, inputVolume, segmenter: Segmenter, registration: str) -> tuple:
+        """Identifies a volume's voxels and geometry, the model and the registration mode."""
         matrix = vtk.vtkMatrix4x4()
         inputVolume.GetIJKToRASMatrix(matrix)
-        key = (inputVolume.GetID(), inputVolume.GetImageData().GetMTime() if inputVolume.GetImageData() else 0,
-               tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), id(segmenter), registration)
-        if key not in self._prepared:
-            report = progress or (lambda f, m: None)
-            self._prepared = {k: v for k, v in self._prepared.items() if k[0] != key[0]}  # one cached state per volume
-            self._prepared[key] = segmenter.prepare(volume_to_image(inputVolume), registration,
-                                                    lambda f, m: report(0.3 * f, m))
-            self.encodings += 1
-        return self._prepared[key]
+        return (inputVolume.GetID(), inputVolume.GetImageData().GetMTime(),
+                tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), id(segmenter), registration)
 
     def _split_labels(self, labels, segmenter: Segmenter):
-        """Atlas names/values stay names; IDs of segments painted on the atlas become masks."""
-        names, masks = [], []
-        painted = self.atlasSegmentation.GetSegmentation() if self.atlasSegmentation is not None else None
+        """Trained atlas labels stay names; segments painted on the atlas (by ID or name) become masks."""
+        names, painted = [], []
+        table = segmenter.checkpoint.label_table
+        segments = self.atlasSegmentation.GetSegmentation() if self.atlasSegmentation is not None else None
         for label in labels:
-            segment = painted.GetSegment(str(label)) if painted is not None else None
-            if segment is None:
-                names.append(label)
+            segmentId = self._painted_id(segments, str(label)) if not _in_table(table, label) else None
+            if segmentId is None:
+                names.append(label)  # unknown names fail in Segmenter.conditions with a clear message
                 continue
-            masks.append((segment.GetName(), self._segment_mask(str(label), segmenter.checkpoint.atlas_image)))
-        return names, masks
+            segment = segments.GetSegment(segmentId)
+            color = tuple(int(round(255 * c)) for c in segment.GetColor())
+            painted.append((segment.GetName(), self._segment_mask(segmentId, segmenter.checkpoint.atlas_image), color))
+        return names, painted
+
+    @staticmethod
+    def _painted_id(segments, label: str) -> str | None:
+        if segments is None:
+            return None
+        if segments.GetSegment(label) is not None:
+            return label
+        return segments.GetSegmentIdBySegmentName(label) or None
 
     def _segment_mask(self, segmentId: str, reference: sitk.Image) -> sitk.Image:
         """A painted atlas segment as a binary image on the atlas grid."""

@@ -43,12 +43,13 @@ class Segmenter:
     def device(self) -> str:
         return str(self.engine.device)
 
-    def prepare(self, image: sitk.Image, registration: str = "affine", progress: Progress | None = None) -> Prepared:
+    def prepare(self, image: sitk.Image, registration: str = "affine", progress: Progress | None = None,
+                cancel: Callable[[], bool] | None = None) -> Prepared:
         check_volume(image)
         step = progress or (lambda fraction, message: None)
         step(0.0, f"registering to the atlas ({registration})")
         atlas = self.checkpoint.atlas_image
-        transform = register(image, atlas, registration, fixed_mask=self.checkpoint.atlas_mask)
+        transform = register(image, atlas, registration, fixed_mask=self.checkpoint.atlas_mask, cancel=cancel)
         moved = to_model_grid(image, atlas, transform)
         if not sitk.GetArrayViewFromImage(moved)[self.atlas_mask].any():
             raise LCSError("the input does not overlap the atlas after registration; is it the anatomy this model was trained on?")
