@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 LCS := $(VENV)/bin/lcs
 MRICRON := /usr/share/mricron/templates/aal.nii.gz
 DEMO_OUT ?= demo-output
+# Which checkpoint of build/demo-model becomes the demo: best (by validation Dice) or last.
+KEEP ?= best
 
 .PHONY: demo test env data demo-model benchmark evaluate clean
 
@@ -36,7 +38,7 @@ demo-model: env data
 	$(LCS) train build/colin27 --atlas colin27 -o build/demo-model --condition-levels all --lr 1e-3 \
 	  --steps 100000 --minutes $${MINUTES:-110} --validate-every 250 --validation-subjects 2 \
 	  --name "Colin27 AAL demo (116 labels, 2 mm)" $(EXTRA)
-	cp build/demo-model/best.lcs Resources/Models/demo.lcs
+	cp build/demo-model/$(KEEP).lcs Resources/Models/demo.lcs
 
 benchmark: env data
 	$(LCS) benchmark

@@ -173,6 +173,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def cleanup(self):
         self._cancel.set()
+        self._timer.stop()
         self.removeObservers()
 
     def enter(self):
@@ -227,11 +228,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.checkpointInfoLabel.text = f"Cannot use this model: {error}"
             self.updateApplyButton()
             return
-        p = checkpoint.provenance
-        dice = p.get("validation_dice")
-        self.ui.checkpointInfoLabel.text = (f"{p.get('name', 'LCS model')}: {len(checkpoint.label_table)} labels, "
-                                            f"{p.get('iterations', '?')} iterations"
-                                            + (f", validation Dice {dice:.3f}" if dice is not None else ""))
+        self.ui.checkpointInfoLabel.text = checkpoint.description
         entries = [(l.name, str(l.value), l.color) for l in checkpoint.label_table]
         painted = self.logic.core.atlasSegmentation
         for segmentId in self.logic.core.paintedSegmentIds(self.checkpointPath()):

@@ -35,6 +35,17 @@ def tiny_checkpoint(colin27, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_baseline(colin27, tmp_path_factory) -> Path:
+    """The paper's multi-channel baseline with the tiny model's labels, grid and training budget."""
+    out = tmp_path_factory.mktemp("tiny_baseline")
+    settings = TrainSettings(colin27, out, "colin27", spacing=4.0, model=ModelConfig(base_channels=8, depth=3),
+                             labels=TINY_LABELS, steps=240, lr=3e-3, strength=0.6, validate_every=120,
+                             validation_subjects=2, seed=0, device="cpu", workers=1, name="tiny test baseline",
+                             baseline=True)
+    return train(settings)
+
+
+@pytest.fixture(scope="session")
 def tiny(tiny_checkpoint) -> Checkpoint:
     return Checkpoint.load(tiny_checkpoint)
 

@@ -1,19 +1,53 @@
 """`lcs evaluate` and `lcs benchmark` run end to end (tiny sizes) and print their machine-readable lines."""
-import re
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
 
 from LabelConditionedSegLib.cli import main
+from lcs_training.metrics import label_metrics
 
 
-def test_evaluate_compares_lcs_with_affine_propagation(tiny_checkpoint, colin27, tmp_path, capsys):
+def test_evaluate_scores_lcs_registration_and_the_baseline(tiny_checkpoint, tiny_baseline, colin27, tmp_path, capsys):
     code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(colin27), "--subjects", "1",
-                 "--strength", "1.0", "--out", str(tmp_path), "--device", "cpu"])
+                 "--strength", "1.0", "--out", str(tmp_path), "--device", "cpu", "--bspline", "--baseline", str(tiny_baseline)])
     out = capsys.readouterr().out
     assert code == 0
-    match = re.search(r"lcs_dice=([\d.]+) propagation_dice=([\d.]+) subjects=1", out)
-    assert match and 0.2 < float(match[1]) <= 1 and 0.2 < float(match[2]) <= 1
-    rows = (tmp_path / "heldout_dice.csv").read_text().splitlines()
-    assert rows[0] == "subject,method,value,name,dice" and len(rows) == 1 + 2 * 6
-    assert (tmp_path / "heldout_dice.png").read_bytes()[:4] == b"\x89PNG"
+    figures = dict(item.split("=") for item in out.strip().splitlines()[-1].split())
+    methods = ["lcs", "affine_propagation", "bspline_propagation", "baseline"]
+    assert set(figures) == {f"{m}_dice" for m in methods} | {"subjects"}
+    assert all(0.2 < float(figures[f"{m}_dice"]) <= 1 for m in methods), figures
+    with open(tmp_path / "heldout_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["subject", "method", "value", "name", "dice", "hd95_mm", "volume_diff_pct"]
+    assert sorted({r["method"] for r in rows}) == sorted(m.replace("_", " ") for m in methods) and len(rows) == 4 * 6
+    for r in rows:
+        if float(r["dice"]) > 0.5:  # a fair overlap lies within a few voxels of the truth
+            assert 0 < float(r["hd95_mm"]) < 30 and abs(float(r["volume_diff_pct"])) < 100
+    for png in ("heldout_dice.png", "heldout_hd95.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_metrics_match_known_shapes():
+    truth = np.zeros((40, 40, 40), int)
+    truth[10:20, 10:20, 10:20] = 1
+    truth[25:30, 25:30, 25:30] = 2
+    prediction = np.zeros_like(truth)
+    prediction[12:22, 10:20, 10:20] = 1  # shifted two voxels along z, where voxels are 2 mm
+    prediction[26:29, 26:29, 26:29] = 2  # shrunk by one voxel on each side
+    m = label_metrics(prediction, truth, [1, 2, 3], (2.0, 1.0, 1.0))
+    assert set(m) == {1, 2}  # label 3 is in neither
+    assert m[1] == {"dice": pytest.approx(0.8), "hd95_mm": pytest.approx(4.0), "volume_diff_pct": 0.0}
+    assert m[2]["volume_diff_pct"] == pytest.approx(100 * (27 - 125) / 125)
+    largest = sitk.HausdorffDistanceImageFilter()  # SimpleITK's maximum distance, an independent bound
+    images = [sitk.GetImageFromArray((a == 2).astype(np.uint8)) for a in (prediction, truth)]
+    for image in images:
+        image.SetSpacing((1.0, 1.0, 2.0))
+    largest.Execute(*images)
+    assert 2.0 <= m[2]["hd95_mm"] <= largest.GetHausdorffDistance() + 1e-6  # z faces lie 2 mm apart, corners further
+    empty = label_metrics(np.zeros_like(truth), truth, [1], (1.0, 1.0, 1.0))[1]
+    assert empty["dice"] == 0 and np.isnan(empty["hd95_mm"]) and empty["volume_diff_pct"] == -100
 
 
 def test_benchmark_prints_all_figures(tiny_checkpoint, capsys):

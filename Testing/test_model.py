@@ -56,3 +56,14 @@ def test_small_labels_survive_pooling_to_the_bottleneck():
 def test_config_rejects_unknown_norm():
     with pytest.raises(ValueError, match="norm"):
         ModelConfig(norm="layer")
+
+
+def test_the_multichannel_baseline_has_k_outputs_and_no_atlas_input():
+    config = ModelConfig(depth=3, baseline_labels=5, condition_levels="all")
+    model = LCSNet(config).eval()
+    image = torch.randn(2, 1, 32, 24, 16)
+    assert model(image).shape == (2, 5, 32, 24, 16)
+    lcs = LCSNet(ModelConfig(depth=3, condition_levels="all"))
+    assert model.bottleneck[0].in_channels == lcs.bottleneck[0].in_channels - 2  # no atlas image and mask
+    assert all(b[0].in_channels == l[0].in_channels - 2 for b, l in zip(model.up, lcs.up))
+    assert not config.conditioned and ModelConfig().conditioned

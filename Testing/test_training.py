@@ -97,3 +97,14 @@ def test_init_continues_from_a_checkpoint(tiny_checkpoint, tiny, colin27, tmp_pa
                           steps=1, device="cpu", workers=0, init=tiny_checkpoint)
     with pytest.raises(LCSError, match="architecture"):
         train(wrong)
+
+
+def test_the_multichannel_baseline_trains_and_is_refused_by_lcs_segment(tiny_baseline, colin27, tmp_path, capsys):
+    """`lcs train --baseline` (conftest): the same budget as the tiny LCS model, one output channel per label."""
+    baseline = Checkpoint.load(tiny_baseline)
+    assert baseline.config.baseline_labels == len(TINY_LABELS) == len(baseline.label_table)
+    assert baseline.provenance["validation_dice"] > 0.15  # learned: an untrained model scores near 0
+    from LabelConditionedSegLib.cli import main
+    code = main(["segment", str(colin27 / "images/colin27.nii.gz"), "-o", str(tmp_path / "x.seg.nrrd"),
+                 "--checkpoint", str(tiny_baseline)])
+    assert code == 2 and "multi-channel baseline" in capsys.readouterr().err

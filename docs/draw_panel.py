@@ -47,12 +47,10 @@ def main(out: Path) -> None:
     panel: QWidget = QUiLoader().load(buffer)
     find = lambda name, cls=QWidget: panel.findChild(cls, name)  # noqa: E731
     checkpoint = Checkpoint.load(BUNDLED)
-    p = checkpoint.provenance
     find("inputVolumeSelector", QComboBox).addItem("MRHead")
     find("outputSegmentationSelector", QComboBox).addItem("Create new segmentation")
     find("checkpointPathLineEdit").setText(str(Path("Resources/Models/demo.lcs")))
-    find("checkpointInfoLabel", QLabel).setText(f"{p['name']}: {len(checkpoint.label_table)} labels, {p['iterations']} "
-                                               f"iterations, validation Dice {p['validation_dice']:.3f}")
+    find("checkpointInfoLabel", QLabel).setText(checkpoint.description)
     for cls, name, items in [(QComboBox, "deviceComboBox", ["auto", "cuda", "cpu"]),
                              (QComboBox, "registrationComboBox", ["affine", "rigid", "none"])]:
         find(name, cls).addItems(items)

@@ -127,6 +127,10 @@ TRAINING_COMMANDS = {
     "evaluate": ("Dice of a checkpoint against atlas registration on held-out subjects",
                  "Generate held-out subjects (other seeds, stronger warps, other grids), segment them with the checkpoint "
                  "and with affine atlas-label propagation, and write per-label Dice (CSV) and a plot."),
+    "experiment": ("run one of the paper's experiments (table + plot)",
+                   "Reproduce an experiment of the LCS paper on Colin27 + AAL: baseline-k (LCS against the multi-channel "
+                   "baseline for K labels, paired Dice) or memory (peak memory against K). --scale tiny runs in a minute; "
+                   "--scale small is what docs/results.md reports."),
     "benchmark": ("speed and memory of segmenting all labels of a 1 mm head",
                   "Time and peak memory for all labels, one more label, and the paper's one-network-per-label scheme."),
 }

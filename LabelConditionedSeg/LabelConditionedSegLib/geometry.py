@@ -67,7 +67,7 @@ def register(moving: sitk.Image, fixed: sitk.Image, mode: str = "affine", fixed_
     if mode == "none":
         return sitk.AffineTransform(3)
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
-    moving = _no_finer_than(sitk.Cast(moving, sitk.sitkFloat32), min(fixed.GetSpacing()))
+    moving = no_finer_than(sitk.Cast(moving, sitk.sitkFloat32), min(fixed.GetSpacing()))
     transform = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                                   sitk.CenteredTransformInitializerFilter.MOMENTS)
     transform = _optimize(fixed, moving, transform, fixed_mask, seed, _shrink_factors(fixed, [8.0, 4.0]), cancel)
@@ -78,7 +78,7 @@ def register(moving: sitk.Image, fixed: sitk.Image, mode: str = "affine", fixed_
     return as_affine(transform)
 
 
-def _no_finer_than(image: sitk.Image, spacing: float) -> sitk.Image:
+def no_finer_than(image: sitk.Image, spacing: float) -> sitk.Image:
     """Voxels averaged down to about `spacing`: the atlas grid sees no finer detail, and each pyramid level
     then smooths a small image (registration gets faster and stops sooner when cancelled)."""
     factors = [max(1, int(spacing / s)) for s in image.GetSpacing()]

@@ -24,6 +24,8 @@ class ModelConfig:
     "all" also gives the decoder the atlas at every scale (an experiment).
     norm: "batch" keeps inference independent of the decoded region
     (eval-mode statistics), which region-restricted decoding relies on.
+    baseline_labels: K > 0 builds the paper's multi-channel baseline instead: the
+    same U-Net without the atlas input, with K output channels (one per label).
     """
 
     base_channels: int = 8
@@ -31,14 +33,20 @@ class ModelConfig:
     norm: str = "batch"
     condition_levels: str = "bottleneck"
     dropout: float = 0.0
+    baseline_labels: int = 0
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, not {self.norm!r}")
         if self.condition_levels not in CONDITION_LEVELS:
             raise ValueError(f"condition_levels must be one of {CONDITION_LEVELS}")
-        if self.depth < 1 or self.base_channels < 1:
-            raise ValueError("depth and base_channels must be positive")
+        if self.depth < 1 or self.base_channels < 1 or self.baseline_labels < 0:
+            raise ValueError("depth and base_channels must be positive, baseline_labels not negative")
+
+    @property
+    def conditioned(self) -> bool:
+        """An LCS network (atlas-conditioned, one output), not the multi-channel baseline."""
+        return self.baseline_labels == 0
 
     @property
     def factor(self) -> int:
@@ -89,11 +97,12 @@ class LCSNet(nn.Module):
         c = [config.base_channels * 2**i for i in range(config.depth + 1)]
         n, p = config.norm, config.dropout
         self.down = nn.ModuleList([ConvBlock(1, c[0], n)] + [ConvBlock(c[i - 1], c[i], n) for i in range(1, config.depth + 1)])
-        extra = 2 if config.condition_levels == "all" else 0
-        self.bottleneck = ConvBlock(c[-1] + 2, c[-1], n, p)
+        atlas = 2 if config.conditioned else 0  # atlas image + mask channels
+        extra = atlas if config.condition_levels == "all" else 0
+        self.bottleneck = ConvBlock(c[-1] + atlas, c[-1], n, p)
         self.upsample = nn.ModuleList([nn.ConvTranspose3d(c[i + 1], c[i], 2, stride=2) for i in range(config.depth)])
         self.up = nn.ModuleList([ConvBlock(2 * c[i] + extra, c[i], n, p) for i in range(config.depth)])
-        self.head = nn.Conv3d(c[0], 1, 1)
+        self.head = nn.Conv3d(c[0], config.baseline_labels or 1, 1)
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         features = [self.down[0](image)]
@@ -101,17 +110,20 @@ class LCSNet(nn.Module):
             features.append(block(F.max_pool3d(features[-1], 2)))
         return features
 
-    def decode(self, features: list[torch.Tensor], atlas_image: torch.Tensor, atlas_mask: torch.Tensor) -> torch.Tensor:
-        atlas = self._atlas_pyramid(atlas_image, atlas_mask)
-        x = self.bottleneck(torch.cat([features[-1], atlas[-1]], 1))
+    def decode(self, features: list[torch.Tensor], atlas_image: torch.Tensor | None = None,
+               atlas_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits: one channel for LCS (the atlas tensors are required), K for the baseline (they are not used)."""
+        atlas = self._atlas_pyramid(atlas_image, atlas_mask) if self.config.conditioned else None
+        x = self.bottleneck(torch.cat([features[-1], atlas[-1]], 1) if atlas else features[-1])
         for level in reversed(range(self.config.depth)):
             parts = [self.upsample[level](x), features[level]]
-            if self.config.condition_levels == "all":
+            if atlas and self.config.condition_levels == "all":
                 parts.append(atlas[level])
             x = self.up[level](torch.cat(parts, 1))
         return self.head(x)
 
-    def forward(self, image: torch.Tensor, atlas_image: torch.Tensor, atlas_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, atlas_image: torch.Tensor | None = None,
+                atlas_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.encode(image), atlas_image, atlas_mask)
 
     def _atlas_pyramid(self, atlas_image: torch.Tensor, atlas_mask: torch.Tensor) -> list[torch.Tensor]:

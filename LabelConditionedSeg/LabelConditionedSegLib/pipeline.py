@@ -33,6 +33,9 @@ class Segmenter:
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", messages: Callable[[str], None] | None = None,
                  memory_budget_mb: float | None = None):
+        if not checkpoint.config.conditioned:
+            raise LCSError(f"{checkpoint.provenance.get('name', 'this checkpoint')} is a multi-channel baseline (for "
+                           "lcs evaluate), not an LCS model; segment with an LCS checkpoint")
         self.checkpoint = checkpoint
         self.atlas_mask = sitk.GetArrayFromImage(checkpoint.atlas_mask) > 0
         self.atlas_labels = sitk.GetArrayFromImage(checkpoint.atlas_labels)

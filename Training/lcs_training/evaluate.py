@@ -1,8 +1,9 @@
-"""`lcs evaluate`: a checkpoint against atlas registration on held-out synthetic subjects.
+"""`lcs evaluate`: a checkpoint against atlas registration (and multi-channel baselines) on held-out subjects.
 
 Held-out subjects come from other seeds, stronger deformations than training, and other
-grids (spacing, axis order, field of view). Both methods share the same affine
-registration, so the comparison isolates what the network adds to label propagation.
+grids (spacing, axis order, field of view). Every method starts from the same affine
+registration, so the comparison isolates what each adds to it. Per label and case: Dice,
+95th-percentile Hausdorff distance (mm) and volume difference (%).
 """
 from __future__ import annotations
 
@@ -17,13 +18,17 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from LabelConditionedSegLib.checkpoint import Checkpoint, default_checkpoint
-from LabelConditionedSegLib.geometry import to_input_grid
+from LabelConditionedSegLib.geometry import labels_to_input, normalize_intensity, to_input_grid, to_model_grid
 from LabelConditionedSegLib.pipeline import Segmenter
 
+from .baseline import segment_multichannel
 from .data import case_files, write_colin27_aal
-from .metrics import dice_per_label
+from .metrics import label_metrics
 from .plots import plot_method_dice
+from .propagation import bspline_propagate
 from .synth import Strength, SubjectGenerator, random_grid
+
+FIELDS = ["subject", "method", "value", "name", "dice", "hd95_mm", "volume_diff_pct"]
 
 
 def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: int):
@@ -39,37 +44,73 @@ def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: 
 
 
 def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength: float, seed: int, out: Path,
-             device: str = "auto") -> dict[str, float]:
-    """Mean Dice over labels and subjects for LCS and for affine label propagation; writes CSV and PNG."""
+             device: str = "auto", baselines: list[Path] = (), bspline: bool = False) -> dict[str, float]:
+    """Mean Dice per method over labels and subjects (and seconds per case); writes CSV and PNGs to `out`.
+
+    Methods: "lcs", "affine propagation", "bspline propagation" (when asked), and "baseline" made of one or
+    more multi-channel checkpoints, each label scored by the baseline model that holds it.
+    """
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Checkpoint.load(checkpoint_path)
     segmenter = Segmenter(checkpoint, device)
     table = checkpoint.label_table
     conditions = segmenter.conditions([str(v) for v in table.values])
+    baseline_models = [Checkpoint.load(p) for p in baselines]
+    for b in baseline_models:
+        if b.config.conditioned:
+            raise SystemExit(f"--baseline wants multi-channel baseline checkpoints (lcs train --baseline), not {b.description}")
     atlas_labels = sitk.ReadImage(str(case_files(data)[atlas][1]))
-    rows, seconds = [], {"lcs": [], "propagation": []}
+    rows, seconds = [], {}
     for i, (image, truth) in enumerate(tqdm(heldout_subjects(data, atlas, count, strength, seed), total=count, desc="held-out subjects")):
         truth_array = sitk.GetArrayFromImage(truth)
+        predictions = {}
         start = time.time()
         prepared = segmenter.prepare(image)
         registered = time.time() - start
-        lcs = sitk.GetArrayFromImage(segmenter.segment(prepared, conditions))
-        seconds["lcs"].append(time.time() - start)
+        predictions["lcs"] = segmenter.segment(prepared, conditions)
+        seconds.setdefault("lcs", []).append(time.time() - start)
         start = time.time()
-        propagated = sitk.GetArrayFromImage(to_input_grid(atlas_labels, image, prepared.transform))
-        seconds["propagation"].append(time.time() - start + registered)
-        for method, prediction in (("lcs", lcs), ("propagation", propagated)):
-            for value, dice in dice_per_label(prediction, truth_array, table.values).items():
-                if value in set(np.unique(truth_array)):
-                    rows.append({"subject": i, "method": method, "value": value, "name": table.get(value).name, "dice": round(dice, 4)})
-    with open(out / "heldout_dice.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["subject", "method", "value", "name", "dice"])
+        predictions["affine propagation"] = to_input_grid(atlas_labels, image, prepared.transform)
+        seconds.setdefault("affine propagation", []).append(time.time() - start + registered)
+        if bspline:
+            start = time.time()
+            predictions["bspline propagation"] = bspline_propagate(image, checkpoint.atlas_image, atlas_labels,
+                                                                   prepared.transform, checkpoint.atlas_mask)
+            seconds.setdefault("bspline propagation", []).append(time.time() - start + registered)
+        if baseline_models:
+            start = time.time()
+            predictions["baseline"] = [(b, _baseline_labels(b, prepared, segmenter.device)) for b in baseline_models]
+            seconds.setdefault("baseline", []).append(time.time() - start + registered)
+        spacing = image.GetSpacing()[::-1]
+        for method, prediction in predictions.items():
+            parts = prediction if method == "baseline" else [(checkpoint, prediction)]
+            for model, labelmap in parts:
+                values = [v for v in model.label_table.values if v in set(table.values)]
+                for value, m in label_metrics(sitk.GetArrayFromImage(labelmap), truth_array, values, spacing).items():
+                    rows.append({"subject": i, "method": method, "value": value, "name": table.get(value).name,
+                                 **{k: round(v, 4) for k, v in m.items()}})
+    with open(out / "heldout_metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    summary = {m: float(np.mean([r["dice"] for r in rows if r["method"] == m])) for m in ("lcs", "propagation")}
-    summary.update({f"{m}_seconds": float(np.mean(s)) for m, s in seconds.items()})
-    plot_method_dice(rows, ("propagation", "lcs"), summary, out / "heldout_dice.png")
+    methods = list(seconds)
+    summary = {m: float(np.mean([r["dice"] for r in rows if r["method"] == m])) for m in methods}
+    summary.update({f"{m} hd95": float(np.nanmean([r["hd95_mm"] for r in rows if r["method"] == m])) for m in methods})
+    summary.update({f"{m} seconds": float(np.mean(s)) for m, s in seconds.items()})
+    order = ["affine propagation"] + [m for m in methods if m != "affine propagation"]
+    plot_method_dice(rows, order, summary, out / "heldout_dice.png")
+    plot_method_dice(rows, order, {m: summary[f"{m} hd95"] for m in order}, out / "heldout_hd95.png", metric="hd95_mm")
     return summary
+
+
+def _baseline_labels(model: Checkpoint, prepared, device: str) -> sitk.Image:
+    """A multi-channel baseline's label map on the input grid, from the same registration as LCS."""
+    moved = to_model_grid(prepared.reference, model.atlas_image, prepared.transform)
+    n = model.normalization
+    image = normalize_intensity(moved, sitk.GetArrayFromImage(model.atlas_mask) > 0, n["low"], n["high"])
+    labels = sitk.GetImageFromArray(segment_multichannel(model.build_model(), image, model.label_table.values, device))
+    labels.CopyInformation(model.atlas_image)
+    return labels_to_input(labels, prepared.reference, prepared.transform)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--strength", type=float, default=1.5, help="deformation strength relative to training (default 1.5)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--baseline", type=Path, nargs="+", default=[],
+                        help="multi-channel baseline checkpoints (lcs train --baseline) to score beside LCS")
+    parser.add_argument("--bspline", action="store_true", help="also score affine + B-spline atlas propagation (slower)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("build/evaluate"))
 
@@ -86,8 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or write_colin27_aal(Path(tmp) / "colin27")
-        s = evaluate(args.checkpoint, data, args.atlas, args.subjects, args.strength, args.seed, args.out, args.device)
-    print(f"held-out subjects: {args.subjects}, strength {args.strength}; per-label Dice in {args.out}/heldout_dice.csv, plot heldout_dice.png")
-    print(f"mean Dice  LCS {s['lcs']:.3f} ({s['lcs_seconds']:.1f} s/case)  affine propagation {s['propagation']:.3f} "
-          f"({s['propagation_seconds']:.1f} s/case)")
-    print(f"lcs_dice={s['lcs']:.4f} propagation_dice={s['propagation']:.4f} subjects={args.subjects}")
+        s = evaluate(args.checkpoint, data, args.atlas, args.subjects, args.strength, args.seed, args.out, args.device,
+                     args.baseline, args.bspline)
+    methods = [k for k in s if not k.endswith((" seconds", " hd95"))]
+    print(f"held-out subjects: {args.subjects}, strength {args.strength}; per label and case in "
+          f"{args.out}/heldout_metrics.csv, plots heldout_dice.png and heldout_hd95.png")
+    for m in methods:
+        print(f"  {m:20s} mean Dice {s[m]:.3f}  HD95 {s[m + ' hd95']:.1f} mm  {s[m + ' seconds']:.1f} s/case")
+    print(" ".join(f"{m.replace(' ', '_')}_dice={s[m]:.4f}" for m in methods) + f" subjects={args.subjects}")

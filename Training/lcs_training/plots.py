@@ -14,6 +14,12 @@ def _pyplot():
     return plt
 
 
+def _save(fig, png: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    _pyplot().close(fig)
+
+
 def plot_history(history_csv: Path, png: Path) -> None:
     """Training loss (smoothed) and validation Dice against steps."""
     rows = list(csv.DictReader(open(history_csv)))
@@ -29,26 +35,54 @@ def plot_history(history_csv: Path, png: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    _save(fig, png)
 
 
-def plot_method_dice(rows: list[dict], methods: tuple[str, str], means: dict, png: Path) -> None:
-    """Per-label Dice (mean over cases) of two methods, labels sorted by the first method's Dice."""
+def plot_method_dice(rows: list[dict], methods: list[str], means: dict, png: Path, metric: str = "dice") -> None:
+    """Per-label `metric` (mean over cases) of each method, labels sorted by the first method's value."""
     per_label = {m: {} for m in methods}
     for r in rows:
-        per_label[r["method"]].setdefault(r["value"], []).append(r["dice"])
+        if r["method"] in per_label and np.isfinite(r[metric]):
+            per_label[r["method"]].setdefault(r["value"], []).append(r[metric])
     order = sorted(per_label[methods[0]], key=lambda v: np.mean(per_label[methods[0]][v]))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(12, 4))
-    for method, color in zip(methods, ("tab:blue", "tab:red")):
-        ax.plot([np.mean(per_label[method].get(v, [0])) for v in order], "o", ms=3, color=color,
+    for method in methods:
+        ax.plot([np.mean(per_label[method].get(v, [np.nan])) for v in order], "o", ms=3,
                 label=f"{method} (mean {means[method]:.3f})")
-    ax.set_xlabel(f"label, sorted by {methods[0]} Dice")
-    ax.set_ylabel("Dice (mean over cases)")
+    ax.set_xlabel(f"label, sorted by {methods[0]}")
+    ax.set_ylabel(f"{metric} (mean over cases)")
+    if metric == "dice":
+        ax.set_ylim(0, 1)
+    ax.legend()
+    _save(fig, png)
+
+
+def plot_paired_dice(table: list[dict], png: Path) -> None:
+    """Per-case Dice of the baseline and LCS side by side for each K, pairs joined (the paper's Figure 2)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, row in enumerate(table):
+        for a, b in zip(row["baseline_case_dice"], row["lcs_case_dice"]):
+            ax.plot([i - 0.15, i + 0.15], [a, b], color="0.7", lw=0.8)
+        ax.plot([i - 0.15] * row["cases"], row["baseline_case_dice"], "o", color="tab:red", ms=4,
+                label="baseline" if i == 0 else None)
+        ax.plot([i + 0.15] * row["cases"], row["lcs_case_dice"], "o", color="tab:blue", ms=4, label="LCS" if i == 0 else None)
+    ax.set_xticks(range(len(table)), [f"K={r['K']}\np={r['wilcoxon_p']}" for r in table])
+    ax.set_ylabel("Dice per held-out case (mean over labels)")
     ax.set_ylim(0, 1)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    _save(fig, png)
+
+
+def plot_memory(table: list[dict], device: str, png: Path) -> None:
+    """Peak memory of training and inference against the number of labels, LCS and baseline."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in [("lcs_train_mb", "-o"), ("lcs_infer_mb", "--o"), ("baseline_train_mb", "-s"), ("baseline_infer_mb", "--s")]:
+        ax.plot([r["K"] for r in table], [r[key] for r in table], style, label=key.replace("_mb", "").replace("_", " "))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("number of labels K")
+    ax.set_ylabel(f"peak memory, MB ({device})")
+    ax.legend()
+    _save(fig, png)

@@ -12,7 +12,7 @@ import csv
 import datetime
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
 
+from .baseline import segment_multichannel
 from .data import Case, load_atlas, load_cases, normalized
 from .metrics import dice_per_label
 from .synth import Strength, SubjectGenerator
@@ -55,15 +56,20 @@ class TrainSettings:
     workers: int = 1
     resume: bool = False
     init: Path | None = None  # start from this checkpoint's weights (same architecture)
+    baseline: bool = False  # train the paper's multi-channel baseline (no atlas input, one channel per label)
     name: str = "LCS model"
 
 
 class SubjectStream(IterableDataset):
-    """Endless (image, atlas mask, target) samples drawn from random subjects of the training cases."""
+    """Endless (image, atlas mask, target) samples drawn from random subjects of the training cases.
 
-    def __init__(self, cases: list[Case], atlas: Case, labels: list[int], strength: Strength, merge_probability: float, seed: int):
+    For the multi-channel baseline: (image, which labels the case annotates (K,), one target channel per label).
+    """
+
+    def __init__(self, cases: list[Case], atlas: Case, labels: list[int], strength: Strength, merge_probability: float,
+                 seed: int, baseline: bool = False):
         self.cases, self.atlas, self.labels = cases, atlas, labels
-        self.strength, self.merge_probability, self.seed = strength, merge_probability, seed
+        self.strength, self.merge_probability, self.seed, self.baseline = strength, merge_probability, seed, baseline
         self.atlas_labels = sitk.GetArrayFromImage(atlas.labels)
 
     def __iter__(self):
@@ -72,6 +78,13 @@ class SubjectStream(IterableDataset):
         generators = [SubjectGenerator(c.image, c.labels, c.mask) for c in self.cases]
         while True:
             k = int(rng.integers(len(self.cases)))
+            if self.baseline:
+                image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image)
+                values = sitk.GetArrayViewFromImage(labels)
+                yield (normalized(image, self.atlas.mask)[None],
+                       np.isin(self.labels, self.cases[k].present).astype(np.float32),
+                       np.stack([values == v for v in self.labels]).astype(np.float32))
+                continue
             chosen = pick_labels(rng, self.labels, self.cases[k].present, self.merge_probability)
             if not chosen:
                 continue
@@ -105,11 +118,14 @@ def validation_subjects(cases: list[Case], atlas: Case, count: int, strength: St
 
 def validate(model: LCSNet, atlas_image: np.ndarray, atlas_labels: np.ndarray, table: LabelTable, subjects, device) -> dict[int, float]:
     """Mean Dice per label over the validation subjects, all labels decoded together as at inference."""
-    engine = Engine(model, atlas_image, device)
+    engine = Engine(model, atlas_image, device) if model.config.conditioned else None
     conditions = [Condition.of(l.name, l.value, atlas_labels == l.value) for l in table]
     scores: dict[int, list[float]] = {}
     for image, truth in subjects:
-        prediction = engine.segment(engine.encode(image), conditions)
+        if engine is None:
+            prediction = segment_multichannel(model, image, table.values, device)
+        else:
+            prediction = engine.segment(engine.encode(image), conditions)
         for value, dice in dice_per_label(prediction, truth, table.values).items():
             scores.setdefault(value, []).append(dice)
     model.train()
@@ -145,13 +161,14 @@ def train(s: TrainSettings) -> Path:
     atlas_labels = sitk.GetArrayFromImage(atlas.labels)
     strength = Strength().times(s.strength)
 
-    model = LCSNet(s.model).to(device)
+    config = replace(s.model, baseline_labels=len(table)) if s.baseline else s.model
+    model = LCSNet(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     step, best, history = 0, -1.0, []
     if s.init is not None:
         initial = Checkpoint.load(s.init)
-        if initial.config != s.model:
-            raise LCSError(f"--init {s.init} has architecture {initial.config}, not {s.model}; match the model options")
+        if initial.config != config:
+            raise LCSError(f"--init {s.init} has architecture {initial.config}, not {config}; match the model options")
         model.load_state_dict(initial.weights)
         step = int(initial.provenance.get("iterations", 0))
     state_path = s.out / "state.pt"
@@ -165,7 +182,8 @@ def train(s: TrainSettings) -> Path:
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    stream = SubjectStream(cases, atlas, table.values, strength, s.merge_probability, s.seed * 1000 + rank * 100 + step)
+    stream = SubjectStream(cases, atlas, table.values, strength, s.merge_probability, s.seed * 1000 + rank * 100 + step,
+                           s.baseline)
     loader = iter(DataLoader(stream, batch_size=s.batch_size, num_workers=s.workers, persistent_workers=s.workers > 0))
     subjects = validation_subjects(cases, atlas, s.validation_subjects, strength, s.seed) if rank == 0 else []
     atlas_t = torch.from_numpy(atlas_image)[None, None].to(device).expand(s.batch_size, -1, -1, -1, -1)
@@ -182,7 +200,7 @@ def train(s: TrainSettings) -> Path:
         }
         image = sitk.GetImageFromArray(atlas_image)
         image.CopyInformation(atlas.image)
-        Checkpoint(s.model, {k: v.cpu() for k, v in model.state_dict().items()}, image, atlas.labels, atlas.mask,
+        Checkpoint(config, {k: v.cpu() for k, v in model.state_dict().items()}, image, atlas.labels, atlas.mask,
                    table, provenance=provenance).save(path)
 
     last_dice: dict[int, float] = {}
@@ -205,7 +223,8 @@ def train(s: TrainSettings) -> Path:
     while step < s.steps and (s.minutes is None or time.time() - start_time < s.minutes * 60):
         image, mask, target = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            loss = loss_fn(net(image, atlas_t[: len(image)], mask).float(), target)
+            logits = net(image) if s.baseline else net(image, atlas_t[: len(image)], mask)
+            loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -270,6 +289,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
     parser.add_argument("--init", type=Path, help="start from the weights of this checkpoint (e.g. to continue the demo model)")
     parser.add_argument("--name", default="LCS model", help="model name stored in the checkpoint")
+    parser.add_argument("--baseline", action="store_true",
+                        help="train the paper's multi-channel baseline instead: the same U-Net without the atlas, "
+                             "one output channel per label (for lcs evaluate and the experiments)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -280,7 +302,7 @@ def run(args: argparse.Namespace) -> None:
                              batch_size=args.batch_size, lr=args.lr, strength=args.strength,
                              validate_every=args.validate_every, validation_subjects=args.validation_subjects,
                              seed=args.seed, device=args.device, workers=args.workers, resume=args.resume, init=args.init,
-                             name=args.name)
+                             name=args.name, baseline=args.baseline)
     best = train(settings)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {best}")
