@@ -61,13 +61,18 @@ class LabelConditionedSegParameterNode:
     replaceExisting: bool = False
 
 
-def ensureTorch() -> None:
-    """PyTorch comes from Slicer's PyTorch extension, and is installed only once the user agrees."""
+def torchInstalled() -> bool:
     try:
         import torch  # noqa: F401
-        return
+        return True
     except ImportError:
-        pass
+        return False
+
+
+def ensureTorch() -> None:
+    """PyTorch comes from Slicer's PyTorch extension, and is installed only once the user agrees."""
+    if torchInstalled():
+        return
     try:
         import PyTorchUtils
     except ImportError:
@@ -80,14 +85,6 @@ def ensureTorch() -> None:
         raise RuntimeError("PyTorch is needed to segment; press Apply again to install it.")
     if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.4") is None:
         raise RuntimeError("PyTorch could not be installed; see the Python console, or use the PyTorch Utils module.")
-
-
-def torchInstalled() -> bool:
-    try:
-        import torch  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 class LabelConditionedSegLogic(ScriptedLoadableModuleLogic):

@@ -49,6 +49,10 @@ class LabelTable:
             return self._by_value[int(key)]
         raise LCSError(f"label {key!r} is not in the atlas; run 'lcs labels' to list the {len(self)} labels")
 
+    def resolve_union(self, item: str | int) -> list[Label]:
+        """The labels of one item: a name or value, or several joined by '+' (their union)."""
+        return [self.resolve(part) for part in str(item).split("+")]
+
     def to_rows(self) -> list[dict]:
         return [{"value": l.value, "name": l.name, "r": l.color[0], "g": l.color[1], "b": l.color[2], "code": l.code} for l in self.labels]
 

@@ -7,7 +7,7 @@ so asking for another label of the same volume costs one decode.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,17 +27,26 @@ LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 def _in_table(table, label: str | int) -> bool:
     """Whether `label` (a name, a value or an 'A+B' union) names trained atlas labels."""
     try:
-        for part in str(label).split("+"):
-            table.resolve(part)
+        table.resolve_union(label)
         return True
     except LCSError:
         return False
 
 
-def volume_to_image(volume) -> sitk.Image:
-    """A scalar volume node as a SimpleITK image with the same physical geometry (RAS -> LPS)."""
+def _require_image(volume) -> None:
     if volume is None or volume.GetImageData() is None:
         raise LCSError("select an input volume that holds image data")
+
+
+def _set_reference(segmentation, volume) -> None:
+    """Segments on `volume`'s geometry, and the reference that Slicer shows for it."""
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segmentation.SetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole(), volume.GetID())
+
+
+def volume_to_image(volume) -> sitk.Image:
+    """A scalar volume node as a SimpleITK image with the same physical geometry (RAS -> LPS)."""
+    _require_image(volume)
     array = slicer.util.arrayFromVolume(volume)
     if array.ndim != 3:
         raise LCSError(f"{volume.GetName()} has {array.ndim - 3} extra components per voxel; select a grayscale volume")
@@ -80,7 +89,6 @@ class Job:
     keepProbabilities: bool
     image: sitk.Image | None = None  # None when the volume's encoding is cached
     prepared: Prepared | None = None
-    encoded: bool = False  # whether `run` registered and encoded the volume (a cache miss)
     labelmap: sitk.Image | None = None
     probabilities: list[tuple[Condition, sitk.Image]] = field(default_factory=list)
 
@@ -88,12 +96,16 @@ class Job:
         report = progress or (lambda f, m: None)
         if self.prepared is None:
             self.prepared = self.segmenter.prepare(self.image, self.registration, lambda f, m: report(0.3 * f, m), cancel)
-            self.encoded = True
         keep = (lambda c, p: self.probabilities.append((c, p))) if self.keepProbabilities else None
         self.labelmap = self.segmenter.segment(self.prepared, self.conditions, self.threshold, keep,
                                                lambda f, m: report(0.3 + 0.7 * f, m), cancel)
         if cancel is not None and cancel():
             raise Cancelled()
+
+    @property
+    def encoded(self) -> bool:
+        """Whether this job registered and encoded the volume itself (a cache miss)."""
+        return self.image is not None
 
 
 class SegmentationLogic:
@@ -123,8 +135,7 @@ class SegmentationLogic:
         image = image_to_volume(checkpoint.atlas_image, self.scene, "LCS atlas image")
         self.atlasSegmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LCS atlas labels")
         self.atlasSegmentation.CreateDefaultDisplayNodes()
-        self.atlasSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(image)
-        self.atlasSegmentation.SetNodeReferenceID(self.atlasSegmentation.GetReferenceImageGeometryReferenceRole(), image.GetID())
+        _set_reference(self.atlasSegmentation, image)
         conditions = [Condition(l.name, l.value, np.zeros((0, 0, 0), bool), l.color) for l in checkpoint.label_table]
         self._import(checkpoint.atlas_labels, conditions, image, self.atlasSegmentation)
         return self.atlasSegmentation
@@ -154,13 +165,9 @@ class SegmentationLogic:
     def start(self, inputVolume, labels: Sequence[str | int], checkpointPath=None, device: str = "auto",
               registration: str = "affine", threshold: float = 0.5, keepProbabilities: bool = False) -> Job:
         """Everything a run needs from the scene, read now (main thread)."""
-        if inputVolume is None or inputVolume.GetImageData() is None:
-            raise LCSError("select an input volume that holds image data")
+        _require_image(inputVolume)
         segmenter = self.segmenter(checkpointPath, device)
-        names, painted = self._split_labels(labels, segmenter)
-        conditions = segmenter.conditions(names, [(name, mask) for name, mask, _ in painted])
-        for i, (_, _, color) in enumerate(painted, start=len(conditions) - len(painted)):
-            conditions[i] = replace(conditions[i], color=color)
+        conditions = segmenter.conditions(*self._split_labels(labels, segmenter))
         key = self._cache_key(inputVolume, segmenter, registration)
         prepared = self._prepared.get(key)
         return Job(inputVolume.GetID(), key, segmenter, conditions, registration, threshold, keepProbabilities,
@@ -180,8 +187,7 @@ class SegmentationLogic:
         if outputSegmentation is None:
             outputSegmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{inputVolume.GetName()} LCS")
             outputSegmentation.CreateDefaultDisplayNodes()
-        outputSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
-        outputSegmentation.SetNodeReferenceID(outputSegmentation.GetReferenceImageGeometryReferenceRole(), inputVolume.GetID())
+        _set_reference(outputSegmentation, inputVolume)
         if replaceExisting:
             segments = outputSegmentation.GetSegmentation()
             for condition in job.conditions:
@@ -201,7 +207,8 @@ class SegmentationLogic:
                 tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), id(segmenter), registration)
 
     def _split_labels(self, labels, segmenter: Segmenter):
-        """Trained atlas labels stay names; segments painted on the atlas (by ID or name) become masks."""
+        """Trained atlas labels stay names; segments painted on the atlas (by ID or name) become
+        (name, mask, color) for Segmenter.conditions."""
         names, painted = [], []
         table = segmenter.checkpoint.label_table
         segments = self.atlasSegmentation.GetSegmentation() if self.atlasSegmentation is not None else None

@@ -28,6 +28,16 @@ class Prepared:
     encoded: Encoded
 
 
+def model_input(checkpoint: Checkpoint, image: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """A registered scan as the network sees it: on the checkpoint's model grid, intensity-normalized."""
+    moved = to_model_grid(image, checkpoint.atlas_image, transform)
+    mask = sitk.GetArrayFromImage(checkpoint.atlas_mask) > 0
+    if not sitk.GetArrayViewFromImage(moved)[mask].any():
+        raise LCSError("the input does not overlap the atlas after registration; is it the anatomy this model was trained on?")
+    n = checkpoint.normalization
+    return normalize_intensity(moved, mask, n["low"], n["high"])
+
+
 class Segmenter:
     """Segments volumes with one checkpoint on one device."""
 
@@ -37,7 +47,6 @@ class Segmenter:
             raise LCSError(f"{checkpoint.provenance.get('name', 'this checkpoint')} is a multi-channel baseline (for "
                            "lcs evaluate), not an LCS model; segment with an LCS checkpoint")
         self.checkpoint = checkpoint
-        self.atlas_mask = sitk.GetArrayFromImage(checkpoint.atlas_mask) > 0
         self.atlas_labels = sitk.GetArrayFromImage(checkpoint.atlas_labels)
         self.engine = Engine(checkpoint.build_model(), sitk.GetArrayFromImage(checkpoint.atlas_image), device,
                              memory_budget_mb=memory_budget_mb, messages=messages)
@@ -51,33 +60,31 @@ class Segmenter:
         check_volume(image)
         step = progress or (lambda fraction, message: None)
         step(0.0, f"registering to the atlas ({registration})")
-        atlas = self.checkpoint.atlas_image
-        transform = register(image, atlas, registration, fixed_mask=self.checkpoint.atlas_mask, cancel=cancel)
-        moved = to_model_grid(image, atlas, transform)
-        if not sitk.GetArrayViewFromImage(moved)[self.atlas_mask].any():
-            raise LCSError("the input does not overlap the atlas after registration; is it the anatomy this model was trained on?")
-        n = self.checkpoint.normalization
-        model_image = normalize_intensity(moved, self.atlas_mask, n["low"], n["high"])
+        transform = register(image, self.checkpoint.atlas_image, registration, fixed_mask=self.checkpoint.atlas_mask,
+                             cancel=cancel)
+        model_image = model_input(self.checkpoint, image, transform)
         step(0.5, f"encoding on {self.device}")
         return Prepared(image, transform, model_image, self.engine.encode(model_image))
 
-    def conditions(self, labels: Sequence[str | int] = (), masks: Sequence[tuple[str, sitk.Image]] = ()) -> list[Condition]:
-        """Atlas labels by name or value ('A+B' for a union) and masks drawn on the atlas, as conditions."""
+    def conditions(self, labels: Sequence[str | int] = (), masks: Sequence[tuple] = ()) -> list[Condition]:
+        """Atlas labels by name or value ('A+B' for a union) and masks drawn on the atlas, as conditions.
+
+        masks: (name, image) or (name, image, (r, g, b)); without a color one is drawn at random."""
         table = self.checkpoint.label_table
         out = []
         for item in labels:
-            parts = [table.resolve(p) for p in str(item).split("+")]
+            parts = table.resolve_union(item)
             mask = np.isin(self.atlas_labels, [p.value for p in parts])
             out.append(Condition.of("+".join(p.name for p in parts), parts[0].value, mask, parts[0].color))
         next_value = max(table.values) + 1
-        for i, (name, image) in enumerate(masks):
+        for i, (name, image, *color) in enumerate(masks):
             check_volume(image, f"condition mask {name!r}")
             on_grid = sitk.Resample(sitk.Cast(image != 0, sitk.sitkFloat32), self.checkpoint.atlas_image,
                                     sitk.Transform(), sitk.sitkLinear, 0.0)
             mask = sitk.GetArrayFromImage(on_grid) >= 0.5
             if not mask.any():
                 raise LCSError(f"condition mask {name!r} does not overlap the atlas grid; draw it on the atlas image")
-            color = tuple(int(c) for c in np.random.default_rng(next_value + i).integers(40, 256, 3))
+            color = tuple(int(c) for c in (color[0] if color else np.random.default_rng(next_value + i).integers(40, 256, 3)))
             out.append(Condition.of(name, next_value + i, mask, color))
         if not out:
             raise LCSError("no labels to segment; name some with --labels, use --all, or give --condition masks")

@@ -18,8 +18,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from LabelConditionedSegLib.checkpoint import Checkpoint, default_checkpoint
-from LabelConditionedSegLib.geometry import labels_to_input, normalize_intensity, to_input_grid, to_model_grid
-from LabelConditionedSegLib.pipeline import Segmenter
+from LabelConditionedSegLib.geometry import labels_to_input, to_input_grid
+from LabelConditionedSegLib.pipeline import Segmenter, model_input
 
 from .baseline import segment_multichannel
 from .data import case_files, write_colin27_aal
@@ -105,9 +105,7 @@ def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength
 
 def _baseline_labels(model: Checkpoint, prepared, device: str) -> sitk.Image:
     """A multi-channel baseline's label map on the input grid, from the same registration as LCS."""
-    moved = to_model_grid(prepared.reference, model.atlas_image, prepared.transform)
-    n = model.normalization
-    image = normalize_intensity(moved, sitk.GetArrayFromImage(model.atlas_mask) > 0, n["low"], n["high"])
+    image = model_input(model, prepared.reference, prepared.transform)
     labels = sitk.GetImageFromArray(segment_multichannel(model.build_model(), image, model.label_table.values, device))
     labels.CopyInformation(model.atlas_image)
     return labels_to_input(labels, prepared.reference, prepared.transform)

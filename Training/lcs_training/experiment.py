@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monai.losses import DiceLoss
 
+from LabelConditionedSegLib.engine import Condition, Engine, resolve_device
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
 
+from .baseline import segment_multichannel
 from .data import load_atlas, write_colin27_aal
 from .evaluate import evaluate
 from .plots import plot_memory, plot_paired_dice
@@ -53,8 +56,9 @@ SCALES = {
 }
 
 
-def model_config(scale: Scale, baseline_labels: int = 0) -> ModelConfig:
-    return ModelConfig(depth=scale.depth, condition_levels="all", baseline_labels=baseline_labels)
+def model_config(scale: Scale) -> ModelConfig:
+    """The LCS architecture of the experiments; `lcs train --baseline` derives the baseline from it."""
+    return ModelConfig(depth=scale.depth, condition_levels="all")
 
 
 # ---- 1. LCS against the multi-channel baseline ------------------------------------------------------
@@ -122,10 +126,10 @@ def memory_worker(method: str, phase: str, k: int, labels_npy: str, depth: int, 
     atlas_labels = torch.from_numpy(np.load(labels_npy).astype(np.int32))
     values = [int(v) for v in torch.unique(atlas_labels) if v > 0][:k]
     shape = tuple(atlas_labels.shape)
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     model = LCSNet(ModelConfig(depth=depth, condition_levels="all", baseline_labels=0 if method == "lcs" else k)).to(dev)
     image = torch.rand((2, 1) + shape, device=dev)
-    idle = _peak(dev)
+    idle = _start_peak(dev)
     if phase == "train":  # LCS: one label per sample, whatever K is; the baseline: K target channels
         model.train()
         if method == "lcs":
@@ -134,33 +138,40 @@ def memory_worker(method: str, phase: str, k: int, labels_npy: str, depth: int, 
         else:
             logits = model(image)
             target = torch.stack([atlas_labels == v for v in values]).float()[None].expand(2, -1, -1, -1, -1).to(dev)
-        from monai.losses import DiceLoss
         DiceLoss(sigmoid=True)(logits, target).backward()
     elif method == "lcs":  # the engine: encode once, decode label by label into a running max
-        from LabelConditionedSegLib.engine import Condition, Engine
         engine = Engine(model, image[0, 0].cpu().numpy(), dev)
         conditions = [Condition.of(str(v), v, (atlas_labels == v).numpy()) for v in values]
         engine.segment(engine.encode(image[0, 0].cpu().numpy()), conditions)
     else:
-        from .baseline import segment_multichannel
         segment_multichannel(model, image[0, 0].cpu().numpy(), values, dev)
     return _peak(dev) - idle
 
 
+def _start_peak(device: torch.device) -> float:
+    """Forget the peak so far and return the memory in use now, in MB. On the CPU the kernel's peak resident
+    set (VmHWM) is reset (Linux clear_refs), so what loading touched does not hide the measured step."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    if Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status_mb("VmRSS")
+    return _peak(device)  # not Linux: the lifetime peak, so the figure is a lower bound
+
+
 def _peak(device: torch.device) -> float:
-    """CUDA: the allocator's peak. CPU: the kernel's peak resident set (VmHWM), which the first call resets
-    (Linux clear_refs), so what the process touched while loading does not hide the measured step."""
+    """The peak memory since _start_peak, in MB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if not status.exists():  # not Linux: the lifetime peak, an upper bound
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-    if not getattr(_peak, "reset", False):
-        Path("/proc/self/clear_refs").write_text("5")
-        _peak.reset = True
-        return float(fields["VmRSS"].split()[0]) / 1024.0
-    return float(fields["VmHWM"].split()[0]) / 1024.0
+    if Path("/proc/self/status").exists():
+        return _proc_status_mb("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _proc_status_mb(field: str) -> float:
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return float(next(line.split()[1] for line in lines if line.startswith(field + ":"))) / 1024.0
 
 
 EXPERIMENTS = {"baseline-k": baseline_k, "memory": memory}
