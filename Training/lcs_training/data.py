@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.geometry import model_grid, normalize_intensity, register, to_model_grid
-from LabelConditionedSegLib.labels import LabelTable
+from LabelConditionedSegLib.labels import Label, LabelTable
 from LabelConditionedSegLib.volume import read_volume
 
 MRICRON = Path("/usr/share/mricron/templates")
@@ -73,10 +73,11 @@ def load_atlas(folder: Path, name: str, spacing: float, factor: int) -> Case:
     mask = sitk.ReadImage(str(mask_path)) if mask_path else mask_from_labels(labels)
     grid = model_grid(image, spacing, factor)
     identity = sitk.Transform()
-    return Case(name, to_model_grid(image, grid, identity),
-                sitk.Resample(labels, grid, identity, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32),
+    on_grid = sitk.Resample(labels, grid, identity, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+    # labels too small to keep a voxel on the model grid cannot be conditioned on, so they are not the atlas's
+    return Case(name, to_model_grid(image, grid, identity), on_grid,
                 sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), grid, identity, sitk.sitkNearestNeighbor, 0),
-                sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v))
+                sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(on_grid)) if v))
 
 
 def load_cases(folder: Path, atlas: Case, registration: str = "affine") -> list[Case]:
@@ -101,17 +102,56 @@ def normalized(image: sitk.Image, atlas_mask: sitk.Image) -> np.ndarray:
     return normalize_intensity(image, sitk.GetArrayViewFromImage(atlas_mask))
 
 
-def write_colin27_aal(folder: Path) -> Path:
-    """The demo data set: Colin27 head with the 116-label AAL atlas and its brain mask (Debian's mricron-data)."""
-    needed = [MRICRON / f for f in ("ch2.nii.gz", "ch2bet.nii.gz", "aal.nii.gz", "aal.nii.txt", "aal.nii.lut")]
-    missing = [str(p) for p in needed if not p.exists()]
+def _require_mricron(files: list[str]) -> list[Path]:
+    paths = [MRICRON / f for f in files]
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise LCSError(f"missing {missing[0]}; install Debian's mricron-data (apt-get install mricron-data)")
-    for sub in ("images", "labels", "masks"):
+    return paths
+
+
+def _write_case(folder: Path, name: str, image: sitk.Image, labels: sitk.Image, mask: sitk.Image) -> None:
+    for sub, volume in (("images", image), ("labels", labels), ("masks", mask)):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(sitk.ReadImage(str(MRICRON / "ch2.nii.gz")), str(folder / "images/colin27.nii.gz"))
-    sitk.WriteImage(sitk.ReadImage(str(MRICRON / "aal.nii.gz")), str(folder / "labels/colin27.nii.gz"))
-    brain = sitk.Cast(sitk.ReadImage(str(MRICRON / "ch2bet.nii.gz")) > 0, sitk.sitkUInt8)
-    sitk.WriteImage(brain, str(folder / "masks/colin27.nii.gz"))
-    LabelTable.from_mricron(MRICRON / "aal.nii.txt", MRICRON / "aal.nii.lut").write_csv(folder / "labels.csv")
+        sitk.WriteImage(volume, str(folder / sub / f"{name}.nii.gz"))
+
+
+def write_colin27_aal(folder: Path) -> Path:
+    """The demo data set: Colin27 head with the 116-label AAL atlas and its brain mask (Debian's mricron-data)."""
+    ch2, ch2bet, aal, names, lut = _require_mricron(["ch2.nii.gz", "ch2bet.nii.gz", "aal.nii.gz", "aal.nii.txt", "aal.nii.lut"])
+    _write_case(folder, "colin27", sitk.ReadImage(str(ch2)), sitk.ReadImage(str(aal)),
+                sitk.Cast(sitk.ReadImage(str(ch2bet)) > 0, sitk.sitkUInt8))
+    LabelTable.from_mricron(names, lut).write_csv(folder / "labels.csv")
+    return folder
+
+
+def write_inia19_neuromaps(folder: Path) -> Path:
+    """The second atlas family: the INIA19 macaque brain (0.5 mm) with its ~700 NeuroMaps labels (mricron-data).
+    mricron-data ships no names for them, so each label is named by its value."""
+    t1, neuromaps = _require_mricron(["inia19-t1-brain.nii.gz", "inia19-NeuroMaps.nii.gz"])
+    image, labels = sitk.ReadImage(str(t1)), sitk.ReadImage(str(neuromaps))
+    _write_case(folder, "inia19", image, labels, sitk.Cast(image > 0, sitk.sitkUInt8))
+    values = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0)
+    colors = np.random.default_rng(19).integers(40, 256, (len(values), 3))
+    LabelTable(Label(v, f"NeuroMaps_{v}", tuple(int(c) for c in rgb)) for v, rgb in zip(values, colors)).write_csv(folder / "labels.csv")
+    return folder
+
+
+def write_merged(source: Path, folder: Path, groups: dict[str, list[str]]) -> Path:
+    """A copy of a training folder whose label maps merge each group of labels into one coarse label, named by the
+    group and keeping its first member's value and color (the coarse training set of the novel-label experiment)."""
+    table = LabelTable.read_csv(source / "labels.csv")
+    merged = {table.resolve(member).value: table.resolve(members[0]) for members in groups.values() for member in members}
+    coarse = {table.resolve(members[0]).value: name for name, members in groups.items()}
+    for name, (image_path, label_path, mask_path) in case_files(source).items():
+        labels = sitk.ReadImage(str(label_path))
+        array = sitk.GetArrayFromImage(labels)
+        for fine, first in merged.items():
+            array[array == fine] = first.value
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(labels)
+        mask = sitk.ReadImage(str(mask_path)) if mask_path else mask_from_labels(labels)
+        _write_case(folder, name, read_volume(image_path), out, mask)
+    kept = [Label(l.value, coarse.get(l.value, l.name), l.color) for l in table if l.value not in merged or l.value in coarse]
+    LabelTable(kept).write_csv(folder / "labels.csv")
     return folder

@@ -32,14 +32,14 @@ FIELDS = ["subject", "method", "value", "name", "dice", "hd95_mm", "volume_diff_
 
 
 def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: int):
-    """(image, truth) pairs at full resolution on random grids, from the data folder's atlas case."""
+    """(image, truth) pairs on random grids (0.9-1.6x the source spacing), from the data folder's atlas case."""
     image_path, label_path, mask_path = case_files(data)[atlas]
     image, labels = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
     mask = sitk.ReadImage(str(mask_path)) if mask_path else sitk.Cast(labels > 0, sitk.sitkUInt8)
     generator = SubjectGenerator(image, labels, mask)
     for i in range(count):
         rng = np.random.default_rng([seed, 20_000 + i])
-        grid = random_grid(image, rng)
+        grid = random_grid(image, rng, spacing_range=(0.9 * min(image.GetSpacing()), 1.6 * min(image.GetSpacing())))
         yield generator.sample(rng, Strength().times(strength), grid=grid)
 
 

@@ -1,13 +1,19 @@
 """`lcs experiment NAME`: the paper's experiments, each one command writing a table (CSV, Markdown) and a plot.
 
-    baseline-k  LCS against the multi-channel baseline for K AAL labels (paper Figure 2: K = 2 ... 10):
-                both trained with the same budget (lr 3e-3, 0.6x deformations: what learns in a few hundred CPU
-                steps), paired per-case Dice on held-out subjects (1.5x deformations), Wilcoxon and paired t-tests.
-    memory      peak memory of one training step and of one inference, LCS and baseline, K = 1 ... 116
-                (the paper's claim: LCS memory does not grow with K). Each figure from a fresh process.
+    baseline-k    LCS against the multi-channel baseline for K AAL labels (paper Figure 2: K = 2 ... 10): paired
+                  per-case Dice on held-out subjects, Wilcoxon and paired t-tests.
+    memory        peak memory of one training step and of one inference, LCS and baseline, K = 1 ... 116 (the paper's
+                  claim: LCS memory does not grow with K). Each figure from a fresh process.
+    many          one LCS model on all 116 AAL labels against baselines of at most 10 labels each with the same total
+                  steps (paper Figure 3: per-label Dice, sorted), by label size.
+    novel         LCS trained on coarse labels (AAL gyri merged), conditioned on their unseen fine parts (paper Table 1):
+                  coarse, naive and fine-grained Dice per fine label.
+    second-atlas  the INIA19 macaque template with its ~700 NeuroMaps labels: one LCS model against affine propagation.
 
-`--scale tiny` runs in a few minutes (the test suite uses it); `--scale small` (4 mm grid, 240 steps per model, K = 2, 6, 10)
-is what docs/results.md reports from a 2-core CPU; both are far below the paper's scale (1 mm, long training).
+All train with what learns in a few hundred CPU steps (lr 3e-3, 0.6x deformations) and test on held-out subjects
+(1.5x deformations, other grids). `--scale tiny` runs in about a minute each (the test suite uses it); `--scale small`
+(4 mm grid, 240 steps per model) is what docs/results.md reports from a 2-core CPU; both are far below the paper's
+scale (1 mm, long training).
 """
 from __future__ import annotations
 
@@ -26,13 +32,16 @@ import SimpleITK as sitk
 import torch
 from monai.losses import DiceLoss
 
+from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.engine import Condition, Engine, resolve_device
+from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
 
 from .baseline import segment_multichannel
-from .data import load_atlas, write_colin27_aal
+from .data import load_atlas, write_colin27_aal, write_inia19_neuromaps, write_merged
 from .evaluate import evaluate
-from .plots import plot_memory, plot_paired_dice
+from .novel import AAL_GROUPS, score_fine_labels
+from .plots import plot_fine_labels, plot_memory, plot_method_dice, plot_paired_dice
 from .train import TrainSettings, train
 
 # AAL labels for the K sweep: large to small, both hemispheres, cortex, deep and cerebellar structures.
@@ -44,16 +53,22 @@ SWEEP_LABELS = ["Frontal_Sup_L", "Temporal_Mid_R", "Precuneus_L", "Cerebelum_6_R
 class Scale:
     spacing: float
     depth: int
-    steps: int
+    steps: int  # per model in baseline-k and many (each baseline); many gives LCS the baselines' total
     subjects: int
     ks: tuple[int, ...]
     memory_ks: tuple[int, ...]
+    labels: int | None  # many and novel: the first this many labels of the table (None: all)
+    long_steps: int  # one LCS model on a whole atlas (novel, second-atlas)
+    macaque_spacing: float
 
 
 SCALES = {
-    "tiny": Scale(spacing=4.0, depth=3, steps=20, subjects=1, ks=(2, 4), memory_ks=(1, 4)),
-    "small": Scale(spacing=4.0, depth=3, steps=240, subjects=4, ks=(2, 6, 10), memory_ks=(1, 2, 4, 8, 16, 32, 64, 116)),
+    "tiny": Scale(spacing=4.0, depth=3, steps=20, subjects=1, ks=(2, 4), memory_ks=(1, 4), labels=12, long_steps=20,
+                  macaque_spacing=3.0),
+    "small": Scale(spacing=4.0, depth=3, steps=240, subjects=4, ks=(2, 6, 10), memory_ks=(1, 2, 4, 8, 16, 32, 64, 116),
+                   labels=None, long_steps=2880, macaque_spacing=1.5),
 }
+BASELINE_MAX_LABELS = 10  # the paper's many-class baseline: several models of at most 10 labels each
 
 
 def model_config(scale: Scale) -> ModelConfig:
@@ -71,11 +86,8 @@ def baseline_k(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
         labels = SWEEP_LABELS[:k]
         models = {}
         for method in ("lcs", "baseline"):
-            settings = TrainSettings(data, folder / method, "colin27", spacing=scale.spacing,
-                                     model=model_config(scale), labels=labels, steps=scale.steps, lr=3e-3,
-                                     strength=0.6, validate_every=scale.steps, validation_subjects=1, device=device,
-                                     name=f"{method} K={k}", baseline=method == "baseline")
-            models[method] = train(settings)
+            models[method] = train(_settings(data, folder / method, scale, device, f"{method} K={k}", labels, scale.steps,
+                                             baseline=method == "baseline"))
         evaluate(models["lcs"], data, "colin27", scale.subjects, 1.5, 7, folder, device, [models["baseline"]])
         per_case = _per_case_dice(folder / "heldout_metrics.csv")
         lcs, base = np.array(per_case["lcs"]), np.array(per_case["baseline"])
@@ -97,6 +109,104 @@ def _per_case_dice(metrics_csv: Path) -> dict[str, list[float]]:
         for r in csv.DictReader(f):
             scores.setdefault(r["method"], {}).setdefault(int(r["subject"]), []).append(float(r["dice"]))
     return {m: [float(np.mean(v)) for _, v in sorted(cases.items())] for m, cases in scores.items()}
+
+
+def _settings(data: Path, out: Path, scale: Scale, device: str, name: str, labels: list[str] | None, steps: int,
+              baseline: bool = False, **overrides) -> TrainSettings:
+    """The experiments' training recipe: what learns in a few hundred CPU steps (lr 3e-3, 0.6x deformations)."""
+    options = dict(atlas="colin27", spacing=scale.spacing, model=model_config(scale), labels=labels, steps=steps, lr=3e-3, strength=0.6,
+                   validate_every=steps, validation_subjects=1, device=device, name=name, baseline=baseline)
+    return TrainSettings(data, out, **{**options, **overrides})
+
+
+# ---- 3. Many classes ------------------------------------------------------------------------------------
+def many_classes(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
+    """One LCS model on every label against baselines of at most 10 labels each, given the same total steps;
+    per-label Dice sorted by the baseline's (paper Figure 3)."""
+    labels = [l.name for l in load_atlas_table(data, scale)][: scale.labels]
+    groups = np.array_split(labels, -(-len(labels) // BASELINE_MAX_LABELS))
+    baselines = [train(_settings(data, out / f"baseline{i + 1}", scale, device, f"baseline {i + 1} of {len(groups)}",
+                                 list(group), scale.steps, baseline=True)) for i, group in enumerate(groups)]
+    lcs = train(_settings(data, out / "lcs", scale, device, f"LCS, {len(labels)} labels", labels, scale.steps * len(groups)))
+    evaluate(lcs, data, "colin27", scale.subjects, 1.5, 7, out, device, baselines)
+    rows = _metric_rows(out / "heldout_metrics.csv")
+    sizes = _atlas_sizes(lcs)
+    plot_method_dice(rows, ["baseline", "lcs"], _means(rows), out / "many_classes.png")
+    table = _method_table(rows, sizes)
+    trained = {"lcs": 1, "baseline": len(groups)}
+    for r in table:
+        r.update(models=trained.get(r["method"], "-"), steps=scale.steps * len(groups) if r["method"] in trained else "-")
+    return table
+
+
+def load_atlas_table(data: Path, scale: Scale) -> LabelTable:
+    """The label table restricted to the labels the atlas keeps on the experiment's model grid."""
+    atlas = load_atlas(data, "colin27", scale.spacing, 2**scale.depth)
+    return LabelTable(l for l in LabelTable.read_csv(data / "labels.csv") if l.value in set(atlas.present))
+
+
+def _metric_rows(metrics_csv: Path) -> list[dict]:
+    with open(metrics_csv) as f:
+        return [{**r, "value": int(r["value"]), "dice": float(r["dice"]), "hd95_mm": float(r["hd95_mm"])}
+                for r in csv.DictReader(f)]
+
+
+def _means(rows: list[dict]) -> dict[str, float]:
+    return {m: float(np.mean([r["dice"] for r in rows if r["method"] == m])) for m in {r["method"] for r in rows}}
+
+
+def _atlas_sizes(checkpoint_path: Path) -> dict[int, int]:
+    """Voxels of each label on the checkpoint's atlas grid."""
+    values, counts = np.unique(sitk.GetArrayViewFromImage(Checkpoint.load(checkpoint_path).atlas_labels), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts) if v}
+
+
+def _method_table(rows: list[dict], sizes: dict[int, int]) -> list[dict]:
+    """Per method: mean and median Dice, mean HD95, and mean Dice over the smallest, middle and largest third of
+    the labels (by atlas volume), where the paper saw LCS gain most on small structures."""
+    order = sorted(sizes, key=sizes.get)
+    thirds = [set(t) for t in np.array_split(order, 3)]
+    table = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        per_label = {}
+        for r in mine:
+            per_label.setdefault(r["value"], []).append(r["dice"])
+        label_dice = {v: float(np.mean(d)) for v, d in per_label.items()}
+        row = {"method": method, "labels": len(label_dice), "mean_dice": round(float(np.mean([r["dice"] for r in mine])), 4),
+               "median_dice": round(float(np.median(list(label_dice.values()))), 4),
+               "mean_hd95_mm": round(float(np.nanmean([r["hd95_mm"] for r in mine])), 2)}
+        for name, third in zip(("small", "medium", "large"), thirds):
+            row[f"{name}_third_dice"] = round(float(np.mean([d for v, d in label_dice.items() if v in third] or [np.nan])), 4)
+        table.append(row)
+    return table
+
+
+# ---- 4. Novel fine-grained labels ------------------------------------------------------------------------
+def novel_labels(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
+    """Train on coarse labels (AAL gyri merged), segment their unseen fine parts from atlas masks (paper Table 1)."""
+    coarse = write_merged(data, out / "coarse-data", AAL_GROUPS)
+    labels = list(AAL_GROUPS) if scale.labels else None  # tiny: only the coarse labels
+    lcs = train(_settings(coarse, out / "lcs", scale, device, "LCS on coarse AAL labels", labels, scale.long_steps))
+    table = score_fine_labels(lcs, data, "colin27", AAL_GROUPS, scale.subjects, 1.5, 7, device)
+    plot_fine_labels(table, out / "novel_labels.png")
+    return table
+
+
+# ---- Second atlas family: the macaque brain with ~700 NeuroMaps labels ------------------------------------
+MACAQUE_SIZE = 0.5  # a macaque brain is about half a human's: deformations and held-out grids scale with it
+
+
+def second_atlas(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
+    """LCS on every NeuroMaps label of the INIA19 macaque template, against affine propagation on held-out subjects."""
+    macaque = write_inia19_neuromaps(out / "inia19-data")
+    lcs = train(_settings(macaque, out / "lcs", scale, device, "LCS INIA19 NeuroMaps", None, scale.long_steps,
+                          atlas="inia19", spacing=scale.macaque_spacing, strength=0.6 * MACAQUE_SIZE))
+    summary = evaluate(lcs, macaque, "inia19", scale.subjects, 1.5 * MACAQUE_SIZE, 7, out, device)
+    table = _method_table(_metric_rows(out / "heldout_metrics.csv"), _atlas_sizes(lcs))
+    for r in table:
+        r["seconds_per_case"] = round(summary[f"{r['method']} seconds"], 1)
+    return table
 
 
 # ---- 2. Memory against the number of classes ----------------------------------------------------------
@@ -174,7 +284,8 @@ def _proc_status_mb(field: str) -> float:
     return float(next(line.split()[1] for line in lines if line.startswith(field + ":"))) / 1024.0
 
 
-EXPERIMENTS = {"baseline-k": baseline_k, "memory": memory}
+EXPERIMENTS = {"baseline-k": baseline_k, "memory": memory, "many": many_classes, "novel": novel_labels,
+               "second-atlas": second_atlas}
 
 
 def write_table(rows: list[dict], out: Path, name: str) -> None:

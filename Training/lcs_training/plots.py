@@ -86,3 +86,19 @@ def plot_memory(table: list[dict], device: str, png: Path) -> None:
     ax.set_ylabel(f"peak memory, MB ({device})")
     ax.legend()
     _save(fig, png)
+
+
+def plot_fine_labels(table: list[dict], png: Path) -> None:
+    """Per fine label: the naive Dice (coarse prediction), LCS conditioned on the unseen fine label, and affine
+    propagation of the fine atlas label (the paper's Table 1 as bars)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(12, 4))
+    x = np.arange(len(table))
+    for i, (key, label) in enumerate([("naive_dice", "naive (coarse prediction)"), ("fine_dice", "LCS, unseen fine label"),
+                                      ("propagation_dice", "affine propagation")]):
+        ax.bar(x + (i - 1) * 0.27, [r[key] for r in table], 0.27, label=label)
+    ax.set_xticks(x, [r["fine_label"] for r in table], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("Dice (mean over held-out cases)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    _save(fig, png)
