@@ -28,7 +28,8 @@ def colin27(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(colin27, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_model")
-    settings = TrainSettings(colin27, out, "colin27", spacing=4.0, model=ModelConfig(base_channels=8, depth=3, condition_levels="all"),
+    settings = TrainSettings(colin27, out, "colin27", spacing=4.0,
+                             model=ModelConfig(base_channels=8, depth=3, condition_levels="all", dropout=0.1),
                              labels=TINY_LABELS, steps=240, lr=3e-3, strength=0.6, validate_every=120,
                              validation_subjects=2, seed=0, device="cpu", workers=1, name="tiny test model")
     return train(settings)

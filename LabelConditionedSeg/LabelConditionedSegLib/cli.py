@@ -122,15 +122,21 @@ def _training(module: str):
 TRAINING_COMMANDS = {
     "train": ("train a checkpoint on a folder of labelled scans",
               "Train an LCS model. DATA holds labels.csv (value,name,r,g,b), images/CASE.nii.gz and labels/CASE.nii.gz "
-              "(any SimpleITK format, same file names) and optionally masks/CASE.nii.gz; --atlas names the atlas case. "
-              "Several processes: torchrun --nproc_per_node N -m LabelConditionedSegLib.cli train ..."),
+              "(any SimpleITK format, same file names), optionally masks/CASE.nii.gz and annotated/CASE.txt (the labels "
+              "a partly annotated case annotates; others are ignored there, not taught as background); --atlas names the "
+              "atlas case. Several processes: torchrun --nproc_per_node N -m LabelConditionedSegLib.cli train ..."),
     "evaluate": ("Dice of a checkpoint against atlas registration on held-out subjects",
                  "Generate held-out subjects (other seeds, stronger warps, other grids), segment them with the checkpoint "
                  "and with affine atlas-label propagation, and write per-label Dice (CSV) and a plot."),
     "experiment": ("run one of the paper's experiments (table + plot)",
                    "Reproduce an experiment of the LCS paper on Colin27 + AAL: baseline-k (LCS against the multi-channel "
-                   "baseline for K labels, paired Dice) or memory (peak memory against K). --scale tiny runs in a minute; "
-                   "--scale small is what docs/results.md reports."),
+                   "baseline for K labels, paired Dice), memory (peak memory against K), many (116 labels against "
+                   "baselines of <= 10), novel (unseen fine labels), second-atlas (macaque NeuroMaps) or incomplete "
+                   "(missing annotations: naive, SMILE, LCS). --scale tiny runs in a minute; --scale small is what "
+                   "docs/results.md reports."),
+    "relabel": ("add the labels partly annotated cases miss (SMILEr rounds)",
+                "Propose each label a case does not annotate, keep the least uncertain voxels (a fraction growing over "
+                "the rounds), fine-tune on the augmented data, repeat; writes new folders, never the input."),
     "benchmark": ("speed and memory of segmenting all labels of a 1 mm head",
                   "Time and peak memory for all labels, one more label, and the paper's one-network-per-label scheme."),
 }

@@ -7,6 +7,8 @@ the number of labels.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -111,6 +113,23 @@ class Engine:
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
         features = self._run(lambda dev: self.model.encode(x.to(dev)))
         return Encoded(features, tuple(image.shape))
+
+    @property
+    def dropout_layers(self) -> list[torch.nn.Module]:
+        return [m for m in self.model.modules() if isinstance(m, torch.nn.Dropout3d)]
+
+    @contextmanager
+    def sampling(self):
+        """Dropout on during inference (Monte Carlo dropout), everything else in evaluation mode: repeated decodes
+        then differ, and their spread measures the model's doubt."""
+        layers = self.dropout_layers
+        for layer in layers:
+            layer.train()
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.eval()
 
     # ---- decoding -------------------------------------------------------------------------
     @torch.no_grad()

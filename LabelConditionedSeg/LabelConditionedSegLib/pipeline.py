@@ -28,6 +28,15 @@ class Prepared:
     encoded: Encoded
 
 
+@dataclass
+class Proposal:
+    """A label proposed by Monte Carlo dropout: mean probability and its standard deviation, on the input grid."""
+
+    condition: Condition
+    probability: sitk.Image
+    uncertainty: sitk.Image
+
+
 def model_input(checkpoint: Checkpoint, image: sitk.Image, transform: sitk.Transform) -> np.ndarray:
     """A registered scan as the network sees it: on the checkpoint's model grid, intensity-normalized."""
     moved = to_model_grid(image, checkpoint.atlas_image, transform)
@@ -102,6 +111,33 @@ class Segmenter:
         image = sitk.GetImageFromArray(labels)
         image.CopyInformation(self.checkpoint.atlas_image)
         return labels_to_input(image, prepared.reference, prepared.transform)
+
+    def propose(self, prepared: Prepared, conditions: Sequence[Condition], passes: int = 8,
+                progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> list[Proposal]:
+        """Labels proposed with a measure of doubt, on the input grid: for proposing what a scan lacks.
+
+        A model with dropout decodes each condition `passes` times with dropout on (Monte Carlo dropout): the mean
+        probability, and its standard deviation as the uncertainty (0 to 0.5). A model without dropout decodes once,
+        and the uncertainty is 1 - |2p - 1| (0 where the model is sure either way, 1 at p = 0.5)."""
+        passes = passes if self.engine.dropout_layers else 1
+        total = {id(c): np.zeros(prepared.encoded.shape, np.float64) for c in conditions}
+        squares = {id(c): np.zeros(prepared.encoded.shape, np.float64) for c in conditions}
+
+        def add(condition: Condition, probability: np.ndarray) -> None:
+            total[id(condition)] += probability
+            squares[id(condition)] += probability.astype(np.float64) ** 2
+
+        with self.engine.sampling():
+            for i in range(passes):
+                step = (lambda f, m, i=i: progress((i + f) / passes, f"pass {i + 1} of {passes}: {m}")) if progress else None
+                self.engine.segment(prepared.encoded, conditions, on_probability=add, progress=step, cancel=cancel)
+        out = []
+        for c in conditions:
+            mean = total[id(c)] / passes
+            spread = np.sqrt(np.maximum(squares[id(c)] / passes - mean**2, 0)) if passes > 1 else 1 - np.abs(2 * mean - 1)
+            out.append(Proposal(c, self.to_input(prepared, mean.astype(np.float32)),
+                                self.to_input(prepared, spread.astype(np.float32))))
+        return out
 
     def to_input(self, prepared: Prepared, probability: np.ndarray) -> sitk.Image:
         """A model-grid probability map mapped onto the input's grid (linear interpolation)."""

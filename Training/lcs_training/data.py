@@ -1,9 +1,5 @@
-"""Training data: a folder of image / label-map pairs and a label table, brought onto the atlas grid.
-
-    DATA/labels.csv            value,name,r,g,b[,code]
-    DATA/images/CASE.nii.gz    any format SimpleITK reads
-    DATA/labels/CASE.nii.gz    same file name as the image
-    DATA/masks/CASE.nii.gz     optional brain (foreground) mask; else derived from the labels
+"""Training data: a folder of image / label-map pairs and a label table (layout in
+LabelConditionedSegLib.training_folder), brought onto the atlas grid.
 
 One case is the atlas: it fixes the model grid and conditions the network.
 """
@@ -18,6 +14,7 @@ import SimpleITK as sitk
 from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.geometry import model_grid, normalize_intensity, register, to_model_grid
 from LabelConditionedSegLib.labels import Label, LabelTable
+from LabelConditionedSegLib.training_folder import read_annotated, write_case
 from LabelConditionedSegLib.volume import read_volume
 
 MRICRON = Path("/usr/share/mricron/templates")
@@ -25,13 +22,15 @@ MRICRON = Path("/usr/share/mricron/templates")
 
 @dataclass
 class Case:
-    """One labelled scan on the model grid (raw intensities) and the labels it annotates."""
+    """One labelled scan on the model grid (raw intensities): the labels its map holds (`present`) and the labels it
+    annotates completely (`annotated`; a label present but not annotated is partial, e.g. added by relabeling)."""
 
     name: str
     image: sitk.Image
     labels: sitk.Image
     mask: sitk.Image
     present: list[int]
+    annotated: list[int]
 
 
 def case_files(folder: Path) -> dict[str, tuple[Path, Path, Path | None]]:
@@ -75,9 +74,15 @@ def load_atlas(folder: Path, name: str, spacing: float, factor: int) -> Case:
     identity = sitk.Transform()
     on_grid = sitk.Resample(labels, grid, identity, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
     # labels too small to keep a voxel on the model grid cannot be conditioned on, so they are not the atlas's
+    present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(on_grid)) if v)
     return Case(name, to_model_grid(image, grid, identity), on_grid,
                 sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), grid, identity, sitk.sitkNearestNeighbor, 0),
-                sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(on_grid)) if v))
+                present, _annotated(folder, name, present))
+
+
+def _annotated(folder: Path, name: str, present: list[int]) -> list[int]:
+    declared = read_annotated(folder, name, LabelTable.read_csv(folder / "labels.csv"))
+    return present if declared is None else declared
 
 
 def load_cases(folder: Path, atlas: Case, registration: str = "affine") -> list[Case]:
@@ -90,10 +95,11 @@ def load_cases(folder: Path, atlas: Case, registration: str = "affine") -> list[
         image, labels = read_volume(image_path), sitk.ReadImage(str(label_path))
         mask = sitk.ReadImage(str(mask_path)) if mask_path else mask_from_labels(labels)
         transform = register(image, atlas.image, registration, fixed_mask=atlas.mask)
+        present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v)
         cases.append(Case(name, to_model_grid(image, atlas.image, transform),
                           sitk.Resample(labels, atlas.image, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32),
                           sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), atlas.image, transform, sitk.sitkNearestNeighbor, 0),
-                          sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v)))
+                          present, _annotated(folder, name, present)))
     return cases
 
 
@@ -110,16 +116,10 @@ def _require_mricron(files: list[str]) -> list[Path]:
     return paths
 
 
-def _write_case(folder: Path, name: str, image: sitk.Image, labels: sitk.Image, mask: sitk.Image) -> None:
-    for sub, volume in (("images", image), ("labels", labels), ("masks", mask)):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(volume, str(folder / sub / f"{name}.nii.gz"))
-
-
 def write_colin27_aal(folder: Path) -> Path:
     """The demo data set: Colin27 head with the 116-label AAL atlas and its brain mask (Debian's mricron-data)."""
     ch2, ch2bet, aal, names, lut = _require_mricron(["ch2.nii.gz", "ch2bet.nii.gz", "aal.nii.gz", "aal.nii.txt", "aal.nii.lut"])
-    _write_case(folder, "colin27", sitk.ReadImage(str(ch2)), sitk.ReadImage(str(aal)),
+    write_case(folder, "colin27", sitk.ReadImage(str(ch2)), sitk.ReadImage(str(aal)),
                 sitk.Cast(sitk.ReadImage(str(ch2bet)) > 0, sitk.sitkUInt8))
     LabelTable.from_mricron(names, lut).write_csv(folder / "labels.csv")
     return folder
@@ -130,7 +130,7 @@ def write_inia19_neuromaps(folder: Path) -> Path:
     mricron-data ships no names for them, so each label is named by its value."""
     t1, neuromaps = _require_mricron(["inia19-t1-brain.nii.gz", "inia19-NeuroMaps.nii.gz"])
     image, labels = sitk.ReadImage(str(t1)), sitk.ReadImage(str(neuromaps))
-    _write_case(folder, "inia19", image, labels, sitk.Cast(image > 0, sitk.sitkUInt8))
+    write_case(folder, "inia19", image, labels, sitk.Cast(image > 0, sitk.sitkUInt8))
     values = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0)
     colors = np.random.default_rng(19).integers(40, 256, (len(values), 3))
     LabelTable(Label(v, f"NeuroMaps_{v}", tuple(int(c) for c in rgb)) for v, rgb in zip(values, colors)).write_csv(folder / "labels.csv")
@@ -151,7 +151,7 @@ def write_merged(source: Path, folder: Path, groups: dict[str, list[str]]) -> Pa
         out = sitk.GetImageFromArray(array)
         out.CopyInformation(labels)
         mask = sitk.ReadImage(str(mask_path)) if mask_path else mask_from_labels(labels)
-        _write_case(folder, name, read_volume(image_path), out, mask)
+        write_case(folder, name, read_volume(image_path), out, mask)
     kept = [Label(l.value, coarse.get(l.value, l.name), l.color) for l in table if l.value not in merged or l.value in coarse]
     LabelTable(kept).write_csv(folder / "labels.csv")
     return folder

@@ -9,6 +9,8 @@
     novel         LCS trained on coarse labels (AAL gyri merged), conditioned on their unseen fine parts (paper Table 1):
                   coarse, naive and fine-grained Dice per fine label.
     second-atlas  the INIA19 macaque template with its ~700 NeuroMaps labels: one LCS model against affine propagation.
+    incomplete    each label removed from alpha = 50% / 70% of the training subjects: the baseline trained naively and
+                  with SMILE's weights, and LCS (which samples only annotated labels), on complete held-out subjects.
 
 All train with what learns in a few hundred CPU steps (lr 3e-3, 0.6x deformations) and test on held-out subjects
 (1.5x deformations, other grids). `--scale tiny` runs in about a minute each (the test suite uses it); `--scale small`
@@ -38,10 +40,14 @@ from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
 
 from .baseline import segment_multichannel
-from .data import load_atlas, write_colin27_aal, write_inia19_neuromaps, write_merged
+from LabelConditionedSegLib.geometry import model_grid
+from LabelConditionedSegLib.training_folder import write_case
+
+from .data import case_files, load_atlas, mask_from_labels, write_colin27_aal, write_inia19_neuromaps, write_merged
 from .evaluate import evaluate
 from .novel import AAL_GROUPS, score_fine_labels
-from .plots import plot_fine_labels, plot_memory, plot_method_dice, plot_paired_dice
+from .plots import plot_fine_labels, plot_incomplete, plot_memory, plot_method_dice, plot_paired_dice
+from .synth import Strength, SubjectGenerator
 from .train import TrainSettings, train
 
 # AAL labels for the K sweep: large to small, both hemispheres, cortex, deep and cerebellar structures.
@@ -60,13 +66,14 @@ class Scale:
     labels: int | None  # many and novel: the first this many labels of the table (None: all)
     long_steps: int  # one LCS model on a whole atlas (novel, second-atlas)
     macaque_spacing: float
+    cohort: int  # incomplete: training subjects besides the atlas
 
 
 SCALES = {
     "tiny": Scale(spacing=4.0, depth=3, steps=20, subjects=1, ks=(2, 4), memory_ks=(1, 4), labels=12, long_steps=20,
-                  macaque_spacing=3.0),
+                  macaque_spacing=3.0, cohort=2),
     "small": Scale(spacing=4.0, depth=3, steps=240, subjects=4, ks=(2, 6, 10), memory_ks=(1, 2, 4, 8, 16, 32, 64, 116),
-                   labels=None, long_steps=2880, macaque_spacing=1.5),
+                   labels=None, long_steps=1920, macaque_spacing=2.0, cohort=8),
 }
 BASELINE_MAX_LABELS = 10  # the paper's many-class baseline: several models of at most 10 labels each
 
@@ -209,6 +216,67 @@ def second_atlas(data: Path, out: Path, scale: Scale, device: str) -> list[dict]
     return table
 
 
+# ---- Incomplete annotations: naive baseline, SMILE baseline, LCS -------------------------------------------
+INCOMPLETE_LABELS = SWEEP_LABELS[:4]
+ALPHAS = (0.5, 0.7)
+
+
+def incomplete(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
+    """Each label removed from a random alpha of the training subjects; the baseline trained naively (missing labels
+    taught as background) and with SMILE's weights, and LCS, scored on complete held-out subjects."""
+    table = []
+    for alpha in ALPHAS:
+        folder = out / f"alpha{int(alpha * 100)}"
+        views = {view: write_partial_cohort(data, folder / f"{view}-data", INCOMPLETE_LABELS, scale.cohort, alpha,
+                                            seed=1, claim_complete=view == "naive")
+                 for view in ("naive", "smile")}
+        models = {name: train(_settings(views[view], folder / name, scale, device, f"{name}, alpha {alpha}",
+                                        INCOMPLETE_LABELS, scale.steps, baseline=name.startswith("baseline")))
+                  for name, view in (("baseline-naive", "naive"), ("baseline-smile", "smile"), ("lcs", "smile"))}
+        row = {"alpha": alpha}
+        for name in ("baseline-naive", "baseline-smile"):
+            evaluate(models["lcs"], data, "colin27", scale.subjects, 1.5, 7, folder / f"eval-{name}", device, [models[name]])
+            per_case = _per_case_dice(folder / f"eval-{name}/heldout_metrics.csv")
+            row.setdefault("lcs_case_dice", np.round(per_case["lcs"], 4).tolist())
+            row.setdefault("affine_case_dice", np.round(per_case["affine propagation"], 4).tolist())
+            row[f"{name.replace('-', '_')}_case_dice"] = np.round(per_case["baseline"], 4).tolist()
+        for key in ("baseline_naive", "baseline_smile", "lcs", "affine"):
+            row[f"{key}_dice"] = round(float(np.mean(row[f"{key}_case_dice"])), 4)
+        table.append(row)
+    plot_incomplete(table, out / "incomplete.png")
+    return [{k: v for k, v in r.items() if not k.endswith("case_dice")} | {k: v for k, v in r.items() if k.endswith("case_dice")}
+            for r in table]
+
+
+def write_partial_cohort(source: Path, folder: Path, labels: list[str], count: int, alpha: float, seed: int,
+                         claim_complete: bool) -> Path:
+    """The atlas case (complete) and `count` random subjects of it, keeping only `labels`, each label removed from
+    round(alpha * count) random subjects. Each case lists what it annotates (annotated/CASE.txt); the naive view
+    (claim_complete) says every case annotates every label, so a removed organ reads as background."""
+    table = LabelTable.read_csv(source / "labels.csv")
+    chosen = [table.resolve(name) for name in labels]
+    image_path, label_path, mask_path = case_files(source)["colin27"]
+    image, full, mask = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), sitk.ReadImage(str(mask_path))
+    rng, removal = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])  # same subjects for any alpha
+    removed = {l.value: set(removal.choice(count, int(round(alpha * count)), replace=False).tolist()) for l in chosen}
+
+    def keep(labelmap: sitk.Image, values: list[int]) -> sitk.Image:
+        array = sitk.GetArrayFromImage(labelmap)
+        out = sitk.GetImageFromArray(np.where(np.isin(array, values), array, 0).astype(np.int16))
+        out.CopyInformation(labelmap)
+        return out
+
+    write_case(folder, "colin27", image, keep(full, [l.value for l in chosen]), mask, annotated=labels)
+    generator, grid = SubjectGenerator(image, full, mask), model_grid(image, 2.0, 1)
+    for i in range(count):
+        subject, subject_labels = generator.sample(rng, Strength().times(0.6), grid=grid)
+        kept = [l for l in chosen if i not in removed[l.value]]
+        write_case(folder, f"subject{i}", subject, keep(subject_labels, [l.value for l in kept]),
+                   mask_from_labels(subject_labels), annotated=labels if claim_complete else [l.name for l in kept])
+    LabelTable(chosen).write_csv(folder / "labels.csv")
+    return folder
+
+
 # ---- 2. Memory against the number of classes ----------------------------------------------------------
 def memory(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
     """Peak memory (fresh process each) of a training step and an inference, LCS and baseline, per K."""
@@ -285,7 +353,7 @@ def _proc_status_mb(field: str) -> float:
 
 
 EXPERIMENTS = {"baseline-k": baseline_k, "memory": memory, "many": many_classes, "novel": novel_labels,
-               "second-atlas": second_atlas}
+               "second-atlas": second_atlas, "incomplete": incomplete}
 
 
 def write_table(rows: list[dict], out: Path, name: str) -> None:

@@ -102,3 +102,21 @@ def plot_fine_labels(table: list[dict], png: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend()
     _save(fig, png)
+
+
+def plot_incomplete(table: list[dict], png: Path) -> None:
+    """Per-case Dice of each method at each fraction alpha of missing annotations."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    methods = [("affine", "affine propagation"), ("baseline_naive", "baseline, naive"),
+               ("baseline_smile", "baseline, SMILE"), ("lcs", "LCS")]
+    for i, row in enumerate(table):
+        for j, (key, label) in enumerate(methods):
+            x = i + (j - 1.5) * 0.2
+            ax.bar(x, row[f"{key}_dice"], 0.18, color=f"C{j}", label=label if i == 0 else None)
+            ax.plot([x] * len(row[f"{key}_case_dice"]), row[f"{key}_case_dice"], "k.", ms=3)
+    ax.set_xticks(range(len(table)), [f"alpha = {r['alpha']:.0%} missing" for r in table])
+    ax.set_ylabel("Dice on complete held-out subjects")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    _save(fig, png)

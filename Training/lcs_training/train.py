@@ -1,8 +1,9 @@
 """`lcs train`: the paper's recipe on a folder of labelled scans.
 
 Every step each sample gets a random subject (a warped, re-imaged copy of a training case),
-a random target label present in that case, merged with a second label half the time; the
-soft-Dice loss sees only the conditioned label. Runs on CPU or CUDA (mixed precision), and
+a random target label that case holds, merged with a second label half the time; the
+soft-Dice loss sees only the conditioned label, and, where the case does not annotate it
+completely, only the voxels SMILE's weight map keeps (smile.py). Runs on CPU or CUDA (mixed precision), and
 on several processes under `torchrun` (DistributedDataParallel).
 """
 from __future__ import annotations
@@ -19,7 +20,6 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.distributed as dist
-from monai.losses import DiceLoss
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
@@ -32,6 +32,7 @@ from LabelConditionedSegLib.model import LCSNet, ModelConfig
 from .baseline import segment_multichannel
 from .data import Case, load_atlas, load_cases, normalized
 from .metrics import dice_per_label
+from .smile import masked_dice_loss, smile_weight
 from .synth import Strength, SubjectGenerator
 
 
@@ -61,9 +62,9 @@ class TrainSettings:
 
 
 class SubjectStream(IterableDataset):
-    """Endless (image, atlas mask, target) samples drawn from random subjects of the training cases.
+    """Endless (image, atlas mask, target, SMILE weight) samples drawn from random subjects of the training cases.
 
-    For the multi-channel baseline: (image, which labels the case annotates (K,), one target channel per label).
+    For the multi-channel baseline: (image, nothing, one target channel per label, one weight map per label).
     """
 
     def __init__(self, cases: list[Case], atlas: Case, labels: list[int], strength: Strength, merge_probability: float,
@@ -78,25 +79,27 @@ class SubjectStream(IterableDataset):
         generators = [SubjectGenerator(c.image, c.labels, c.mask) for c in self.cases]
         while True:
             k = int(rng.integers(len(self.cases)))
+            case = self.cases[k]
             if self.baseline:
                 image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image)
-                values = sitk.GetArrayViewFromImage(labels)
-                yield (normalized(image, self.atlas.mask)[None],
-                       np.isin(self.labels, self.cases[k].present).astype(np.float32),
-                       np.stack([values == v for v in self.labels]).astype(np.float32))
+                values = sitk.GetArrayFromImage(labels)
+                yield (normalized(image, self.atlas.mask)[None], np.zeros(0, np.float32),
+                       np.stack([values == v for v in self.labels]).astype(np.float32),
+                       np.stack([smile_weight(values, v in case.annotated) for v in self.labels]))
                 continue
-            chosen = pick_labels(rng, self.labels, self.cases[k].present, self.merge_probability)
+            chosen = pick_labels(rng, self.labels, sorted(set(case.present) | set(case.annotated)), self.merge_probability)
             if not chosen:
                 continue
             image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image)
-            target = np.isin(sitk.GetArrayViewFromImage(labels), chosen)
+            values = sitk.GetArrayFromImage(labels)
             yield (normalized(image, self.atlas.mask)[None], np.isin(self.atlas_labels, chosen)[None].astype(np.float32),
-                   target[None].astype(np.float32))
+                   np.isin(values, chosen)[None].astype(np.float32),
+                   smile_weight(values, set(chosen) <= set(case.annotated))[None])
 
 
-def pick_labels(rng: np.random.Generator, trained: list[int], present: list[int], merge_probability: float) -> list[int]:
-    """A random target among the labels this case annotates, merged with a second one half the time."""
-    choices = [v for v in trained if v in set(present)]
+def pick_labels(rng: np.random.Generator, trained: list[int], labelled: list[int], merge_probability: float) -> list[int]:
+    """A random target among the labels this case annotates or partly holds, merged with a second one half the time."""
+    choices = [v for v in trained if v in set(labelled)]
     if not choices:
         return []
     chosen = [int(rng.choice(choices))]
@@ -178,7 +181,6 @@ def train(s: TrainSettings) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         step, best = int(state["step"]), float(state["best"])
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    loss_fn = DiceLoss(sigmoid=True)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -221,10 +223,10 @@ def train(s: TrainSettings) -> Path:
     bar = tqdm(total=s.steps, initial=step, desc="training", disable=rank != 0, dynamic_ncols=True)
     net.train()
     while step < s.steps and (s.minutes is None or time.time() - start_time < s.minutes * 60):
-        image, mask, target = (t.to(device, non_blocking=True) for t in next(loader))
+        image, mask, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             logits = net(image) if s.baseline else net(image, atlas_t[: len(image)], mask)
-            loss = loss_fn(logits.float(), target)
+            loss = masked_dice_loss(logits.float(), target, weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -278,6 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--depth", type=int, default=4, help="number of 2x poolings (paper: 4, bottleneck at 1/16)")
     parser.add_argument("--norm", default="batch", choices=["batch", "instance", "group", "none"])
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout in the decoder (e.g. 0.1): lets lcs relabel and Slicer measure uncertainty")
     parser.add_argument("--condition-levels", default="bottleneck", choices=["bottleneck", "all"],
                         help="where the atlas enters the decoder: the paper's bottleneck only, or every scale")
     parser.add_argument("--strength", type=float, default=1.0, help="scale of the random subject deformations")
@@ -296,7 +300,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     config = ModelConfig(base_channels=args.base_channels, depth=args.depth, norm=args.norm,
-                         condition_levels=args.condition_levels)
+                         condition_levels=args.condition_levels, dropout=args.dropout)
     settings = TrainSettings(data=args.data, out=args.out, atlas=args.atlas, spacing=args.spacing, model=config,
                              labels=args.labels.split(",") if args.labels else None, steps=args.steps, minutes=args.minutes,
                              batch_size=args.batch_size, lr=args.lr, strength=args.strength,
