@@ -1,4 +1,5 @@
-"""3D Slicer module: segment any atlas label, or a region painted on the atlas, on the loaded volume.
+"""3D Slicer module: segment any atlas label, or a region painted on the atlas, on the loaded volume;
+propose the atlas labels a partial segmentation lacks, and export it as a training case.
 
 Qt glue only. The MRML work is LabelConditionedSegLib.logic.SegmentationLogic (tested under pytest
 with slicer-core); the Widget binds the panel to it and runs the computation in a worker thread.
@@ -40,7 +41,9 @@ class LabelConditionedSeg(ScriptedLoadableModule):
         parent.helpText = (
             "Pick atlas labels (or paint a new region on the atlas), press Apply, and get named, colored "
             "segments on the input volume. One network serves every label: it is conditioned on the atlas "
-            "image and the chosen atlas label. See the project's README for the command line and training.")
+            "image and the chosen atlas label. 'Relabel missing organs' proposes the atlas labels a partial "
+            "segmentation lacks, for you to accept or reject, and exports the scan and its segments as a training "
+            "case. See the project's README for the command line and training.")
         parent.acknowledgementText = (
             "Method: Ma, Lee and Sabuncu, 'Label Conditioned Segmentation', MIDL 2022. Demo atlas: Colin27 "
             "with the AAL labels (Tzourio-Mazoyer et al. 2002), from Debian's mricron-data.")
@@ -59,6 +62,11 @@ class LabelConditionedSegParameterNode:
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     keepProbabilities: bool = False
     replaceExisting: bool = False
+    relabelSegmentation: vtkMRMLSegmentationNode  # the user's partial segmentation
+    proposalPasses: Annotated[int, WithinRange(1, 64)] = 8
+    keepUncertainty: bool = False
+    proposalSegmentation: vtkMRMLSegmentationNode  # the proposals under review
+    caseName: str = ""
 
 
 def torchInstalled() -> bool:
@@ -136,6 +144,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterNodeGuiTag = None
         self._worker = None
         self._job = None
+        self._finishJob = None
         self._error = None
         self._started = 0.0
         self._progress = (0.0, "")
@@ -158,11 +167,17 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.checkpointPathLineEdit.currentPathChanged.connect(lambda path: self.refreshLabels())
         self.ui.labelFilterLineEdit.textChanged.connect(self.filterLabels)
-        self.ui.labelListWidget.itemSelectionChanged.connect(self.updateApplyButton)
+        self.ui.labelListWidget.itemSelectionChanged.connect(self.updateButtons)
         self.ui.selectAllButton.clicked.connect(lambda: self.selectVisibleLabels(True))
         self.ui.selectNoneButton.clicked.connect(lambda: self.selectVisibleLabels(False))
         self.ui.paintLabelButton.clicked.connect(self.onPaintLabel)
         self.ui.applyButton.clicked.connect(self.onApplyOrCancel)
+        self.ui.proposeButton.clicked.connect(self.onProposeOrCancel)
+        self.ui.proposalListWidget.itemSelectionChanged.connect(self.updateButtons)
+        self.ui.acceptProposalButton.clicked.connect(lambda: self.onReview(accept=True))
+        self.ui.rejectProposalButton.clicked.connect(lambda: self.onReview(accept=False))
+        self.ui.exportFolderPathLineEdit.currentPathChanged.connect(self.updateButtons)
+        self.ui.exportButton.clicked.connect(self.onExport)
         self.ui.deviceInfoLabel.text = self.logic.describeDevices()
         self.ui.progressBar.hide()
         self.initializeParameterNode()
@@ -189,6 +204,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.parent.isEntered:
             self.initializeParameterNode()
         self.refreshLabels()
+        self.refreshRelabel()
 
     def initializeParameterNode(self):
         self.setParameterNode(LabelConditionedSegParameterNode(self.logic.getParameterNode()))
@@ -198,12 +214,12 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def setParameterNode(self, parameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.refreshRelabel)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
-            self.updateApplyButton()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.refreshRelabel)
+            self.refreshRelabel()
 
     # ---- the atlas label list ---------------------------------------------------------------
     def checkpointPath(self) -> str:
@@ -217,13 +233,13 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         widget.clear()
         if not torchInstalled():
             self.ui.checkpointInfoLabel.text = "PyTorch is not installed yet: press Apply to install it."
-            self.updateApplyButton()
+            self.updateButtons()
             return
         try:
             checkpoint = self.logic.core.segmenter(self.checkpointPath(), "cpu").checkpoint
         except Exception as error:
             self.ui.checkpointInfoLabel.text = f"Cannot use this model: {error}"
-            self.updateApplyButton()
+            self.updateButtons()
             return
         self.ui.checkpointInfoLabel.text = checkpoint.description
         entries = [(l.name, str(l.value), l.color) for l in checkpoint.label_table]
@@ -232,15 +248,9 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             segment = painted.GetSegmentation().GetSegment(segmentId)
             entries.append((f"{segment.GetName()} (painted)", segmentId, [int(255 * c) for c in segment.GetColor()]))
         for text, key, color in entries:
-            item = qt.QListWidgetItem(text)
-            item.setData(qt.Qt.UserRole, key)
-            pixmap = qt.QPixmap(14, 14)
-            pixmap.fill(qt.QColor(*color))
-            item.setIcon(qt.QIcon(pixmap))
-            widget.addItem(item)
-            item.setSelected(key in selected)
+            addListItem(widget, text, key, color, key in selected)
         self.filterLabels(self.ui.labelFilterLineEdit.text)
-        self.updateApplyButton()
+        self.updateButtons()
 
     def selectedLabels(self) -> list:
         return [item.data(qt.Qt.UserRole) for item in self.ui.labelListWidget.selectedItems()]
@@ -261,10 +271,8 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """Atlas image and labels in the scene, a new segment on them, and Segment Editor opened on it."""
         with slicer.util.tryWithErrorDisplay("Could not open the atlas for painting.", waitCursor=True):
             atlas = self.logic.core.loadAtlas(self.checkpointPath())
+            self.observeSegments(atlas, self.refreshLabels)
             segments = atlas.GetSegmentation()
-            for event in (segments.SegmentAdded, segments.SegmentRemoved, segments.SegmentModified):
-                if not self.hasObserver(segments, event, self.refreshLabels):
-                    self.addObserver(segments, event, self.refreshLabels)
             atlasVolume = atlas.GetNodeReference(atlas.GetReferenceImageGeometryReferenceRole())
             segmentId = segments.AddEmptySegment("", "New atlas region", [1.0, 0.85, 0.2])
             slicer.util.setSliceViewerLayers(background=atlasVolume, fit=True)
@@ -277,19 +285,134 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             editor.setActiveEffectByName("Paint")
             slicer.util.showStatusMessage("Paint the new region on the atlas, rename it, then come back and Apply.", 8000)
 
-    # ---- running --------------------------------------------------------------------------
-    def updateApplyButton(self, *unused):
+    def observeSegments(self, segmentation, callback):
+        """Call `callback` whenever a segment of `segmentation` is added, removed or changed."""
+        segments = segmentation.GetSegmentation()
+        for event in (segments.SegmentAdded, segments.SegmentRemoved, segments.SegmentModified):
+            if not self.hasObserver(segments, event, callback):
+                self.addObserver(segments, event, callback)
+
+    # ---- relabel missing organs -------------------------------------------------------------
+    def refreshRelabel(self, *unused):
+        """The labels missing from the chosen segmentation and the proposals under review; follows their segments."""
+        p = self._parameterNode
+        segmentation = p.relabelSegmentation if p else None
+        proposals = p.proposalSegmentation if p else None
+        for node in (segmentation, proposals):
+            if node:
+                self.observeSegments(node, self.refreshRelabel)
+        picked, selected = set(self.pickedMissingLabels()), set(self.selectedProposals())
+        self.ui.missingLabelListWidget.clear()
+        self.ui.proposalListWidget.clear()
+        if not segmentation or not torchInstalled():
+            self.ui.missingLabelsLabel.text = ("Select the segmentation to complete (segments named like atlas labels)."
+                                               if torchInstalled() else "PyTorch is not installed yet: press Apply.")
+            self.updateButtons()
+            return
+        try:
+            table = self.logic.core.segmenter(self.checkpointPath(), "cpu").checkpoint.label_table
+            missing = self.logic.core.missingLabels(segmentation, self.checkpointPath())
+        except Exception as error:
+            self.ui.missingLabelsLabel.text = f"Cannot use this model: {error}"
+            self.updateButtons()
+            return
+        self.ui.missingLabelsLabel.text = f"{len(missing)} of {len(table)} atlas labels missing from {segmentation.GetName()}:"
+        for name in missing:
+            addListItem(self.ui.missingLabelListWidget, name, name, table.resolve(name).color, name in picked)
+        if proposals:
+            segments = proposals.GetSegmentation()
+            for segmentId, uncertainty in self.logic.core.listProposals(proposals):
+                segment = segments.GetSegment(segmentId)
+                text = segment.GetName() if uncertainty is None else f"{segment.GetName()}   uncertainty {uncertainty:.3f}"
+                addListItem(self.ui.proposalListWidget, text, segmentId, [int(255 * c) for c in segment.GetColor()],
+                            segmentId in selected)
+        self.updateButtons()
+
+    def pickedMissingLabels(self) -> list:
+        return [item.data(qt.Qt.UserRole) for item in self.ui.missingLabelListWidget.selectedItems()]
+
+    def selectedProposals(self) -> list:
+        return [item.data(qt.Qt.UserRole) for item in self.ui.proposalListWidget.selectedItems()]
+
+    def onReview(self, accept: bool):
+        """Accept the selected proposals into the user's segmentation, or reject them; refusals are listed at the end."""
+        p, core = self._parameterNode, self.logic.core
+        refused = []
+        for segmentId in self.selectedProposals():
+            try:
+                if accept:
+                    core.acceptProposal(p.proposalSegmentation, segmentId, p.relabelSegmentation)
+                else:
+                    core.rejectProposal(p.proposalSegmentation, segmentId)
+            except Exception as error:
+                refused.append(str(error))
+        self.refreshRelabel()
+        if refused:
+            slicer.util.errorDisplay("\n".join(refused), windowTitle="Some proposals were not accepted")
+
+    def onExport(self):
+        """Write the scan and the segmentation as a training case; asks before replacing a case of that name."""
+        p, core = self._parameterNode, self.logic.core
+        folder = self.ui.exportFolderPathLineEdit.currentPath  # read as text: an empty path must not become "."
+        overwrite = bool(folder) and core.caseExists(folder, p.caseName)
+        if overwrite and not slicer.util.confirmOkCancelDisplay(f"{folder} has a case {p.caseName!r} already. Replace it?"):
+            return
+        self._notices[:] = []
+        core.messages = self._notices.append
+        with slicer.util.tryWithErrorDisplay("Could not export the case for training.", waitCursor=True):
+            core.exportForTraining(p.inputVolume, p.relabelSegmentation, folder, p.caseName, self.checkpointPath(), overwrite)
+            self.ui.exportFolderPathLineEdit.addCurrentPathToHistory()
+            self.ui.statusLabel.text = "  ".join([f"Exported case {p.caseName} to {folder}."] + self._notices)
+
+    # ---- running ----------------------------------------------------------------------------
+    def updateButtons(self, *unused):
         if self._worker is not None:
             return
+        p = self._parameterNode
         if not torchInstalled():
             self.ui.applyButton.text, self.ui.applyButton.enabled = "Install PyTorch", True
+            for button in (self.ui.proposeButton, self.ui.acceptProposalButton, self.ui.rejectProposalButton,
+                           self.ui.exportButton):
+                button.enabled = False
             return
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self.selectedLabels())
+        ready = bool(p and p.inputVolume and self.selectedLabels())
         self.ui.applyButton.text = "Apply"
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = "Segment the selected labels" if ready else "Select an input volume and atlas labels"
+        partial = bool(p and p.inputVolume and p.relabelSegmentation)
+        self.ui.proposeButton.text = "Propose missing labels"
+        self.ui.proposeButton.enabled = partial and self.ui.missingLabelListWidget.count > 0
+        reviewing = bool(p and p.proposalSegmentation and self.selectedProposals())
+        self.ui.acceptProposalButton.enabled = reviewing and bool(p.relabelSegmentation)
+        self.ui.rejectProposalButton.enabled = reviewing
+        self.ui.exportButton.enabled = partial and bool(p.caseName) and bool(self.ui.exportFolderPathLineEdit.currentPath)
 
     def onApplyOrCancel(self):
+        p = self._parameterNode
+        self.runInBackground(self.ui.applyButton, lambda core, device: core.start(
+            p.inputVolume, self.selectedLabels(), self.checkpointPath(), device, p.registration, p.threshold,
+            p.keepProbabilities), self.finishSegmentation)
+
+    def finishSegmentation(self, job) -> str:
+        p = self._parameterNode
+        p.outputSegmentation = self.logic.core.finish(job, p.outputSegmentation, p.replaceExisting)
+        return f"Done: {len(job.conditions)} label(s)"
+
+    def onProposeOrCancel(self):
+        """Propose the missing labels selected in the list (all of them when none is selected)."""
+        p = self._parameterNode
+        picked = self.pickedMissingLabels()
+        self.runInBackground(self.ui.proposeButton, lambda core, device: core.startProposals(
+            p.inputVolume, p.relabelSegmentation, self.checkpointPath(), device, p.proposalPasses, p.registration,
+            p.keepUncertainty, picked or None), self.finishProposals)
+
+    def finishProposals(self, job) -> str:
+        self._parameterNode.proposalSegmentation = self.logic.core.finishProposals(job)
+        return f"Proposed {len(job.meanUncertainty)} of {len(job.conditions)} missing label(s); accept or reject them"
+
+    def runInBackground(self, button, start, finish):
+        """Start a job on the main thread (`start(core, device)`), compute it in a worker thread while `button`
+        reads Cancel, then write its result with `finish(job)` on the main thread. Pressed again: cancel."""
         if self._worker is not None:
             self._cancel.set()
             self.ui.statusLabel.text = "Cancelling..."
@@ -299,23 +422,25 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 ensureTorch()
                 self.ui.deviceInfoLabel.text = self.logic.describeDevices()
             self.refreshLabels()
+            self.refreshRelabel()
             return
-        p = self._parameterNode
         try:
-            device, notice = self.logic.usableDevice(p.device)
+            device, notice = self.logic.usableDevice(self._parameterNode.device)
             core = self.logic.core
             core.messages = self._notices.append  # called from the worker; shown by _poll
-            self._job = core.start(p.inputVolume, self.selectedLabels(), self.checkpointPath(), device,
-                                   p.registration, p.threshold, p.keepProbabilities)
+            self._job = start(core, device)
         except Exception as error:
             slicer.util.errorDisplay(f"Cannot start: {error}", detailedText=traceback.format_exc())
             return
         self._notices[:] = [notice] if notice else []
         self._cancel.clear()
         self._error, self._progress, self._started = None, (0.0, "starting"), time.time()
+        self._finishJob = finish
         self._worker = threading.Thread(target=self._work, daemon=True)
         self._worker.start()
-        self.ui.applyButton.text = "Cancel"
+        for other in (self.ui.applyButton, self.ui.proposeButton):
+            other.enabled = other is button
+        button.text = "Cancel"
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self._timer.start()
@@ -339,25 +464,34 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._worker.is_alive():
             return
         self._timer.stop()
-        self._worker, job, error = None, self._job, self._error
-        self._job = None
+        self._worker, job, error, finish = None, self._job, self._error, self._finishJob
+        self._job = self._finishJob = None
         self.ui.progressBar.hide()
-        self.updateApplyButton()
+        self.updateButtons()
         from LabelConditionedSegLib.errors import Cancelled
         if (error is not None and isinstance(error[0], Cancelled)) or self._cancel.is_set():
             self.ui.statusLabel.text = "Cancelled; the scene is as it was."
             return
         if error is not None:
             self.ui.statusLabel.text = f"Failed: {error[0]}"
-            slicer.util.errorDisplay(f"Segmentation failed: {error[0]}", detailedText=error[1])
+            slicer.util.errorDisplay(f"The run failed: {error[0]}", detailedText=error[1])
             return
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not add the segments to the scene.", waitCursor=True):
-            p.outputSegmentation = self.logic.core.finish(job, p.outputSegmentation, p.replaceExisting)
+        with slicer.util.tryWithErrorDisplay("Could not add the result to the scene.", waitCursor=True):
+            done = finish(job)
             seconds = time.time() - self._started
-            self.ui.statusLabel.text = "  ".join([f"Done: {len(job.conditions)} label(s) in {seconds:.1f} s on "
-                                                  f"{job.segmenter.device}."] + self._notices)
+            self.ui.statusLabel.text = "  ".join([f"{done} in {seconds:.1f} s on {job.segmenter.device}."] + self._notices)
             self.ui.deviceInfoLabel.text = f"{self.logic.describeDevices()} Last run: {job.segmenter.device}."
+
+
+def addListItem(widget, text: str, key: str, color, selected: bool = False):
+    """A list entry with a color swatch; `key` (what the logic is given) is kept in its UserRole data."""
+    item = qt.QListWidgetItem(text)
+    item.setData(qt.Qt.UserRole, key)
+    pixmap = qt.QPixmap(14, 14)
+    pixmap.fill(qt.QColor(*color))
+    item.setIcon(qt.QIcon(pixmap))
+    widget.addItem(item)
+    item.setSelected(selected)
 
 
 class LabelConditionedSegTest(ScriptedLoadableModuleTest):
@@ -368,9 +502,9 @@ class LabelConditionedSegTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
-        self.test_pick_paint_cache_and_cancel_on_MRHead()
+        self.test_pick_paint_relabel_export_and_cancel_on_MRHead()
 
-    def test_pick_paint_cache_and_cancel_on_MRHead(self):
+    def test_pick_paint_relabel_export_and_cancel_on_MRHead(self):
         import numpy as np
         import SampleData
         from LabelConditionedSegLib.errors import Cancelled
@@ -412,6 +546,21 @@ class LabelConditionedSegTest(ScriptedLoadableModuleTest):
         found = logic.process(volume, [paintedId])
         foundId = found.GetSegmentation().GetSegmentIdBySegmentName("upper precentral")
         self.assertGreater(slicer.util.arrayFromSegmentBinaryLabelmap(found, foundId, volume).sum(), 100)
+
+        self.delayDisplay("Listing the missing labels and exporting the segments for training")
+        import tempfile
+        from LabelConditionedSegLib.training_folder import read_annotated
+        table = logic.core.segmenter(BUNDLED_CHECKPOINT, "cpu").checkpoint.label_table
+        done = picked + ["Thalamus_L"]
+        self.assertEqual(len(logic.core.missingLabels(segmentation, BUNDLED_CHECKPOINT)), len(table) - len(done))
+        with tempfile.TemporaryDirectory() as folder:
+            logic.core.exportForTraining(volume, segmentation, folder, "MRHead", BUNDLED_CHECKPOINT)
+            self.assertEqual(read_annotated(Path(folder), "MRHead", table), sorted(table.resolve(n).value for n in done))
+
+        self.delayDisplay("Proposing a missing label, accepting it")
+        proposals = logic.core.proposeMissing(volume, segmentation, BUNDLED_CHECKPOINT, labels=["Hippocampus_R"])
+        logic.core.acceptProposal(proposals, proposals.GetSegmentation().GetNthSegmentID(0), segmentation)
+        self.assertEqual(segments.GetNthSegment(segments.GetNumberOfSegments() - 1).GetName(), "Hippocampus_R")
 
         self.delayDisplay("A cancelled run leaves the scene as it was")
         count = slicer.mrmlScene.GetNumberOfNodes()

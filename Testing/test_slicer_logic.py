@@ -9,7 +9,7 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from LabelConditionedSegLib.errors import Cancelled  # noqa: E402
+from LabelConditionedSegLib.errors import Cancelled, LCSError  # noqa: E402
 from LabelConditionedSegLib.logic import SegmentationLogic, volume_to_image  # noqa: E402
 
 from conftest import TINY_LABELS, dice, heldout_subject  # noqa: E402
@@ -219,3 +219,152 @@ def test_probability_volumes_and_replacing_same_named_segments(scene, scans, tin
     p = slicer.util.arrayFromVolume(probability)
     assert p.shape == new.shape and 0 <= p.min() and p.max() <= 1
     assert p[new].mean() > 0.5 > p[~new].mean()
+
+
+# ---- relabel missing organs ---------------------------------------------------------------------------------------
+def partial_segmentation(scene, volume, truth, tiny, present):
+    """A user's segmentation holding the true masks of `present` (the first one's name in lower case) and a
+    segment with no atlas label's name."""
+    on_node = sitk.GetArrayFromImage(sitk.Resample(truth, volume_to_image(volume), sitk.Transform(),
+                                                   sitk.sitkNearestNeighbor, 0))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    for i, name in enumerate(present):
+        add_segment(scene, segmentation, name.lower() if i == 0 else name, on_node == tiny.label_table.resolve(name).value,
+                    volume)
+    tumour = np.zeros(on_node.shape, bool)
+    tumour[10:20, 10:20, 10:20] = True
+    add_segment(scene, segmentation, "my tumour", tumour, volume)
+    return segmentation, on_node
+
+
+def snapshot(scene, segmentation, volume) -> list:
+    """Everything a user sees of each segment: ID, name, color, voxels, and the stored labelmap itself."""
+    from vtk.util.numpy_support import vtk_to_numpy
+    segments = segmentation.GetSegmentation()
+    out = []
+    for i in range(segments.GetNumberOfSegments()):
+        segment_id, segment = segments.GetNthSegmentID(i), segments.GetNthSegment(i)
+        stored = segment.GetRepresentation("Binary labelmap")
+        out.append((segment_id, segment.GetName(), tuple(segment.GetColor()), segment.GetLabelValue(),
+                    read_segment(scene, segmentation, segment_id, volume).tobytes(), tuple(stored.GetExtent()),
+                    vtk_to_numpy(stored.GetPointData().GetScalars()).tobytes()))
+    return out
+
+
+def test_missing_labels_are_proposed_then_accepted_or_rejected_without_touching_the_users_segments(
+        scene, scans, tiny, tiny_checkpoint):
+    volume = load_volume(scene, scans[0][0])
+    present = ["Frontal_Sup_L", "Temporal_Mid_R"]
+    segmentation, truth = partial_segmentation(scene, volume, scans[0][1], tiny, present)
+    logic = SegmentationLogic(scene)
+    missing = logic.missingLabels(segmentation, tiny_checkpoint)
+    assert missing == [l.name for l in tiny.label_table if l.name not in present]  # in table order, case-insensitive
+    before = snapshot(scene, segmentation, volume)
+
+    proposals = logic.proposeMissing(volume, segmentation, tiny_checkpoint, device="cpu", passes=3, keepUncertainty=True)
+    assert snapshot(scene, segmentation, volume) == before  # the user's segmentation is bit-for-bit as it was
+    assert proposals.GetName() == "mine proposals"
+    assert proposals.GetNodeReference(proposals.GetReferenceImageGeometryReferenceRole()).GetID() == volume.GetID()
+    assert sorted(names(proposals)) == sorted(missing)  # every large label of the tiny model is found
+    masks = {}
+    for segment_id, uncertainty in logic.listProposals(proposals):
+        segment = proposals.GetSegmentation().GetSegment(segment_id)
+        label = tiny.label_table.resolve(segment.GetName())
+        assert np.allclose(segment.GetColor(), np.array(label.color) / 255, atol=1e-3)
+        assert 0 < uncertainty < 0.5  # Monte Carlo dropout: a standard deviation of probabilities
+        masks[segment.GetName()] = read_segment(scene, proposals, segment_id, volume)
+        assert dice(masks[segment.GetName()], truth == label.value) > 0.3, segment.GetName()
+        doubt = slicer.util.arrayFromVolume(scene.GetFirstNodeByName(f"{segment.GetName()} uncertainty"))
+        assert doubt.shape == truth.shape and np.isclose(doubt[masks[segment.GetName()]].mean(), uncertainty, atol=1e-3)
+    assert sum(m.astype(int) for m in masks.values()).max() == 1  # one label per voxel
+
+    accepted, rejected, clashing = missing[0], missing[1], missing[2]
+    ids = {proposals.GetSegmentation().GetNthSegment(i).GetName(): proposals.GetSegmentation().GetNthSegmentID(i)
+           for i in range(len(missing))}
+    new_id = logic.acceptProposal(proposals, ids[accepted], segmentation)
+    assert names(segmentation) == [n for _, n, *_ in before] + [accepted]
+    assert snapshot(scene, segmentation, volume)[:3] == before  # the user's segments are untouched
+    assert np.array_equal(read_segment(scene, segmentation, new_id, volume), masks[accepted])
+    assert np.allclose(segmentation.GetSegmentation().GetSegment(new_id).GetColor(),
+                       np.array(tiny.label_table.resolve(accepted).color) / 255, atol=1e-3)
+    logic.rejectProposal(proposals, ids[rejected])
+    assert accepted not in names(proposals) and rejected not in names(proposals)
+    for name in names(proposals):  # the remaining proposals kept their voxels
+        assert np.array_equal(read_segment(scene, proposals, ids[name], volume), masks[name])
+
+    add_segment(scene, segmentation, clashing.upper(), masks[clashing], volume)  # the user segments it meanwhile
+    with_clash = snapshot(scene, segmentation, volume)
+    with pytest.raises(LCSError, match="already has a segment named"):
+        logic.acceptProposal(proposals, ids[clashing], segmentation)
+    assert snapshot(scene, segmentation, volume) == with_clash and clashing in names(proposals)
+    with pytest.raises(LCSError, match="accepted or rejected already"):
+        logic.rejectProposal(proposals, ids[rejected])
+    assert logic.missingLabels(segmentation, tiny_checkpoint) == [n for n in missing if n not in (accepted, clashing)]
+
+
+def test_proposing_reuses_the_encoding_and_cancels_cleanly(scene, scans, tiny, tiny_checkpoint):
+    volume = load_volume(scene, scans[1][0])
+    segmentation, _ = partial_segmentation(scene, volume, scans[1][1], tiny, TINY_LABELS[:4])
+    logic = SegmentationLogic(scene)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(Cancelled):
+        logic.proposeMissing(volume, segmentation, tiny_checkpoint, device="cpu", cancel=lambda: True)
+    assert scene.GetNumberOfNodes() == before and logic.encodings == 0
+    with pytest.raises(LCSError, match="not missing"):
+        logic.startProposals(volume, segmentation, tiny_checkpoint, "cpu", labels=["Frontal_Sup_L"])
+
+    logic.process(volume, ["Frontal_Sup_L"], checkpointPath=tiny_checkpoint, device="cpu")  # registers and encodes
+    job = logic.startProposals(volume, segmentation, tiny_checkpoint, "cpu", passes=2, labels=[TINY_LABELS[5].lower()])
+    assert not job.encoded  # the cached encoding is reused
+    errors = []
+    worker = threading.Thread(target=lambda: _run(job, lambda: False, errors))
+    worker.start()
+    worker.join()
+    assert not errors
+    proposals = logic.finishProposals(job)
+    assert names(proposals) == [TINY_LABELS[5]] and logic.encodings == 1
+    assert scene.GetFirstNodeByName(f"{TINY_LABELS[5]} uncertainty") is None  # volumes only when asked for
+
+
+def test_export_for_training_writes_a_case_that_training_reads(scene, scans, tiny, tiny_checkpoint, tmp_path):
+    from lcs_training.data import case_files
+    from LabelConditionedSegLib.training_folder import read_annotated
+
+    volume = load_volume(scene, scans[0][0])
+    present = ["Frontal_Sup_R", "Cerebelum_6_L"]
+    segmentation, truth = partial_segmentation(scene, volume, scans[0][1], tiny, present)
+    add_segment(scene, segmentation, "Precuneus_R (painted)", truth == tiny.label_table.resolve("Precuneus_R").value, volume)
+    before = snapshot(scene, segmentation, volume)
+    logic = SegmentationLogic(scene)
+    notes = []
+    logic.messages = notes.append
+    folder = tmp_path / "data"
+    path = logic.exportForTraining(volume, segmentation, folder, "case01", tiny_checkpoint)
+    assert path == folder / "labels" / "case01.nii.gz"
+    assert snapshot(scene, segmentation, volume) == before
+    assert notes == ["Not exported (no atlas label of that name, or empty): my tumour, Precuneus_R (painted)."]
+    assert list(case_files(folder)) == ["case01"]
+    table = tiny.label_table
+    assert [l.name for l in type(table).read_csv(folder / "labels.csv")] == [l.name for l in table]
+    assert read_annotated(folder, "case01", table) == sorted(table.resolve(n).value for n in present)
+    labels, image = sitk.ReadImage(str(path)), sitk.ReadImage(str(folder / "images" / "case01.nii.gz"))
+    scan = volume_to_image(volume)
+    for written in (labels, image):
+        assert written.GetSize() == scan.GetSize()
+        assert np.allclose(written.GetSpacing(), scan.GetSpacing()) and np.allclose(written.GetOrigin(), scan.GetOrigin())
+        assert np.allclose(written.GetDirection(), scan.GetDirection(), atol=1e-6)
+    assert np.array_equal(sitk.GetArrayFromImage(image), slicer.util.arrayFromVolume(volume))
+    expected = np.where(np.isin(truth, [table.resolve(n).value for n in present]), truth, 0)
+    assert np.array_equal(sitk.GetArrayFromImage(labels), expected)
+
+    with pytest.raises(LCSError, match="exists in"):
+        logic.exportForTraining(volume, segmentation, folder, "case01", tiny_checkpoint)
+    assert logic.exportForTraining(volume, segmentation, folder, "case01", tiny_checkpoint, overwrite=True) == path
+    for bad in ("", "../case", "my case", "-x"):
+        with pytest.raises(LCSError, match="case name"):
+            logic.exportForTraining(volume, segmentation, folder, bad, tiny_checkpoint)
+    (folder / "labels.csv").write_text("value,name,r,g,b\n1,Frontal_Sup_R,1,2,3\n")  # a folder of another model
+    with pytest.raises(LCSError, match="labels.csv lacks"):
+        logic.exportForTraining(volume, segmentation, folder, "case02", tiny_checkpoint)
+    assert not logic.caseExists(folder, "case02")

@@ -37,6 +37,19 @@ EXPECTED_WIDGETS = {
     "applyButton": "QPushButton",
     "progressBar": "QProgressBar",
     "statusLabel": "QLabel",
+    "relabelSegmentationSelector": "qMRMLNodeComboBox",
+    "missingLabelsLabel": "QLabel",
+    "missingLabelListWidget": "QListWidget",
+    "proposalPassesSpinBox": "QSpinBox",
+    "keepUncertaintyCheckBox": "QCheckBox",
+    "proposeButton": "QPushButton",
+    "proposalSegmentationSelector": "qMRMLNodeComboBox",
+    "proposalListWidget": "QListWidget",
+    "acceptProposalButton": "QPushButton",
+    "rejectProposalButton": "QPushButton",
+    "exportFolderPathLineEdit": "ctkPathLineEdit",
+    "caseNameLineEdit": "QLineEdit",
+    "exportButton": "QPushButton",
 }
 
 
@@ -109,12 +122,12 @@ def expected_widget(field: ast.AnnAssign) -> tuple[str, list[str]]:
         kinds = {v.func.id: v for v in validators}
         if "Choice" in kinds:
             return "QComboBox", ast.literal_eval(kinds["Choice"].args[0])
-        assert base.id == "float" and "WithinRange" in kinds
-        return "ctkSliderWidget", []
+        assert base.id in ("float", "int") and "WithinRange" in kinds
+        return {"float": "ctkSliderWidget", "int": "QSpinBox"}[base.id], []
     name = annotation.id
     if name.startswith("vtkMRML"):
         return "qMRMLNodeComboBox", [name]
-    return {"Path": "ctkPathLineEdit", "bool": "QCheckBox", "str": "QLineEdit"}[name], []
+    return {"Path": "ctkPathLineEdit", "bool": "QCheckBox", "str": "QLineEdit", "int": "QSpinBox"}[name], []
 
 
 def test_every_parameter_node_field_has_a_fitting_widget():
