@@ -1,5 +1,6 @@
 """Partly annotated data: SMILE's weighted loss, the annotated-label sidecar, uncertainty, and SMILEr relabeling."""
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from LabelConditionedSegLib.training_folder import read_annotated
 from lcs_training.data import load_atlas, load_cases
 from lcs_training.evaluate import evaluate
 from lcs_training.experiment import write_partial_cohort
+from lcs_training.synth import SubjectGenerator
 from lcs_training.smile import masked_dice_loss, smile_weight
 from lcs_training.train import TrainSettings, train
 from LabelConditionedSegLib.model import ModelConfig
@@ -51,6 +53,13 @@ def test_the_annotated_sidecar_decides_what_a_case_annotates(colin27, tmp_path):
         assert case.annotated == read_annotated(data, name, table)
         assert set(case.present) == set(case.annotated)  # a removed label is neither drawn nor declared
     assert sorted(len(cases[f"subject{i}"].annotated) for i in range(2)) in ([1, 1], [0, 2])  # each label lost once
+    shutil.rmtree(data / "masks")  # as Slicer's export writes it: no brain mask, and partial labels cannot give one
+    for case in load_cases(data, atlas)[1:]:
+        complete = set(case.annotated) == set(atlas.present)
+        assert (case.mask is not None) == complete, case.name
+        stripped, kept = (sitk.GetArrayFromImage(SubjectGenerator(case.image, case.labels, case.mask).sample(
+            np.random.default_rng(0), skull_strip_probability=p)[0]) for p in (1.0, 0.0))
+        assert np.array_equal(stripped, kept) != complete  # skull-stripped only where a brain mask is known
     (data / "annotated/subject0.txt").write_text("Not_A_Label\n")
     with pytest.raises(LCSError, match="not in the atlas"):
         load_cases(data, atlas)
@@ -117,6 +126,20 @@ def test_incomplete_experiment_compares_naive_smile_and_lcs(colin27, tmp_path):
         for key in ("baseline_naive_dice", "baseline_smile_dice", "lcs_dice", "affine_dice"):
             assert 0 <= float(r[key]) <= 1
     assert (tmp_path / "incomplete/incomplete.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_relabel_experiment_scores_each_round_against_training_as_long_without_it(colin27, tmp_path):
+    assert main(["experiment", "relabel", "--scale", "tiny", "--data", str(colin27), "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    rows = read_rows(tmp_path / "relabel/relabel.csv")
+    assert [r["stage"] for r in rows] == ["before relabeling", "round 1", "round 2", "round 3", "no relabeling"]
+    assert [int(r["steps"]) for r in rows] == [20, 30, 40, 50, 50]  # the control gets the rounds' extra steps
+    added = [int(r["added_voxels"]) for r in rows[1:4]]
+    assert 0 < added[0] <= added[1] <= added[2]  # gamma grows: each round keeps at least what the last one took
+    for r in rows[1:4]:
+        assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
+    assert all(0 <= float(r["lcs_dice"]) <= 1 for r in rows)
+    assert (tmp_path / "relabel/relabel.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def read_rows(path):

@@ -39,6 +39,16 @@ def plain_ui() -> QByteArray:
     return QByteArray(ET.tostring(root))
 
 
+def add_item(widget, text: str, color, selected: bool) -> None:
+    """A list entry with a color swatch, as the module's widget draws it."""
+    item = QListWidgetItem(text)
+    pixmap = QPixmap(14, 14)
+    pixmap.fill(QColor(*color))
+    item.setIcon(QIcon(pixmap))
+    widget.addItem(item)
+    item.setSelected(selected)
+
+
 def main(out: Path) -> None:
     app = QApplication([])
     buffer = QBuffer()
@@ -56,22 +66,29 @@ def main(out: Path) -> None:
         find(name, cls).addItems(items)
     find("deviceInfoLabel", QLabel).setText("No CUDA GPU found: LCS runs on the CPU.")
     find("thresholdSliderWidget").setValue(0.5)
+    table = list(checkpoint.label_table)
     labels = find("labelListWidget")
-    for label in list(checkpoint.label_table)[:12]:
-        item = QListWidgetItem(label.name)
-        pixmap = QPixmap(14, 14)
-        pixmap.fill(QColor(*label.color))
-        item.setIcon(QIcon(pixmap))
-        labels.addItem(item)
-        item.setSelected(label.name in ("Precentral_L", "Frontal_Sup_R", "Frontal_Mid_L"))
+    for label in table[:12]:
+        add_item(labels, label.name, label.color, label.name in ("Precentral_L", "Frontal_Sup_R", "Frontal_Mid_L"))
     labels.addItem(QListWidgetItem("upper precentral (painted)"))
+    find("relabelSegmentationSelector", QComboBox).addItem("MRHead partial")
+    find("missingLabelsLabel", QLabel).setText(f"3 of {len(table)} atlas labels missing from MRHead partial:")
+    find("proposalSegmentationSelector", QComboBox).addItem("MRHead partial proposals")
+    for i, label in enumerate(checkpoint.label_table.resolve(n) for n in ("Hippocampus_L", "Amygdala_L", "Caudate_L")):
+        add_item(find("missingLabelListWidget"), label.name, label.color, True)
+        add_item(find("proposalListWidget"), f"{label.name}   uncertainty {0.041 + 0.013 * i:.3f}", label.color, i == 0)
+    find("proposalPassesSpinBox").setValue(8)
+    find("exportFolderPathLineEdit").setText("~/lcs-training")
+    find("caseNameLineEdit").setText("subject07")
+    for name in ("acceptProposalButton", "rejectProposalButton", "exportButton"):
+        find(name).setEnabled(True)
     find("applyButton").setEnabled(True)
     find("applyButton").setText("Cancel")
     find("progressBar").setValue(42)
     find("statusLabel", QLabel).setText("decoded 1 of 3 labels")
     for box in panel.findChildren(QGroupBox):
         box.setVisible(True)
-    panel.resize(420, 860)
+    panel.resize(420, 1300)
     panel.grab().save(str(out))
     app.quit()
     print(f"wrote {out}")

@@ -23,12 +23,13 @@ MRICRON = Path("/usr/share/mricron/templates")
 @dataclass
 class Case:
     """One labelled scan on the model grid (raw intensities): the labels its map holds (`present`) and the labels it
-    annotates completely (`annotated`; a label present but not annotated is partial, e.g. added by relabeling)."""
+    annotates completely (`annotated`; a label present but not annotated is partial, e.g. added by relabeling).
+    `mask` is None for a partly annotated case without a mask file: its labels do not outline the brain."""
 
     name: str
     image: sitk.Image
     labels: sitk.Image
-    mask: sitk.Image
+    mask: sitk.Image | None
     present: list[int]
     annotated: list[int]
 
@@ -93,13 +94,20 @@ def load_cases(folder: Path, atlas: Case, registration: str = "affine") -> list[
             cases.append(atlas)
             continue
         image, labels = read_volume(image_path), sitk.ReadImage(str(label_path))
-        mask = sitk.ReadImage(str(mask_path)) if mask_path else mask_from_labels(labels)
         transform = register(image, atlas.image, registration, fixed_mask=atlas.mask)
         present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v)
+        annotated = _annotated(folder, name, present)
+        if mask_path:
+            mask = sitk.ReadImage(str(mask_path))
+        elif set(atlas.present) <= set(annotated):
+            mask = mask_from_labels(labels)
+        else:
+            mask = None
         cases.append(Case(name, to_model_grid(image, atlas.image, transform),
                           sitk.Resample(labels, atlas.image, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32),
-                          sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), atlas.image, transform, sitk.sitkNearestNeighbor, 0),
-                          present, _annotated(folder, name, present)))
+                          None if mask is None else sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), atlas.image,
+                                                                  transform, sitk.sitkNearestNeighbor, 0),
+                          present, annotated))
     return cases
 
 

@@ -120,3 +120,24 @@ def plot_incomplete(table: list[dict], png: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     _save(fig, png)
+
+
+def plot_relabel(table: list[dict], png: Path) -> None:
+    """SMILEr: precision and recall of the voxels added by each round, and held-out Dice of each stage's model."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    rounds = [r for r in table if r["precision"] != ""]
+    x = np.arange(len(rounds))
+    for j, key in enumerate(("precision", "recall")):
+        left.bar(x + (j - 0.5) * 0.35, [float(r[key]) for r in rounds], 0.33, color=f"C{j}", label=key)
+    left.set_xticks(x, [f"{r['stage']}\ngamma {r['gamma']}" for r in rounds])
+    left.set_ylim(0, 1)
+    left.set_title("added voxels against the complete labels")
+    left.legend(fontsize=8)
+    right.bar(range(len(table)), [r["lcs_dice"] for r in table], color="C2", label="LCS")
+    right.axhline(table[0]["affine_dice"], color="k", ls="--", lw=1, label="affine propagation")
+    right.set_xticks(range(len(table)), [r["stage"].replace(" ", "\n", 1) for r in table], fontsize=8)
+    right.set_ylim(0, 1)
+    right.set_ylabel("Dice on complete held-out subjects")
+    right.legend(fontsize=8)
+    _save(fig, png)

@@ -26,9 +26,10 @@ class Strength:
 
 
 class SubjectGenerator:
-    """Makes warped, re-imaged copies of (image, labels, brain mask) on any output grid."""
+    """Makes warped, re-imaged copies of (image, labels, brain mask) on any output grid. Without a brain mask
+    (a partly annotated scan, whose labels do not outline the brain) subjects are never skull-stripped."""
 
-    def __init__(self, image: sitk.Image, labels: sitk.Image, brain_mask: sitk.Image):
+    def __init__(self, image: sitk.Image, labels: sitk.Image, brain_mask: sitk.Image | None):
         self.image = sitk.Cast(image, sitk.sitkFloat32)
         self.labels = labels
         self.brain_mask = brain_mask
@@ -71,7 +72,7 @@ class SubjectGenerator:
         image = sitk.Resample(self.image, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         labels = sitk.Resample(self.labels, grid, transform, sitk.sitkNearestNeighbor, 0, self.labels.GetPixelID())
         array = sitk.GetArrayFromImage(image)
-        if rng.random() < skull_strip_probability:
+        if rng.random() < skull_strip_probability and self.brain_mask is not None:
             mask = sitk.Resample(self.brain_mask, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
             array *= sitk.GetArrayViewFromImage(mask)
         array = self._reimage(array, rng, np.array(grid.GetSpacing())[::-1])
