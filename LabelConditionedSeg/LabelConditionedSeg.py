@@ -246,7 +246,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         painted = self.logic.core.atlasSegmentation
         for segmentId in self.logic.core.paintedSegmentIds(self.checkpointPath()):
             segment = painted.GetSegmentation().GetSegment(segmentId)
-            entries.append((f"{segment.GetName()} (painted)", segmentId, [int(255 * c) for c in segment.GetColor()]))
+            entries.append((f"{segment.GetName()} (painted)", segmentId, [round(255 * c) for c in segment.GetColor()]))
         for text, key, color in entries:
             addListItem(widget, text, key, color, key in selected)
         self.filterLabels(self.ui.labelFilterLineEdit.text)
@@ -324,7 +324,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             for segmentId, uncertainty in self.logic.core.listProposals(proposals):
                 segment = segments.GetSegment(segmentId)
                 text = segment.GetName() if uncertainty is None else f"{segment.GetName()}   uncertainty {uncertainty:.3f}"
-                addListItem(self.ui.proposalListWidget, text, segmentId, [int(255 * c) for c in segment.GetColor()],
+                addListItem(self.ui.proposalListWidget, text, segmentId, [round(255 * c) for c in segment.GetColor()],
                             segmentId in selected)
         self.updateButtons()
 

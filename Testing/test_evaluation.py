@@ -55,5 +55,6 @@ def test_benchmark_prints_all_figures(tiny_checkpoint, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0
     figures = dict(item.split("=") for item in last.split())
-    assert set(figures) == {"all_labels_s", "next_label_s", "peak_mb_1", "peak_mb_all", "speedup_vs_naive"}
+    assert set(figures) == {"all_labels_s", "next_label_s", "peak_mb_1", "peak_mb_all", "speedup_vs_naive",
+                            "one_label_s", "naive_one_label_s"}
     assert all(float(v) > 0 for v in figures.values())

@@ -70,14 +70,16 @@ class Scale:
     labels: int | None  # many and novel: the first this many labels of the table (None: all)
     long_steps: int  # one LCS model on a whole atlas (novel, second-atlas)
     macaque_spacing: float
-    cohort: int  # incomplete: training subjects besides the atlas
+    cohort: int  # incomplete and relabel: training subjects besides the atlas
+    incomplete_steps: int  # per model in incomplete: a partial cohort needs longer than a complete one
 
 
 SCALES = {
     "tiny": Scale(spacing=4.0, depth=3, steps=20, subjects=1, ks=(2, 4), memory_ks=(1, 4), labels=12, long_steps=20,
-                  macaque_spacing=3.0, cohort=2),
-    "small": Scale(spacing=4.0, depth=3, steps=240, subjects=4, ks=(2, 6, 10), memory_ks=(1, 2, 4, 8, 16, 32, 64, 116),
-                   labels=None, long_steps=1920, macaque_spacing=2.0, cohort=8),
+                  macaque_spacing=3.0, cohort=2, incomplete_steps=20),
+    "small": Scale(spacing=4.0, depth=3, steps=240, subjects=4, ks=(2, 4, 6, 8, 10),
+                   memory_ks=(1, 2, 4, 8, 16, 32, 64, 116), labels=None, long_steps=1920, macaque_spacing=2.0, cohort=8,
+                   incomplete_steps=720),
 }
 BASELINE_MAX_LABELS = 10  # the paper's many-class baseline: several models of at most 10 labels each
 
@@ -223,7 +225,6 @@ def second_atlas(data: Path, out: Path, scale: Scale, device: str) -> list[dict]
 # ---- Incomplete annotations: naive baseline, SMILE baseline, LCS -------------------------------------------
 INCOMPLETE_LABELS = SWEEP_LABELS[:4]
 ALPHAS = (0.5, 0.7)
-INCOMPLETE_STEPS = 3  # x scale.steps: at 240 steps the baselines have barely started on a partial cohort
 
 
 def incomplete(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
@@ -236,7 +237,7 @@ def incomplete(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
                                             seed=1, claim_complete=view == "naive")
                  for view in ("naive", "smile")}
         models = {name: train(_settings(views[view], folder / name, scale, device, f"{name}, alpha {alpha}",
-                                        INCOMPLETE_LABELS, INCOMPLETE_STEPS * scale.steps,
+                                        INCOMPLETE_LABELS, scale.incomplete_steps,
                                         baseline=name.startswith("baseline")))
                   for name, view in (("baseline-naive", "naive"), ("baseline-smile", "smile"), ("lcs", "smile"))}
         row = {"alpha": alpha}

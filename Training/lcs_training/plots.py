@@ -131,9 +131,9 @@ def plot_relabel(table: list[dict], png: Path) -> None:
     for j, key in enumerate(("precision", "recall")):
         left.bar(x + (j - 0.5) * 0.35, [float(r[key]) for r in rounds], 0.33, color=f"C{j}", label=key)
     left.set_xticks(x, [f"{r['stage']}\ngamma {r['gamma']}" for r in rounds])
-    left.set_ylim(0, 1)
+    left.set_ylim(0, 1.15)
     left.set_title("added voxels against the complete labels")
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, ncol=2, loc="upper center")
     right.bar(range(len(table)), [r["lcs_dice"] for r in table], color="C2", label="LCS")
     right.axhline(table[0]["affine_dice"], color="k", ls="--", lw=1, label="affine propagation")
     right.set_xticks(range(len(table)), [r["stage"].replace(" ", "\n", 1) for r in table], fontsize=8)
