@@ -14,12 +14,12 @@ from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.pipeline import Segmenter
 from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.training_folder import read_annotated
-from lcs_training.data import load_atlas, load_cases
+from lcs_training.data import load_atlas, load_cases, normalized
 from lcs_training.evaluate import evaluate
 from lcs_training.experiment import write_partial_cohort
-from lcs_training.synth import SubjectGenerator
+from lcs_training.synth import Strength, SubjectGenerator
 from lcs_training.smile import masked_dice_loss, smile_weight
-from lcs_training.train import TrainSettings, train
+from lcs_training.train import TrainSettings, train, validate, validation_subjects
 from LabelConditionedSegLib.model import ModelConfig
 
 RELABEL_LABELS = ["Frontal_Sup_L", "Temporal_Mid_R"]  # both known to the tiny model
@@ -44,7 +44,7 @@ def test_smile_loss_ignores_exactly_the_unannotated_voxels():
     assert masked_dice_loss(logits.detach(), t, full).item() == pytest.approx(DiceLoss(sigmoid=True)(logits.detach(), t).item())
 
 
-def test_the_annotated_sidecar_decides_what_a_case_annotates(colin27, tmp_path):
+def test_the_annotated_sidecar_decides_what_a_case_annotates(colin27, tiny_checkpoint, tmp_path):
     data = write_partial_cohort(colin27, tmp_path / "cohort", RELABEL_LABELS, 2, 0.5, seed=3, claim_complete=False)
     table = LabelTable.read_csv(data / "labels.csv")
     atlas = load_atlas(data, "colin27", 4.0, 8)
@@ -60,6 +60,13 @@ def test_the_annotated_sidecar_decides_what_a_case_annotates(colin27, tmp_path):
         stripped, kept = (sitk.GetArrayFromImage(SubjectGenerator(case.image, case.labels, case.mask).sample(
             np.random.default_rng(0), skull_strip_probability=p)[0]) for p in (1.0, 0.0))
         assert np.array_equal(stripped, kept) != complete  # skull-stripped only where a brain mask is known
+    partial = next(c for c in cases.values() if len(c.annotated) == 1)
+    ranked = validation_subjects([partial, cases["colin27"]], atlas, 2, Strength(), seed=0)
+    assert [len(annotated) for _, _, annotated in ranked] == [2, 1]  # the complete case validates first
+    model = Checkpoint.load(tiny_checkpoint)
+    dice = validate(model.build_model(), normalized(atlas.image, atlas.mask), sitk.GetArrayFromImage(atlas.labels),
+                    table, ranked[1:], "cpu")
+    assert set(dice) == set(partial.annotated)  # a label the case lacks is not scored against its absence
     (data / "annotated/subject0.txt").write_text("Not_A_Label\n")
     with pytest.raises(LCSError, match="not in the atlas"):
         load_cases(data, atlas)
@@ -114,6 +121,7 @@ def test_relabel_adds_true_positives_in_new_files(colin27, tiny_checkpoint, tmp_
         assert np.array_equal(added[original > 0], original[original > 0])  # nothing drawn was changed
         assert (out / f"round2/annotated/{name}.txt").read_text() == (data / f"annotated/{name}.txt").read_text()
     assert Checkpoint.load(out / "round2/model/best.lcs").provenance["name"].endswith("relabeled round 2")
+    assert all(0 < float(r["validation_dice"]) <= 1 for r in rounds.values())  # to compare with the model given
     assert main(["relabel", str(data), "--checkpoint", str(tiny_checkpoint), "-o", str(data / "inside")]) == 2
 
 

@@ -89,6 +89,10 @@ def relabel(data: Path, checkpoint: Path, out: Path, rounds: int = 3, gamma_max:
                                  validate_every=steps_so_far + steps, validation_subjects=1, device=device, init=model,
                                  name=f"{p.get('name', 'LCS model')}, relabeled round {t}")
         model, current = train(settings), folder
+        dice = Checkpoint.load(model).provenance.get("validation_dice")
+        for row in rows:
+            if row["round"] == t:
+                row["validation_dice"] = "" if dice is None else round(dice, 4)
     _write(rows, out)
     return rows
 
@@ -125,7 +129,8 @@ def summary(rows: list[dict]) -> list[dict]:
     out = []
     for t in sorted({r["round"] for r in rows}):
         mine = [r for r in rows if r["round"] == t]
-        row = {"round": t, "added_voxels": sum(r["added_voxels"] for r in mine)}
+        row = {"round": t, "added_voxels": sum(r["added_voxels"] for r in mine),
+               "validation_dice": mine[0].get("validation_dice", "")}
         if mine and "true_positives" in mine[0]:
             tp, fp = sum(r["true_positives"] for r in mine), sum(r["false_positives"] for r in mine)
             row.update(true_positives=tp, false_positives=fp, precision=round(tp / max(1, tp + fp), 4),
@@ -160,6 +165,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     rows = relabel(args.data, args.checkpoint, args.out, args.rounds, args.gamma_max, args.passes, args.steps,
                    args.truth, args.device)
+    start = Checkpoint.load(args.checkpoint).provenance.get("validation_dice")
+    print(f"round=0 validation_dice={'' if start is None else round(start, 4)} (the model given)")
     for r in summary(rows):
         print("  ".join(f"{k}={v}" for k, v in r.items()))
-    print(f"augmented data in {args.out}/round*/, per label in {args.out}/relabel_labels.csv")
+    print(f"augmented data in {args.out}/round*/, per label in {args.out}/relabel_labels.csv. Fine-tuning on relabeled "
+          "organs can make a model over-segment (docs/results.md): compare validation Dice with round 0 before use.")

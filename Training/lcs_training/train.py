@@ -109,27 +109,30 @@ def pick_labels(rng: np.random.Generator, trained: list[int], labelled: list[int
 
 
 def validation_subjects(cases: list[Case], atlas: Case, count: int, strength: Strength, seed: int):
-    """Fixed held-out subjects (their own seeds) for validation Dice."""
+    """Fixed held-out subjects (their own seeds) for validation Dice: (image, truth, the labels the truth annotates),
+    from the most completely annotated cases first."""
     rng = np.random.default_rng([seed, 10_000])
+    ranked = sorted(cases, key=lambda c: -len(c.annotated))
     out = []
     for i in range(count):
-        case = cases[i % len(cases)]
+        case = ranked[i % len(ranked)]
         image, labels = SubjectGenerator(case.image, case.labels, case.mask).sample(rng, strength, grid=atlas.image)
-        out.append((normalized(image, atlas.mask), sitk.GetArrayFromImage(labels)))
+        out.append((normalized(image, atlas.mask), sitk.GetArrayFromImage(labels), set(case.annotated)))
     return out
 
 
 def validate(model: LCSNet, atlas_image: np.ndarray, atlas_labels: np.ndarray, table: LabelTable, subjects, device) -> dict[int, float]:
-    """Mean Dice per label over the validation subjects, all labels decoded together as at inference."""
+    """Mean Dice per label over the validation subjects, all labels decoded together as at inference. A subject
+    scores only the labels its case annotates: a missing or partly relabeled organ has no truth to compare with."""
     engine = Engine(model, atlas_image, device) if model.config.conditioned else None
     conditions = [Condition.of(l.name, l.value, atlas_labels == l.value) for l in table]
     scores: dict[int, list[float]] = {}
-    for image, truth in subjects:
+    for image, truth, annotated in subjects:
         if engine is None:
             prediction = segment_multichannel(model, image, table.values, device)
         else:
             prediction = engine.segment(engine.encode(image), conditions)
-        for value, dice in dice_per_label(prediction, truth, table.values).items():
+        for value, dice in dice_per_label(prediction, truth, [v for v in table.values if v in annotated]).items():
             scores.setdefault(value, []).append(dice)
     model.train()
     return {v: float(np.mean(d)) for v, d in scores.items()}
