@@ -68,7 +68,7 @@ def plot_paired_dice(table: list[dict], png: Path) -> None:
         ax.plot([i - 0.15] * row["cases"], row["baseline_case_dice"], "o", color="tab:red", ms=4,
                 label="baseline" if i == 0 else None)
         ax.plot([i + 0.15] * row["cases"], row["lcs_case_dice"], "o", color="tab:blue", ms=4, label="LCS" if i == 0 else None)
-    ax.set_xticks(range(len(table)), [f"K={r['K']}\np={r['wilcoxon_p']}" for r in table])
+    ax.set_xticks(range(len(table)), [f"K={r['K']}\nt-test p={float(r['t_test_p']):.2g}" for r in table])
     ax.set_ylabel("Dice per held-out case (mean over labels)")
     ax.set_ylim(0, 1)
     ax.legend()
