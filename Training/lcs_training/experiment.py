@@ -263,14 +263,15 @@ def relabeling(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
     cohort; each round's model, and the first model trained as long again without relabeling, on held-out subjects."""
     partial, truth = (write_partial_cohort(data, out / f"{name}-data", INCOMPLETE_LABELS, scale.cohort, alpha, seed=1,
                                            claim_complete=False) for name, alpha in (("partial", 0.5), ("truth", 0.0)))
+    with_dropout = replace(model_config(scale), dropout=0.1)  # Monte Carlo dropout measures the proposals' doubt
     first = train(_settings(partial, out / "lcs", scale, device, "LCS with dropout, alpha 0.5", INCOMPLETE_LABELS,
-                            scale.steps, model=replace(model_config(scale), dropout=0.1)))
+                            scale.steps, model=with_dropout))
     round_steps = scale.steps // 2
     rows = summary(relabel(partial, first, out / "relabel", RELABEL_ROUNDS, passes=8, steps=round_steps, truth=truth,
                            device=device))
     control = train(_settings(partial, out / "control", scale, device, "LCS with dropout, no relabeling",
                               INCOMPLETE_LABELS, scale.steps + RELABEL_ROUNDS * round_steps,
-                              model=replace(model_config(scale), dropout=0.1), init=first))
+                              model=with_dropout, init=first))
     stages = [("before relabeling", "", {}, first)]
     stages += [(f"round {r['round']}", round(r["round"] / RELABEL_ROUNDS, 2), r,
                 out / f"relabel/round{r['round']}/model/best.lcs") for r in rows]
