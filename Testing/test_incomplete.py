@@ -15,12 +15,10 @@ from LabelConditionedSegLib.pipeline import Segmenter
 from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.training_folder import read_annotated
 from lcs_training.data import load_atlas, load_cases, normalized
-from lcs_training.evaluate import evaluate
 from lcs_training.experiment import write_partial_cohort
 from lcs_training.synth import Strength, SubjectGenerator
 from lcs_training.smile import masked_dice_loss, smile_weight
-from lcs_training.train import TrainSettings, train, validate, validation_subjects
-from LabelConditionedSegLib.model import ModelConfig
+from lcs_training.train import SubjectStream, validate, validation_subjects
 
 RELABEL_LABELS = ["Frontal_Sup_L", "Temporal_Mid_R"]  # both known to the tiny model
 
@@ -72,16 +70,33 @@ def test_the_annotated_sidecar_decides_what_a_case_annotates(colin27, tiny_check
         load_cases(data, atlas)
 
 
-def test_smile_learns_missing_labels_no_worse_than_the_naive_baseline(colin27, tiny_checkpoint, tmp_path):
-    dice = {}
-    for view in ("naive", "smile"):
-        data = write_partial_cohort(colin27, tmp_path / view, RELABEL_LABELS, 4, 0.75, seed=5, claim_complete=view == "naive")
-        model = train(TrainSettings(data, tmp_path / f"{view}-model", "colin27", spacing=4.0, model=ModelConfig(depth=3),
-                                    labels=RELABEL_LABELS, steps=150, lr=3e-3, strength=0.6, validate_every=150,
-                                    validation_subjects=1, device="cpu", baseline=True))
-        dice[view] = evaluate(tiny_checkpoint, colin27, "colin27", 2, 1.0, 7, tmp_path / f"{view}-eval", "cpu", [model])["baseline"]
-    print(dice)
-    assert dice["smile"] >= dice["naive"] - 0.02, dice
+def test_training_samples_teach_a_missing_organ_only_where_the_case_labels_something(colin27, tmp_path):
+    """The wiring from a cohort's annotated/ sidecars to the weights the loss sees, for both models and both views.
+    (Whether SMILE beats the naive view is an experiment, not a test: docs/results.md, incomplete annotations.)"""
+    for claim_complete in (False, True):
+        data = write_partial_cohort(colin27, tmp_path / str(claim_complete), RELABEL_LABELS, 2, 0.5, seed=3,
+                                    claim_complete=claim_complete)
+        atlas = load_atlas(data, "colin27", 4.0, 8)
+        values = LabelTable.read_csv(data / "labels.csv").values
+        subjects = [c for c in load_cases(data, atlas) if c.name != "colin27"]
+        assert sum(len(c.annotated) for c in subjects) == (4 if claim_complete else 2)  # each label lost once
+        for case in subjects:
+            baseline = iter(SubjectStream([case], atlas, values, Strength(), 0.5, seed=1, baseline=True))
+            for _ in range(3):
+                _, _, target, weight = next(baseline)
+                drawn = target.any(0)
+                for v, t, w in zip(values, target, weight):
+                    if v in case.annotated:
+                        assert w.all()  # taught everywhere: where it is not drawn, it is background
+                    else:  # missing: never taught as background, only where the case labels something else
+                        assert not t.any() and np.array_equal(w > 0, drawn), (case.name, v)
+            if not case.annotated:
+                continue  # LCS never asks a case for a label it does not annotate
+            lcs = iter(SubjectStream([case], atlas, values, Strength(), 0.5, seed=1))
+            for _ in range(3):
+                _, condition, target, weight = next(lcs)
+                assert condition.any() and weight.all()
+                assert target.any() or claim_complete  # the naive view may ask for a removed organ: "not here"
 
 
 def test_proposals_carry_the_spread_of_dropout_passes(tiny, colin27):
