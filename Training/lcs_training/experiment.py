@@ -260,9 +260,11 @@ RELABEL_ROUNDS = 3
 
 def relabeling(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
     """SMILEr rounds from an LCS model with dropout trained on the alpha = 50% cohort, scored against the complete
-    cohort; each round's model, and the first model trained as long again without relabeling, on held-out subjects."""
+    cohort; each round's model, and the first model trained as long again without relabeling, on held-out subjects.
+    The cohort keeps every other atlas label, so SMILE's weights teach background around a relabeled organ."""
     partial, truth = (write_partial_cohort(data, out / f"{name}-data", INCOMPLETE_LABELS, scale.cohort, alpha, seed=1,
-                                           claim_complete=False) for name, alpha in (("partial", 0.5), ("truth", 0.0)))
+                                           claim_complete=False, keep_others=True)
+                      for name, alpha in (("partial", 0.5), ("truth", 0.0)))
     with_dropout = replace(model_config(scale), dropout=0.1)  # Monte Carlo dropout measures the proposals' doubt
     first = train(_settings(partial, out / "lcs", scale, device, "LCS with dropout, alpha 0.5", INCOMPLETE_LABELS,
                             scale.steps, model=with_dropout))
@@ -287,12 +289,14 @@ def relabeling(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
 
 
 def write_partial_cohort(source: Path, folder: Path, labels: list[str], count: int, alpha: float, seed: int,
-                         claim_complete: bool) -> Path:
-    """The atlas case (complete) and `count` random subjects of it, keeping only `labels`, each label removed from
-    round(alpha * count) random subjects. Each case lists what it annotates (annotated/CASE.txt); the naive view
-    (claim_complete) says every case annotates every label, so a removed organ reads as background."""
+                         claim_complete: bool, keep_others: bool = False) -> Path:
+    """The atlas case (complete) and `count` random subjects of it, keeping `labels` (and with `keep_others` every
+    other atlas label, always annotated), each of `labels` removed from round(alpha * count) random subjects. Each
+    case lists what it annotates (annotated/CASE.txt); the naive view (claim_complete) says every case annotates
+    every label, so a removed organ reads as background."""
     table = LabelTable.read_csv(source / "labels.csv")
     chosen = [table.resolve(name) for name in labels]
+    others = [l for l in table if l not in chosen] if keep_others else []
     image_path, label_path, mask_path = case_files(source)["colin27"]
     image, full, mask = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), sitk.ReadImage(str(mask_path))
     rng, removal = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])  # same subjects for any alpha
@@ -304,14 +308,15 @@ def write_partial_cohort(source: Path, folder: Path, labels: list[str], count: i
         out.CopyInformation(labelmap)
         return out
 
-    write_case(folder, "colin27", image, keep(full, [l.value for l in chosen]), mask, annotated=labels)
+    write_case(folder, "colin27", image, keep(full, [l.value for l in chosen + others]), mask,
+               annotated=[l.name for l in chosen + others])
     generator, grid = SubjectGenerator(image, full, mask), model_grid(image, 2.0, 1)
     for i in range(count):
         subject, subject_labels = generator.sample(rng, Strength().times(0.6), grid=grid)
-        kept = [l for l in chosen if i not in removed[l.value]]
-        write_case(folder, f"subject{i}", subject, keep(subject_labels, [l.value for l in kept]),
-                   mask_from_labels(subject_labels), annotated=labels if claim_complete else [l.name for l in kept])
-    LabelTable(chosen).write_csv(folder / "labels.csv")
+        drawn = [l for l in chosen if i not in removed[l.value]] + others
+        write_case(folder, f"subject{i}", subject, keep(subject_labels, [l.value for l in drawn]),
+                   mask_from_labels(subject_labels), annotated=[l.name for l in (chosen + others if claim_complete else drawn)])
+    LabelTable(chosen + others).write_csv(folder / "labels.csv")
     return folder
 
 

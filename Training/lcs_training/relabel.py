@@ -54,12 +54,12 @@ def relabel(data: Path, checkpoint: Path, out: Path, rounds: int = 3, gamma_max:
     if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
         raise LCSError(f"-o {out} would write inside the data folder {data}; choose a folder outside it")
     first = Checkpoint.load(checkpoint)
-    data_labels = set(LabelTable.read_csv(data / "labels.csv").values)
-    table = LabelTable(l for l in first.label_table if l.value in data_labels)  # what the model and the data share
+    data_table = LabelTable.read_csv(data / "labels.csv")
+    table = LabelTable(l for l in first.label_table if l.value in data_table.values)  # what the model and data share
     files = case_files(data)
-    annotated = {}
+    annotated = {}  # everything a case annotates, also labels the model does not know: the sidecars keep them
     for name, (_, label_path, _) in files.items():
-        declared = read_annotated(data, name, table)
+        declared = read_annotated(data, name, data_table)
         annotated[name] = declared if declared is not None else sorted(
             int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(label_path)))) if v)
     rows, current, model = [], data, checkpoint
@@ -78,7 +78,7 @@ def relabel(data: Path, checkpoint: Path, out: Path, rounds: int = 3, gamma_max:
             result = sitk.GetImageFromArray(new.astype(np.int32))
             result.CopyInformation(labels_image)
             write_case(folder, name, image, result, sitk.ReadImage(str(mask_path)) if mask_path else None,
-                       annotated=[table.get(v).name for v in annotated[name] if v in table.values])
+                       annotated=[data_table.get(v).name for v in annotated[name] if v in data_table.values])
             if missing:
                 _score(rows, t, name, new, missing, truth, added)
         steps_so_far = int(Checkpoint.load(model).provenance.get("iterations", 0))
