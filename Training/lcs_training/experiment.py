@@ -11,9 +11,9 @@
     second-atlas  the INIA19 macaque template with its ~700 NeuroMaps labels: one LCS model against affine propagation.
     incomplete    each label removed from alpha = 50% / 70% of the training subjects: the baseline trained naively and
                   with SMILE's weights, and LCS (which samples only annotated labels), on complete held-out subjects.
-    relabel       SMILEr on the alpha = 50% cohort: an LCS model with dropout proposes the removed organs over three
-                  rounds; precision and TP/FP of the added voxels, and held-out Dice after each round against the
-                  same extra training without relabeling.
+    relabel       SMILEr on the alpha = 50% cohort, other atlas labels kept: an LCS model with dropout proposes the
+                  removed organs over three rounds; precision and TP/FP of the added voxels, and held-out Dice after
+                  each round against the same extra training without relabeling.
 
 All train with what learns in a few hundred CPU steps (lr 3e-3, 0.6x deformations) and test on held-out subjects
 (1.5x deformations, other grids). `--scale tiny` runs in about a minute each (the test suite uses it); `--scale small`
