@@ -2,12 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LCS := $(VENV)/bin/lcs
-MRICRON := /usr/share/mricron/templates/aal.nii.gz
+# The Colin27/AAL templates (Debian's mricron-data); LCS_TEMPLATES=/folder/holding/them uses a copy elsewhere.
+TEMPLATES := $(or $(LCS_TEMPLATES),/usr/share/mricron/templates)
+MRICRON := $(TEMPLATES)/aal.nii.gz
 DEMO_OUT ?= demo-output
 # Which checkpoint of build/demo-model becomes the demo: best (by validation Dice) or last.
 KEEP ?= best
 
-.PHONY: demo test env data demo-model benchmark evaluate clean
+.PHONY: demo test test-slow env data demo-model benchmark evaluate clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -20,19 +22,25 @@ env: $(VENV)/.installed
 # Real anatomy for tests, training and evaluation: Colin27 + AAL from Debian's mricron-data.
 data: $(MRICRON)
 $(MRICRON):
-	@command -v apt-get >/dev/null || { echo "install Debian's mricron-data (Colin27 + AAL atlases) or copy its templates to /usr/share/mricron/templates"; exit 1; }
+	@if [ -n "$(LCS_TEMPLATES)" ]; then echo "LCS_TEMPLATES=$(LCS_TEMPLATES) holds no aal.nii.gz: copy the Colin27/AAL templates of Debian's mricron-data there, or unset LCS_TEMPLATES" >&2; exit 1; fi
+	@if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then echo "the Colin27/AAL templates are missing ($(MRICRON)): install them as root (sudo apt-get install mricron-data), or set LCS_TEMPLATES to a folder that holds them" >&2; exit 1; fi
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mricron-data >/dev/null
 
 # Segment a real brain that is not the atlas (nilearn's MNI152 2009 template) with the bundled model.
-demo: env data
+demo: data env
 	$(PY) -m lcs_training.demo $(DEMO_OUT)
 
-test: env data
-	$(PY) -m pytest -q Testing
+# The fast tier (a few minutes; tiny models kept in Testing/models) and the slow tier (training from scratch,
+# experiments at tiny scale, torchrun). CI runs both. Testing/make_test_models.py re-creates the tiny models.
+test: data env
+	$(PY) -m pytest -q -m "not slow" Testing
+
+test-slow: data env
+	$(PY) -m pytest -q -m slow Testing
 
 # Re-create Resources/Models/demo.lcs (hours on a 2-core CPU). EXTRA passes more options, e.g.
 #   make demo-model EXTRA=--resume                              continue an interrupted run (build/demo-model/state.pt)
-#   make demo-model EXTRA="--init Resources/Models/demo.lcs"    continue training the committed model
+#   make demo-model EXTRA="--init Resources/Models/demo.lcs --overwrite"   continue training the committed model
 demo-model: env data
 	$(LCS) demo-data build/colin27
 	$(LCS) train build/colin27 --atlas colin27 -o build/demo-model --condition-levels all --lr 1e-3 \

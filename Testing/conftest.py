@@ -1,4 +1,4 @@
-"""Shared real objects: the Colin27 + AAL folder, and a tiny LCS model trained once per test session."""
+"""Shared real objects: the Colin27 + AAL folder, and tiny trained models kept in Testing/models (see tiny_settings)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +12,7 @@ from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.model import ModelConfig
 from lcs_training.data import write_colin27_aal
 from lcs_training.synth import Strength, SubjectGenerator, random_grid
-from lcs_training.train import TrainSettings, train
+from lcs_training.train import TrainSettings
 
 # Large AAL labels that a tiny model learns in a minute at 4 mm.
 TINY_LABELS = ["Frontal_Sup_L", "Frontal_Sup_R", "Temporal_Mid_L", "Temporal_Mid_R", "Cerebelum_6_L", "Precuneus_R"]
@@ -25,25 +25,38 @@ def colin27(tmp_path_factory) -> Path:
     return write_colin27_aal(tmp_path_factory.mktemp("colin27"))
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(colin27, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_model")
-    settings = TrainSettings(colin27, out, "colin27", spacing=4.0,
-                             model=ModelConfig(base_channels=8, depth=3, condition_levels="all", dropout=0.1),
-                             labels=TINY_LABELS, steps=240, lr=3e-3, strength=0.6, validate_every=120,
-                             validation_subjects=2, seed=0, device="cpu", workers=1, name="tiny test model")
-    return train(settings)
+MODELS = Path(__file__).resolve().parent / "models"  # tiny trained models, made by Testing/make_test_models.py
+
+
+def tiny_settings(data: Path, out: Path, baseline: bool = False) -> TrainSettings:
+    """The tiny test models: 4 mm, six large AAL labels, 240 steps (about 2 minutes each on 2 CPU cores).
+
+    LCS with the atlas at every decoder scale and dropout (for the uncertainty tests); the paper's multi-channel
+    baseline with the same labels, grid and budget."""
+    model = ModelConfig(base_channels=8, depth=3) if baseline else \
+        ModelConfig(base_channels=8, depth=3, condition_levels="all", dropout=0.1)
+    return TrainSettings(data, out, "colin27", spacing=4.0, model=model, labels=TINY_LABELS, steps=240, lr=3e-3,
+                         strength=0.6, validate_every=120, validation_subjects=2, seed=0, device="cpu", workers=1,
+                         name="tiny test baseline" if baseline else "tiny test model", baseline=baseline)
+
+
+def _committed(name: str) -> Path:
+    path = MODELS / f"{name}.lcs"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: re-create the test models with .venv/bin/python Testing/make_test_models.py")
+    return path
 
 
 @pytest.fixture(scope="session")
-def tiny_baseline(colin27, tmp_path_factory) -> Path:
-    """The paper's multi-channel baseline with the tiny model's labels, grid and training budget."""
-    out = tmp_path_factory.mktemp("tiny_baseline")
-    settings = TrainSettings(colin27, out, "colin27", spacing=4.0, model=ModelConfig(base_channels=8, depth=3),
-                             labels=TINY_LABELS, steps=240, lr=3e-3, strength=0.6, validate_every=120,
-                             validation_subjects=2, seed=0, device="cpu", workers=1, name="tiny test baseline",
-                             baseline=True)
-    return train(settings)
+def tiny_checkpoint() -> Path:
+    """The committed tiny LCS model (the slow tier trains the same settings anew: test_training.py)."""
+    return _committed("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline() -> Path:
+    """The committed tiny multi-channel baseline, with the tiny model's labels, grid and training budget."""
+    return _committed("tiny_baseline")
 
 
 @pytest.fixture(scope="session")

@@ -50,9 +50,12 @@ def test_segment_writes_seg_nrrd_labelmap_csv_png_and_probabilities(tiny_checkpo
     names = {seg.GetMetaData(f"Segment{i}_Name") for i in range(6)}
     assert names == set(TINY_LABELS)
     assert seg.GetMetaData("Segment0_LabelValue") in {"3", "4", "85", "86", "99", "68"}
-    assert np.array_equal(sitk.GetArrayFromImage(seg), p)
+    own = segment_masks(out / "scan.seg.nrrd")
     rows = list(csv.DictReader(open(out / "v.csv")))
     assert [r["name"] for r in rows] == TINY_LABELS and all(float(r["volume_ml"]) > 1 for r in rows)
+    for r in rows:  # segments are each label's own mask; the label map gives contested voxels to one label
+        assert own[r["name"]].sum() == int(r["voxels"])
+        assert dice(own[r["name"]], p == int(r["value"])) > 0.9, r["name"]
     assert (out / "overlay.png").read_bytes()[:4] == b"\x89PNG"
     probabilities = sorted((out / "prob").glob("*.nii.gz"))
     assert len(probabilities) == 6
@@ -78,6 +81,52 @@ def test_slicer_reads_the_segmentation_with_names_values_and_colors(tiny_checkpo
         label = tiny.label_table.resolve(segment.GetName())
         assert segment.GetLabelValue() == label.value
         assert np.allclose(segment.GetColor(), np.array(label.color) / 255, atol=1e-3)
+
+
+def segment_masks(path: Path) -> dict[str, np.ndarray]:
+    """Each segment of a .seg.nrrd as a boolean array (z, y, x), from its layer and label value."""
+    seg = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(seg)
+    layers = array[None] if seg.GetNumberOfComponentsPerPixel() == 1 else np.moveaxis(array, -1, 0)
+    count = len([k for k in seg.GetMetaDataKeys() if k.endswith("_Name")])
+    return {seg.GetMetaData(f"Segment{i}_Name"): layers[int(seg.GetMetaData(f"Segment{i}_Layer"))]
+            == int(seg.GetMetaData(f"Segment{i}_LabelValue")) for i in range(count)}
+
+
+def test_a_label_and_a_union_holding_it_are_two_overlapping_segments(tiny_checkpoint, tiny, colin27, subject, tmp_path,
+                                                                      capsys):
+    """Each requested label gets its own ID and value, and its own mask: a label inside a union stays whole, and its
+    volume does not depend on what else was asked. The single label map keeps one label per voxel."""
+    corner = sitk.Image(tiny.atlas_image.GetSize(), sitk.sitkUInt8)
+    corner.CopyInformation(tiny.atlas_image)
+    corner[0:3, 0:3, 0:3] = 1  # a region in the air outside the head: nothing there to find
+    sitk.WriteImage(corner, str(tmp_path / "corner.nii.gz"))
+    both = "Frontal_Sup_L,Frontal_Sup_L+Frontal_Sup_R"
+    code, stdout, err = run(["segment", subject / "scan.nrrd", "-o", tmp_path / "both.seg.nrrd", "--labels", both,
+                             "--condition", tmp_path / "corner.nii.gz", "--name", "air", "--checkpoint", tiny_checkpoint,
+                             "--volumes-csv", tmp_path / "both.csv", "--labelmap", tmp_path / "both.nii.gz", "--quiet",
+                             "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "segmented 2 of 3 labels (found nowhere: air)" in stdout
+    seg = sitk.ReadImage(str(tmp_path / "both.seg.nrrd"))
+    fields = [{k: seg.GetMetaData(f"Segment{i}_{k}") for k in ("ID", "Name", "LabelValue", "Layer")} for i in range(3)]
+    assert len({f["ID"] for f in fields}) == 3 and len({f["LabelValue"] for f in fields}) == 3
+    assert fields[0]["LabelValue"] == "3"  # the label keeps its atlas value; the union gets one of its own
+    assert seg.GetMetaData("Segment0_Color") != seg.GetMetaData("Segment1_Color")  # and a colour of its own
+    masks = segment_masks(tmp_path / "both.seg.nrrd")
+    single, union = masks["Frontal_Sup_L"], masks["Frontal_Sup_L+Frontal_Sup_R"]
+    assert seg.GetNumberOfComponentsPerPixel() == 2 and fields[0]["Layer"] != fields[1]["Layer"]  # overlap: 2 layers
+    assert (single & union).sum() > 0.95 * single.sum() > 0  # the label lies inside the union, neither erased
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "both.csv"))}
+    assert int(rows["Frontal_Sup_L"]["voxels"]) == single.sum() and int(rows["air"]["voxels"]) == 0
+    labelmap = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "both.nii.gz")))
+    assert set(np.unique(labelmap)) <= {0, 3, int(fields[1]["LabelValue"])}  # one label per voxel there
+    code, _, err = run(["segment", subject / "scan.nrrd", "-o", tmp_path / "alone.seg.nrrd", "--labels", "Frontal_Sup_L",
+                        "--checkpoint", tiny_checkpoint, "--volumes-csv", tmp_path / "alone.csv", "--quiet", "--device",
+                        "cpu"], capsys)
+    assert code == 0, err
+    alone = int(next(csv.DictReader(open(tmp_path / "alone.csv")))["voxels"])
+    assert abs(alone - single.sum()) <= 0.01 * alone  # the same volume whatever else was asked
 
 
 def write_dicom_series(image: sitk.Image, folder: Path) -> None:
@@ -139,73 +188,6 @@ def test_labels_command_lists_the_atlas(tiny_checkpoint, capsys):
     assert "6 labels" in out and "Frontal_Sup_L" in out and "\n85\tTemporal_Mid_L" in out
 
 
-def image_file(tmp_path: Path, name: str, array: np.ndarray, vector: bool = False) -> Path:
-    path = tmp_path / name
-    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=vector), str(path))
-    return path
-
-
-def bad_inputs(tmp_path: Path, subject: Path, checkpoint: Path):
-    noise = np.random.default_rng(0).random((20, 24, 20)).astype(np.float32)
-    nan, inf = noise.copy(), noise.copy()
-    nan[3, 4, 5], inf[1, 1, 1] = np.nan, np.inf
-    text = tmp_path / "notes.nii.gz"
-    text.write_text("not an image")
-    hostile = tmp_path / "hostile.lcs"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(tmp_path / "pwned"), "w"))
-
-    torch.save({"format": "label-conditioned-segmentation", "x": Payload()}, hostile)
-    corrupt = tmp_path / "corrupt.lcs"
-    corrupt.write_bytes(checkpoint.read_bytes()[:1000])
-    existing = tmp_path / "existing.seg.nrrd"
-    existing.write_text("keep me")
-    scan = subject / "scan.nrrd"
-    out = tmp_path / "o.seg.nrrd"
-    return [
-        ([image_file(tmp_path, "flat.nii.gz", noise[0])], "2D"),
-        ([image_file(tmp_path, "series.nii.gz", np.stack([noise] * 3))], "4D"),
-        ([image_file(tmp_path, "rgb.nrrd", np.stack([noise] * 3, -1), vector=True)], "values per voxel"),
-        ([image_file(tmp_path, "zeros.nii.gz", np.zeros((20, 24, 20), np.float32))], "empty"),
-        ([image_file(tmp_path, "const.nii.gz", np.full((20, 24, 20), 7, np.float32))], "constant"),
-        ([image_file(tmp_path, "nan.mha", nan)], "NaN"),
-        ([image_file(tmp_path, "inf.mha", inf)], "infinite"),
-        ([text], "cannot read"),
-        ([tmp_path / "nowhere.nii.gz"], "does not exist"),
-        ([scan, "--labels", "Hippocampus_Q"], "not in the atlas"),
-        ([scan, "--checkpoint", tmp_path / "none.lcs"], "does not exist"),
-        ([scan, "--checkpoint", corrupt], "not a valid LCS checkpoint"),
-        ([scan, "--checkpoint", hostile], "not a valid LCS checkpoint"),
-        ([scan, "--device", "cuda:7" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"], "cuda:7" if not torch.cuda.is_available() else "does not exist"),
-        ([scan, "--device", "gpu"], "not known"),
-        ([scan, "-o", existing], "already exists"),
-        ([scan, "-o", text / "sub" / "x.seg.nrrd"], "not a writable folder"),
-        ([scan, "-o", tmp_path / "x.png"], ".seg.nrrd"),
-        ([scan, "--condition", text], "give one --name"),
-        ([scan, "--threshold", "1.5"], "threshold"),
-    ], out, existing, tmp_path / "pwned"
-
-
-def test_bad_inputs_get_one_clear_line_and_exit_2(tiny_checkpoint, subject, tmp_path, capsys):
-    cases, out, existing, marker = bad_inputs(tmp_path, subject, tiny_checkpoint)
-    for args, message in cases:
-        argv = ["segment", *args]
-        if "-o" not in args:
-            argv += ["-o", out]
-        if "--checkpoint" not in args:
-            argv += ["--checkpoint", tiny_checkpoint]
-        code, _, err = run(argv + ["--quiet"], capsys)
-        assert code == 2, (args, err)
-        assert err.startswith("lcs: error:") and err.count("\n") == 1, (args, err)
-        assert message in err, (args, err)
-        assert "Traceback" not in err
-    assert existing.read_text() == "keep me"
-    assert not out.exists()
-    assert not marker.exists()
-
-
 def test_console_script_reports_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "LabelConditionedSegLib.cli", "segment", str(tmp_path / "missing.nii.gz"),
                              "-o", str(tmp_path / "x.seg.nrrd")], capture_output=True, text=True, cwd=REPO)
@@ -213,3 +195,32 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert result.stderr.strip().startswith("lcs: error:") and "Traceback" not in result.stderr
     help_text = subprocess.run([sys.executable, "-m", "LabelConditionedSegLib.cli", "segment", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--labels" in help_text.stdout and "--registration" in help_text.stdout
+
+
+def test_messages_name_the_right_package_command_and_provenance(tiny_checkpoint, subject, tmp_path, capsys):
+    import tomllib
+    distribution = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["name"]
+    no_monai = ("import sys; sys.modules['monai'] = None; from LabelConditionedSegLib.cli import main; "
+                "sys.exit(main(['evaluate', '--subjects', '1']))")
+    result = subprocess.run([sys.executable, "-c", no_monai], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and f"pip install '{distribution}[train]'" in result.stderr, result.stderr
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, "-m", "LabelConditionedSegLib.cli", "segment", str(tmp_path / "empty"), "-o",
+                             str(tmp_path / "e.seg.nrrd"), "--checkpoint", str(tiny_checkpoint)], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "folder of DICOM files" in result.stderr, result.stderr
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", str(subject / "scan.nrrd"), "-o", str(tmp_path / "x.seg.nrrd"), "--lables", "Frontal_Sup_L"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: lcs segment" in err and "--lables" in err
+    code, out, _ = run(["labels", "--checkpoint", tiny_checkpoint], capsys)
+    assert code == 0 and "# iterations: 240" in out and "# labels_trained: 6" in out
+
+
+@pytest.mark.parametrize("command", ["train", "relabel", "evaluate", "experiment", "benchmark"])
+def test_every_option_of_the_training_commands_is_explained_and_quiet_exists(command):
+    from LabelConditionedSegLib.cli import build_parser
+    [commands] = [a for a in build_parser(command)._actions if a.dest == "command"]
+    options = [a for a in commands.choices[command]._actions if a.option_strings and a.dest != "help"]
+    assert "quiet" in {a.dest for a in options}
+    assert [a.option_strings for a in options if not (a.help or "").strip()] == []

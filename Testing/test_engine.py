@@ -31,8 +31,8 @@ def test_decoding_around_each_label_matches_decoding_the_whole_grid(tiny, prepar
     cropped, whole = engine(tiny, margin=16), engine(tiny, margin=10_000)
     conds = conditions(segmenter)
     assert cropped._box(conds[0], volume.model_image.shape)[1] != volume.model_image.shape  # the crop is really smaller
-    a = cropped.segment(cropped.encode(volume.model_image), conds)
-    b = whole.segment(whole.encode(volume.model_image), conds)
+    a = cropped.segment(cropped.encode(volume.model_image), conds).labels
+    b = whole.segment(whole.encode(volume.model_image), conds).labels
     for c in conds:
         assert dice(a == c.value, b == c.value) > 0.97, c.name
 
@@ -42,12 +42,19 @@ def test_streaming_combination_equals_argmax_of_all_probability_maps(tiny, prepa
     engine = segmenter.engine
     conds = conditions(segmenter)
     maps = []
-    labels = engine.segment(volume.encoded, conds, threshold=0.5, on_probability=lambda c, p: maps.append((c.value, p)))
+    decoded = engine.segment(volume.encoded, conds, threshold=0.5, on_probability=lambda c, p: maps.append((c.value, p)))
+    labels = decoded.labels
     values = np.array([v for v, _ in maps])
     stack = np.stack([p for _, p in maps])
     expected = np.where(stack.max(0) >= 0.5, values[stack.argmax(0)], 0)
     assert np.array_equal(labels, expected)
     assert set(np.unique(labels)) - {0} <= set(values.tolist())
+    for (value, p), box in zip(maps, decoded.masks):  # each condition's own mask: its probability alone decides
+        own = np.zeros(p.shape, bool)
+        if box is not None:
+            own[box.region] = box.mask
+        assert np.array_equal(own, p >= 0.5), value
+        assert not (labels == value)[~own].any()  # the label map gives a voxel only to a condition that reaches it
 
 
 def test_batches_sized_by_memory_give_the_same_result(tiny, prepared):
@@ -59,14 +66,15 @@ def test_batches_sized_by_memory_give_the_same_result(tiny, prepared):
     assert len(list(large._batches(conds, shape))) < len(conds)
     a = small.segment(small.encode(volume.model_image), conds)
     b = large.segment(large.encode(volume.model_image), conds)
-    assert np.array_equal(a, b)
+    assert np.array_equal(a.labels, b.labels)
+    assert all(np.array_equal(x.mask, y.mask) and x.offset == y.offset for x, y in zip(a.masks, b.masks))
 
 
 def test_threshold_leaves_uncertain_voxels_as_background(prepared):
     segmenter, volume = prepared
     conds = conditions(segmenter)
-    loose = segmenter.engine.segment(volume.encoded, conds, threshold=0.1)
-    strict = segmenter.engine.segment(volume.encoded, conds, threshold=0.9)
+    loose = segmenter.engine.segment(volume.encoded, conds, threshold=0.1).labels
+    strict = segmenter.engine.segment(volume.encoded, conds, threshold=0.9).labels
     assert (strict > 0).sum() < (loose > 0).sum()
 
 

@@ -1,7 +1,11 @@
-"""Each paper experiment runs end to end at its tiny scale, so none can rot."""
+"""Each paper experiment runs end to end at its tiny scale, so none can rot (the slow tier: make test-slow)."""
 import csv
 
+import pytest
+
 from LabelConditionedSegLib.cli import main
+
+pytestmark = pytest.mark.slow
 
 
 def read_rows(path):

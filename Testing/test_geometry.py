@@ -53,7 +53,7 @@ def test_segmentation_lies_on_the_input_grid_and_matches_ground_truth(tiny, coli
     image, truth = heldout_subject(colin27, seed=seed)
     assert not np.allclose(image.GetDirection(), tiny.atlas_image.GetDirection()) or image.GetSpacing() != tiny.atlas_image.GetSpacing()
     segmenter = Segmenter(tiny, "cpu")
-    labels = segmenter.segment(segmenter.prepare(image), segmenter.conditions(TINY_LABELS))
+    labels = segmenter.segment(segmenter.prepare(image), segmenter.conditions(TINY_LABELS)).labelmap
     assert same_grid(labels, image)
     t, p = sitk.GetArrayFromImage(truth), sitk.GetArrayFromImage(labels)
     scores = [dice(t == l.value, p == l.value) for l in tiny.label_table]
@@ -65,7 +65,7 @@ def test_registration_none_for_scans_already_in_atlas_space(tiny, colin27):
     segmenter = Segmenter(tiny, "cpu")
     prepared = segmenter.prepare(image, registration="none")
     assert np.allclose(as_affine(prepared.transform).GetMatrix(), np.eye(3).ravel())
-    labels = sitk.GetArrayFromImage(segmenter.segment(prepared, segmenter.conditions(TINY_LABELS)))
+    labels = sitk.GetArrayFromImage(segmenter.segment(prepared, segmenter.conditions(TINY_LABELS)).labelmap)
     t = sitk.GetArrayFromImage(truth)
     assert np.mean([dice(t == l.value, labels == l.value) for l in tiny.label_table]) > 0.45
 

@@ -99,6 +99,25 @@ def test_segments_have_names_colors_geometry_and_match_ground_truth(scene, scans
     assert logic.lastDevice == "cpu"
 
 
+def test_overlapping_requests_are_whole_segments_and_add_no_temporary_nodes(scene, scans, tiny_checkpoint):
+    """A label and a union holding it: two segments, each its own mask (they overlap), with their own colours."""
+    volume = load_volume(scene, scans[0][0])
+    logic = SegmentationLogic(scene)
+    alone = logic.process(volume, ["Frontal_Sup_L"], checkpointPath=tiny_checkpoint, device="cpu")
+    nodes = scene.GetNumberOfNodes()
+    both = logic.process(volume, ["Frontal_Sup_L", "Frontal_Sup_L+Frontal_Sup_R"], checkpointPath=tiny_checkpoint,
+                         device="cpu")
+    assert scene.GetNumberOfNodes() == nodes + 2  # the segmentation and its display node: nothing temporary left
+    assert names(both) == ["Frontal_Sup_L", "Frontal_Sup_L+Frontal_Sup_R"]
+    segments = both.GetSegmentation()
+    single, union = (read_segment(scene, both, segments.GetNthSegmentID(i), volume) for i in range(2))
+    assert (single & union).sum() > 0.95 * single.sum() > 0  # the label inside the union is not erased by it
+    assert union.sum() > 1.5 * single.sum()
+    first = read_segment(scene, alone, alone.GetSegmentation().GetNthSegmentID(0), volume)
+    assert abs(int(first.sum()) - int(single.sum())) <= 0.01 * first.sum()  # the same whatever else was asked
+    assert segments.GetNthSegment(0).GetColor() != segments.GetNthSegment(1).GetColor()
+
+
 def test_user_segments_survive(scene, scans, tiny_checkpoint):
     volume = load_volume(scene, scans[0][0])
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")

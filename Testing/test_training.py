@@ -1,4 +1,5 @@
 """Training: the paper's recipe reaches a Dice bar, label sampling respects annotations, resume, torchrun."""
+import argparse
 import os
 import subprocess
 import sys
@@ -7,30 +8,49 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from LabelConditionedSegLib.checkpoint import Checkpoint
+from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.model import ModelConfig
 from lcs_training.data import load_atlas, load_cases
-from lcs_training.train import TrainSettings, pick_labels, train
+from lcs_training.train import TrainSettings, add_arguments, pick_labels, train
 
-from conftest import TINY_LABELS, heldout_subject
+from conftest import TINY_LABELS, heldout_subject, tiny_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_tiny_model_learns_the_labels(tiny):
-    """Trained in conftest for 240 steps at 4 mm on six AAL labels of warped Colin27 subjects."""
-    assert tiny.provenance["validation_dice"] > 0.45
-    assert min(tiny.provenance["validation_dice_per_label"].values()) > 0.25
+@pytest.fixture(scope="module")
+def trained_now(colin27, tmp_path_factory) -> Path:
+    """The tiny test model's recipe (conftest.tiny_settings), trained from scratch with today's code."""
+    return train(tiny_settings(colin27, tmp_path_factory.mktemp("tiny_model")))
 
 
-def test_history_and_plot_are_written(tiny_checkpoint):
-    rows = (tiny_checkpoint.parent / "history.csv").read_text().splitlines()
+@pytest.mark.slow
+def test_the_tiny_recipe_learns_the_labels(trained_now):
+    """240 steps at 4 mm on six AAL labels of warped Colin27 subjects reach a Dice bar, and the loss falls."""
+    trained = Checkpoint.load(trained_now)
+    assert trained.provenance["validation_dice"] > 0.45
+    assert min(trained.provenance["validation_dice_per_label"].values()) > 0.25
+    rows = (trained_now.parent / "history.csv").read_text().splitlines()
     assert rows[0] == "step,loss,val_dice" and len(rows) == 241
     first, last = [np.mean([float(r.split(",")[1]) for r in chunk]) for chunk in (rows[1:41], rows[-40:])]
     assert last < first - 0.2  # the soft-Dice loss fell
-    assert (tiny_checkpoint.parent / "history.png").read_bytes()[:4] == b"\x89PNG"
+    assert (trained_now.parent / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_committed_test_models_follow_the_recipe_and_learned(tiny, tiny_baseline, colin27, tmp_path):
+    """Testing/models holds what Testing/make_test_models.py makes today; else re-create them with it."""
+    for path, baseline in ((None, False), (tiny_baseline, True)):
+        model = tiny if path is None else Checkpoint.load(path)
+        recipe = tiny_settings(colin27, tmp_path, baseline)
+        assert model.provenance["name"] == recipe.name and model.provenance["lr"] == recipe.lr
+        assert model.provenance["spacing_mm"] == recipe.spacing and model.provenance["iterations"] in (120, 240)
+        assert [l.name for l in model.label_table] == TINY_LABELS
+        assert model.config.to_dict() == {**recipe.model.to_dict(), **({"baseline_labels": 6} if baseline else {})}
+    assert tiny.provenance["validation_dice"] > 0.45
 
 
 def test_targets_are_only_labels_the_case_annotates():
@@ -73,6 +93,117 @@ def test_resume_continues_from_the_last_step(colin27, tmp_path):
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 5
 
 
+TINY_RUN = ["--spacing", "8", "--depth", "2", "--base-channels", "4", "--labels", "Frontal_Sup_L,Frontal_Sup_R",
+            "--validate-every", "2", "--validation-subjects", "1", "--device", "cpu", "--workers", "0"]
+
+
+def _tiny(colin27, out, **more):
+    return TrainSettings(colin27, out, "colin27", spacing=8.0, model=ModelConfig(4, 2), labels=TINY_LABELS[:2],
+                         validate_every=2, validation_subjects=1, device="cpu", workers=0, **more)
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _history_steps(folder):
+    return [int(row.split(",")[0]) for row in (folder / "history.csv").read_text().splitlines()[1:]]
+
+
+def test_a_folder_holding_a_run_is_refused_unless_overwritten(colin27, tmp_path):
+    train(_tiny(colin27, tmp_path, steps=2))
+    before = _files(tmp_path)
+    with pytest.raises(LCSError, match="already holds a training run.*--resume to continue it, --overwrite to replace it"):
+        train(_tiny(colin27, tmp_path, steps=2, seed=1))
+    with pytest.raises(LCSError, match="only one of them"):
+        train(_tiny(colin27, tmp_path, steps=4, resume=True, overwrite=True))
+    assert _files(tmp_path) == before  # nothing touched, byte for byte
+    train(_tiny(colin27, tmp_path, steps=2, seed=1, overwrite=True))
+    assert _history_steps(tmp_path) == [1, 2]  # a new history, not the old one with restarted steps appended
+    assert Checkpoint.load(tmp_path / "best.lcs").provenance["seed"] == 1
+    assert _files(tmp_path)["state.pt"] != before["state.pt"]
+
+
+def test_resume_needs_a_saved_state_with_its_settings(colin27, tmp_path, capsys):
+    with pytest.raises(LCSError, match="holds no state.pt"):
+        train(_tiny(colin27, tmp_path / "new", steps=2, resume=True))
+    assert not (tmp_path / "new").exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"model": {}, "optimizer": {}, "step": 2, "best": 0.5}, old / "state.pt")  # before settings were saved
+    assert main(["train", str(colin27), "--atlas", "colin27", "-o", str(old), "--resume", *TINY_RUN]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without the run's settings" in err[0], err
+
+
+def test_the_cli_resumes_a_run_with_its_saved_settings(colin27, tmp_path, capsys):
+    """`lcs train -o OUT --resume` continues a 8 mm run on its 8 mm grid; an option given with another value is refused,
+    even when that value is the option's default."""
+    out = tmp_path / "run"
+    assert main(["train", str(colin27), "--atlas", "colin27", "-o", str(out), "--steps", "2", *TINY_RUN]) == 0
+    capsys.readouterr()
+    before = _files(out)
+    assert main(["train", "-o", str(out), "--resume", "--steps", "4", "--spacing", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--spacing 2.0 differs from 8.0" in err[0], err
+    assert _files(out) == before
+    assert main(["train", "-o", str(out), "--resume", "--steps", "4", "--depth", "2", "--device", "cpu", "--workers", "0"]) == 0
+    last = Checkpoint.load(out / "last.lcs")
+    assert last.provenance["iterations"] == 4 and last.provenance["spacing_mm"] == 8.0
+    assert last.atlas_image.GetSpacing() == pytest.approx((8.0, 8.0, 8.0))
+    assert last.config == ModelConfig(4, 2) and len(last.label_table) == 2
+    assert _history_steps(out) == [1, 2, 3, 4]
+
+
+def test_an_interrupted_run_resumes_with_its_whole_history(colin27, tmp_path, monkeypatch):
+    """history.csv is written at each checkpoint, so a run stopped between two continues without a gap; a Python caller
+    of resume gets the saved settings too."""
+    import lcs_training.train as training
+    losses = []
+
+    def power_cut_at_step_4(*args, **kwargs):
+        losses.append(1)
+        if len(losses) == 4:
+            raise RuntimeError("power cut")
+        return masked_dice_loss(*args, **kwargs)
+
+    masked_dice_loss = training.masked_dice_loss
+    monkeypatch.setattr(training, "masked_dice_loss", power_cut_at_step_4)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(_tiny(colin27, tmp_path, steps=6))
+    monkeypatch.undo()
+    assert _history_steps(tmp_path) == [1, 2]  # as far as state.pt, saved at step 2
+    train(TrainSettings(colin27, tmp_path, "colin27", steps=6, device="cpu", workers=0, resume=True))
+    assert _history_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+    last = Checkpoint.load(tmp_path / "last.lcs")
+    assert last.provenance["iterations"] == 6 and last.provenance["spacing_mm"] == 8.0
+    with pytest.raises(LCSError, match="spacing 4.0 differs from 8.0"):
+        train(TrainSettings(colin27, tmp_path, "colin27", spacing=4.0, steps=8, device="cpu", workers=0, resume=True))
+
+
+def test_a_failed_start_leaves_no_output_folder(colin27, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for name, wrong in {"unknown_label": [str(colin27), "--atlas", "colin27", "--labels", "Nowhere_L"],
+                        "missing_atlas": [str(colin27), "--atlas", "nobody"],
+                        "no_data": [str(tmp_path / "nothing"), "--atlas", "colin27"],
+                        "bad_init": [str(colin27), "--atlas", "colin27", "--init", str(tmp_path / "none.lcs")]}.items():
+        code = main(["train", *wrong, "-o", str(runs / name), "--spacing", "8", "--depth", "2", "--device", "cpu",
+                     "--workers", "0"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, (name, err)
+        assert not runs.exists(), name
+
+
+def test_every_train_option_has_a_help_text_and_shows_its_default():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert all(action.help for action in parser._actions)
+    text = " ".join(parser.format_help().split())
+    for shown in ("(default 2000;", "(default 0.0001)", "(default 200)", "--overwrite"):
+        assert shown in text
+
+
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(colin27, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -104,7 +235,6 @@ def test_the_multichannel_baseline_trains_and_is_refused_by_lcs_segment(tiny_bas
     baseline = Checkpoint.load(tiny_baseline)
     assert baseline.config.baseline_labels == len(TINY_LABELS) == len(baseline.label_table)
     assert baseline.provenance["validation_dice"] > 0.15  # learned: an untrained model scores near 0
-    from LabelConditionedSegLib.cli import main
     code = main(["segment", str(colin27 / "images/colin27.nii.gz"), "-o", str(tmp_path / "x.seg.nrrd"),
                  "--checkpoint", str(tiny_baseline)])
     assert code == 2 and "multi-channel baseline" in capsys.readouterr().err

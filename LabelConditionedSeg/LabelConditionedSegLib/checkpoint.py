@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import LCSError
+from .files import atomic_path
 from .labels import LabelTable
 from .model import LCSNet, ModelConfig
 
@@ -23,9 +24,12 @@ VERSION = 1
 
 
 def _bundled() -> Path:
-    """demo.lcs beside the package (a built Slicer extension) or at the repository's top (a source tree)."""
+    """demo.lcs as package data (pip install: LabelConditionedSegLib/Models, mapped from Resources/Models
+    in pyproject.toml), beside the package (a built Slicer extension) or at the repository's top (a source
+    tree, also an editable install)."""
     here = Path(__file__).resolve()
-    candidates = [root / "Resources" / "Models" / "demo.lcs" for root in (here.parents[1], here.parents[2])]
+    candidates = [here.parent / "Models" / "demo.lcs",
+                  *(root / "Resources" / "Models" / "demo.lcs" for root in (here.parents[1], here.parents[2]))]
     return next((p for p in candidates if p.exists()), candidates[-1])
 
 
@@ -75,13 +79,15 @@ class Checkpoint:
             "normalization": self.normalization,
             "provenance": self.provenance,
         }
-        torch.save({
+        contents = {
             "format": FORMAT, "version": VERSION, "metadata": json.dumps(metadata),
             "weights": {k: v.detach().cpu().clone() for k, v in self.weights.items()},
             "atlas_image": torch.from_numpy(sitk.GetArrayFromImage(self.atlas_image)).half(),
             "atlas_labels": torch.from_numpy(sitk.GetArrayFromImage(self.atlas_labels).astype(np.int32)),
             "atlas_mask": torch.from_numpy(sitk.GetArrayFromImage(self.atlas_mask).astype(np.uint8)),
-        }, str(path))
+        }
+        with atomic_path(path) as temporary:  # a crash or kill mid-save leaves the previous file
+            torch.save(contents, str(temporary))
 
     @classmethod
     def load(cls, path: str | Path) -> "Checkpoint":

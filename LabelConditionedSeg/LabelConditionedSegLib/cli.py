@@ -10,15 +10,19 @@ import os
 import re
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from .checkpoint import default_checkpoint
 from .errors import Cancelled, LCSError
+from .progress import set_quiet
 
 def _writable(path: Path | None, overwrite: bool, folder: bool = False) -> None:
     """Refuse before any work: an existing output (without --overwrite) or a folder we cannot write."""
     if path is None:
         return
+    if not folder and path.is_dir():
+        raise LCSError(f"{path} is a folder; give a file name for this output")
     if path.exists() and not overwrite and not (folder and path.is_dir() and not any(path.iterdir())):
         raise LCSError(f"{path} already exists; choose another name or pass --overwrite")
     parent = path if folder and path.is_dir() else path.parent
@@ -29,9 +33,9 @@ def _writable(path: Path | None, overwrite: bool, folder: bool = False) -> None:
         raise LCSError(f"cannot write {path}: {probe} is not a writable folder")
 
 
-def _console_progress(enabled: bool):
-    from tqdm import tqdm
-    bar = tqdm(total=100, disable=not enabled, bar_format="{desc} {bar} {percentage:3.0f}%", file=sys.stderr)
+def _console_progress():
+    from .progress import progress_bar
+    bar = progress_bar(total=100)
 
     def update(fraction: float, message: str) -> None:
         bar.set_description_str(message[:48].ljust(48))
@@ -40,73 +44,246 @@ def _console_progress(enabled: bool):
     return update, bar
 
 
-def segment(args: argparse.Namespace) -> None:
-    import SimpleITK as sitk
+def _say(line: str) -> None:
+    """A line on stdout that a live progress bar on the terminal does not garble, flushed at once: under torchrun
+    a process may be stopped as soon as another one exits."""
+    from tqdm import tqdm
+    tqdm.write(line)
+    sys.stdout.flush()
 
+
+def _model(args: argparse.Namespace, device: str):
+    """The checkpoint loaded once, its Segmenter on `device`, and the conditions asked for (the same for every scan)."""
     from .checkpoint import Checkpoint
-    from .outputs import segment_volumes, write_overlay_png, write_seg_nrrd, write_volumes_csv
     from .pipeline import Segmenter
     from .volume import read_volume
 
-    if not str(args.output).endswith((".seg.nrrd", ".nrrd")):
-        raise LCSError(f"-o {args.output}: the segmentation is written as Slicer's .seg.nrrd; end the name with .seg.nrrd")
+    checkpoint = Checkpoint.load(args.checkpoint)
+    segmenter = Segmenter(checkpoint, device, messages=lambda m: print(f"lcs: {m}", file=sys.stderr))
+    masks = [(name, read_volume(path, mask=True)) for name, path in zip(args.name, args.condition)]
+    names = [x for x in (args.labels or "").split(",") if x.strip()]
+    if args.labels is not None and not names:
+        raise LCSError(f"--labels {args.labels!r} names no label; give names or values separated by commas, or use --all")
+    if args.all or (not names and not masks):
+        names = [str(label.value) for label in checkpoint.label_table]
+    return segmenter, segmenter.conditions(names, masks)
+
+
+def _segment_scan(segmenter, conditions, image, args: argparse.Namespace, seg: Path, extras: dict[str, Path],
+                  progress) -> str:
+    """Segment one image and write its outputs, the .seg.nrrd last: a cohort takes that file as the sign that the
+    scan is done. Returns the summary ("segmented 5 of 6 labels (found nowhere: X)")."""
+    import SimpleITK as sitk
+
+    from .files import write_image
+    from .outputs import write_overlay_png, write_seg_nrrd, write_volumes_csv
+
+    prepared = segmenter.prepare(image, args.registration, lambda f, m: progress(0.3 * f, m))
+    on_probability = None
+    if "probabilities" in extras:
+        folder = extras["probabilities"]
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def on_probability(condition, probability):
+            safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", condition.name)
+            write_image(probability, folder / f"{condition.value}_{safe}.nii.gz")
+
+    result = segmenter.segment(prepared, conditions, args.threshold, on_probability,
+                               lambda f, m: progress(0.3 + 0.7 * f, m))
+    missing = result.missing
+    summary = f"segmented {len(conditions) - len(missing)} of {len(conditions)} labels" + (
+        f" (found nowhere: {', '.join(missing)})" if missing else "")
+    seg.parent.mkdir(parents=True, exist_ok=True)
+    if "labelmap" in extras:
+        pixel = sitk.sitkInt32 if max(c.value for c in conditions) > 32767 else sitk.sitkInt16
+        write_image(sitk.Cast(result.labelmap, pixel), extras["labelmap"])
+    if "volumes_csv" in extras:
+        write_volumes_csv(result, extras["volumes_csv"])
+    if "overlay" in extras:
+        write_overlay_png(image, result.labelmap, conditions, extras["overlay"], title=summary)
+    write_seg_nrrd(result, seg)
+    return summary
+
+
+def segment(args: argparse.Namespace) -> int:
+    from .cohort import list_scans
+
     if len(args.name) != len(args.condition):
         raise LCSError("give one --name for each --condition mask")
     if not 0 < args.threshold < 1:
         raise LCSError("--threshold must be between 0 and 1")
-    for path, folder in [(args.output, False), (args.labelmap, False), (args.volumes_csv, False),
-                         (args.overlay, False), (args.probabilities, True)]:
-        _writable(path, args.overwrite, folder)
+    scans, cohort = list_scans(args.input)
+    return _segment_cohort(args, scans) if cohort else _segment_single(args)
+
+
+def _segment_single(args: argparse.Namespace) -> int:
+    """One scan: -o names its .seg.nrrd; an extra given without a file name is named after it."""
+    from .cohort import EXTRAS, extra_paths
+    from .volume import read_volume
+
+    if not str(args.output).endswith((".seg.nrrd", ".nrrd")):
+        raise LCSError(f"-o {args.output}: the segmentation is written as Slicer's .seg.nrrd; end the name with "
+                       ".seg.nrrd (-o is a folder only for a cohort: several scans, a folder of scans or a .csv list)")
+    named = extra_paths(args.output)
+    extras = {key: named[key] if value is True else value for key in EXTRAS if (value := getattr(args, key))}
+    _writable(args.output, args.overwrite)
+    for key, path in extras.items():
+        _writable(path, args.overwrite, folder=key == "probabilities")
 
     started = time.time()
-    checkpoint = Checkpoint.load(args.checkpoint)
-    image = read_volume(args.input)
-    segmenter = Segmenter(checkpoint, args.device, messages=lambda m: print(f"lcs: {m}", file=sys.stderr))
-    masks = [(name, read_volume(path)) for name, path in zip(args.name, args.condition)]
-    names = [x for x in (args.labels or "").split(",") if x.strip()]
-    if args.all or (not names and not masks):
-        names = [str(label.value) for label in checkpoint.label_table]
-    conditions = segmenter.conditions(names, masks)
-
-    progress, bar = _console_progress(not args.quiet)
-    prepared = segmenter.prepare(image, args.registration, lambda f, m: progress(0.3 * f, m))
-    on_probability = None
-    if args.probabilities:
-        args.probabilities.mkdir(parents=True, exist_ok=True)
-
-        def on_probability(condition, probability):
-            safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", condition.name)
-            sitk.WriteImage(probability, str(args.probabilities / f"{condition.value}_{safe}.nii.gz"), useCompression=True)
-
-    labelmap = segmenter.segment(prepared, conditions, args.threshold, on_probability,
-                                 lambda f, m: progress(0.3 + 0.7 * f, m))
+    segmenter, conditions = _model(args, args.device)
+    image = read_volume(args.input[0], series=args.series)
+    progress, bar = _console_progress()
+    summary = _segment_scan(segmenter, conditions, image, args, args.output, extras, progress)
     progress(1.0, "done")
     bar.close()
+    written = [str(path) for key, path in extras.items() if key != "probabilities"]
+    if "probabilities" in extras:
+        written.append(f"{extras['probabilities']}/ ({len(conditions)} probability maps)")
+    print(f"{summary} on {segmenter.device} in {time.time() - started:.1f} s")
+    print("wrote " + ", ".join([str(args.output), *written]))
+    return 0
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_seg_nrrd(labelmap, conditions, args.output)
-    written = [str(args.output)]
-    if args.labelmap:
-        sitk.WriteImage(sitk.Cast(labelmap, sitk.sitkInt32 if max(c.value for c in conditions) > 32767 else sitk.sitkInt16),
-                        str(args.labelmap), useCompression=True)
-        written.append(str(args.labelmap))
-    if args.volumes_csv:
-        write_volumes_csv(labelmap, conditions, args.volumes_csv)
-        written.append(str(args.volumes_csv))
-    if args.overlay:
-        write_overlay_png(image, labelmap, conditions, args.overlay)
-        written.append(str(args.overlay))
-    if args.probabilities:
-        written.append(f"{args.probabilities}/ ({len(conditions)} probability maps)")
-    found = sum(1 for row in segment_volumes(labelmap, conditions) if row["voxels"])
-    print(f"segmented {found} of {len(conditions)} labels on {segmenter.device} in {time.time() - started:.1f} s")
-    print("wrote " + ", ".join(written))
+
+COHORT_WAIT = timedelta(hours=24)  # how long a process that has done its share may wait for the others
+
+
+def _segment_cohort(args: argparse.Namespace, scans: list) -> int:
+    """Several scans into the folder -o, the model loaded once per process. Under torchrun process RANK takes
+    scans[RANK::WORLD_SIZE] of the sorted list; the processes meet once, at the end, where rank 0 writes
+    OUT/volumes.csv and lists every failure. Returns 2 if any scan failed in any process."""
+    import torch
+
+    from . import distributed
+
+    out = _check_cohort(args, scans)
+    rank, world, local_rank = distributed.ranks()
+    device = args.device
+    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    segmenter, conditions = _model(args, device)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    mine = _run_share(args, segmenter, conditions, scans, rank, world)
+    distributed.start("gloo", timeout=COHORT_WAIT)  # gloo even beside GPUs: only small Python objects are exchanged
+    try:
+        everyone = distributed.gather(mine)
+        if rank == 0:
+            _report(out, scans, everyone, time.time() - started)
+    except BaseException:
+        distributed.finish(wait=False)
+        raise
+    distributed.finish()
+    return 2 if any(failed for _, _, failed in everyone) else 0
+
+
+def _check_cohort(args: argparse.Namespace, scans: list) -> Path:
+    """Refuse, before any work, what a cohort cannot do; returns the output folder."""
+    from .cohort import EXTRAS, TABLE, VOLUME_SUFFIXES
+
+    out = args.output
+    if args.series:
+        raise LCSError("--series picks a series of one DICOM folder; it does not apply to a cohort")
+    if out.name.lower().endswith(VOLUME_SUFFIXES) or out.is_file():
+        raise LCSError(f"-o {out}: {len(scans)} scans are segmented into a folder; give -o a folder "
+                       "(each scan writes FOLDER/<name>.seg.nrrd)")
+    for key, suffix in EXTRAS.items():
+        if getattr(args, key) not in (None, True):
+            also = f", and {out}/{TABLE} gathers them" if key == "volumes_csv" else ""
+            raise LCSError(f"--{key.replace('_', '-')} {getattr(args, key)}: in a cohort this option takes no file "
+                           f"name; each scan writes {out}/<name>{suffix}{also}")
+    if out.resolve() in {p.resolve() for p in args.input if p.is_dir()}:
+        raise LCSError(f"-o {out} is the folder of the scans; write the results into another folder")
+    _writable(out, overwrite=True, folder=True)
+    return out
+
+
+def _run_share(args: argparse.Namespace, segmenter, conditions, scans: list, rank: int, world: int):
+    """Segment this process's share of the scans, one line each; returns (done names, skipped names,
+    [(name, path, reason)] of the failed). A KeyboardInterrupt stops the run (Cancelled)."""
+    from .progress import progress_bar
+
+    where = f" (process {rank} of {world})" if world > 1 else ""
+    share = list(enumerate(scans))[rank::world]
+    done, skipped, failed = [], [], []
+    bar = progress_bar(total=len(share), desc="cohort", disable=rank > 0)
+    try:
+        for index, scan in share:
+            head = f"{index + 1}/{len(scans)} {scan.name}"
+
+            def progress(fraction: float, message: str, name: str = scan.name) -> None:
+                bar.set_description_str(f"{name}: {message}"[:48].ljust(48))
+                bar.refresh()
+            try:
+                summary = _cohort_scan(args, segmenter, conditions, scan, progress)
+            except Exception as error:  # noqa: BLE001 - a failing scan is reported and the cohort goes on
+                failed.append((scan.name, str(scan.path), _reason(error)))
+                _say(f"{head}: failed: {failed[-1][2]}{where}")
+            else:
+                (done if summary else skipped).append(scan.name)
+                _say(f"{head}: {summary or 'skipped, done before (--overwrite segments it again)'}{where}")
+            bar.set_description_str("cohort")
+            bar.update(1)
+    except KeyboardInterrupt:
+        raise Cancelled(f"cancelled by the user after {len(done) + len(skipped) + len(failed)} of {len(share)} scans; "
+                        f"the finished ones are in {args.output}: run the same command again to go on") from None
+    finally:
+        bar.close()
+    return done, skipped, failed
+
+
+def _cohort_scan(args: argparse.Namespace, segmenter, conditions, scan, progress) -> str | None:
+    """One scan of a cohort into OUT/<name>.seg.nrrd and the extras asked for: its summary with the time it took,
+    or None when a previous run did it (the .seg.nrrd is written last, so its presence means done)."""
+    from .cohort import extra_paths
+    from .volume import read_volume
+
+    seg = args.output / f"{scan.name}.seg.nrrd"
+    extras = {key: path for key, path in extra_paths(seg).items() if key == "volumes_csv" or getattr(args, key)}
+    if seg.exists() and not args.overwrite:
+        if not extras["volumes_csv"].is_file():
+            raise LCSError(f"{seg} exists but {extras['volumes_csv']} does not; pass --overwrite to segment it again")
+        return None
+    began = time.time()
+    summary = _segment_scan(segmenter, conditions, read_volume(scan.path), args, seg, extras, progress)
+    return f"{summary} in {time.time() - began:.1f} s"
+
+
+def _report(out: Path, scans: list, everyone: list, seconds: float) -> None:
+    """Rank 0, once every process is done: the cohort table, a summary line and the failures of all processes."""
+    from .cohort import TABLE, write_table
+
+    done, skipped, failed = ([x for part in everyone for x in part[i]] for i in range(3))
+    rows = write_table(out, scans)
+    rate = f" ({60 * len(done) / seconds:.2f} scans per minute)" if done else ""
+    print(f"{len(done)} of {len(scans)} scans segmented in {seconds:.1f} s{rate}, {len(skipped)} skipped (done "
+          f"before), {len(failed)} failed; wrote {out / TABLE} ({rows} rows)", flush=True)
+    if failed:
+        print(f"lcs: error: {len(failed)} of {len(scans)} scans failed:", file=sys.stderr)
+        for name, path, reason in failed:
+            print(f"lcs:   {name}: {reason}" + ("" if path in reason else f" ({path})"), file=sys.stderr, flush=True)
+
+
+def _reason(error: Exception) -> str:
+    """A failure on one line: an LCSError or OSError says what to do; anything else also names its type."""
+    if isinstance(error, OSError):
+        text = f"{error.strerror or error} ({error.filename or 'output'})"
+    else:
+        lines = str(error).strip().splitlines() or [""]
+        text = lines[-1] if isinstance(error, RuntimeError) else lines[0]  # ITK puts its message last
+        if not isinstance(error, LCSError):
+            text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text[:300]
 
 
 def labels(args: argparse.Namespace) -> None:
     from .checkpoint import Checkpoint
     checkpoint = Checkpoint.load(args.checkpoint)
     print(f"# {checkpoint.description}")
+    print(f"# file: {args.checkpoint}")
+    for key, value in checkpoint.provenance.items():
+        if key != "validation_dice_per_label":  # one line per label would drown the table
+            print(f"# {key}: {value}")
     print("value\tname")
     for label in checkpoint.label_table:
         print(f"{label.value}\t{label.name}")
@@ -116,7 +293,7 @@ def _training(module: str):
     try:
         return __import__(f"lcs_training.{module}", fromlist=[module])
     except ImportError as error:
-        raise LCSError(f"this command needs the training extras ({error.name} is missing): pip install 'lcs[train]'") from None
+        raise LCSError(f"this command needs the training extras ({error.name} is missing): pip install 'label-conditioned-seg[train]'") from None
 
 
 TRAINING_COMMANDS = {
@@ -142,57 +319,87 @@ TRAINING_COMMANDS = {
 }
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """--help shows an option's default where it has one and its help does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; `command` names the training subcommand whose arguments to load, if any."""
     parser = argparse.ArgumentParser(prog="lcs", description="Label Conditioned Segmentation: one model, any atlas label.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("segment", help="segment atlas labels on a scan", description=(
+    p = sub.add_parser("segment", help="segment atlas labels on a scan or a cohort of scans", description=(
         "Segment atlas labels on a 3D scan (NIfTI, NRRD, MHA, a DICOM folder...). The scan is registered to the "
         "model's atlas, segmented on the model grid and mapped back: outputs lie on the input's own grid. "
-        "Example: lcs segment head.nii.gz -o head.seg.nrrd --labels Hippocampus_L,Hippocampus_R --volumes-csv vol.csv"))
-    p.add_argument("input", type=Path, help="scan file or DICOM folder")
-    p.add_argument("-o", "--output", type=Path, required=True, help="segmentation to write (.seg.nrrd, opens in Slicer)")
+        "Example: lcs segment head.nii.gz -o head.seg.nrrd --labels Hippocampus_L,Hippocampus_R --volumes-csv vol.csv. "
+        "A cohort (several scans, a folder of image files, or a .csv list with a 'path' column) goes into the folder "
+        "-o: each scan writes OUT/NAME.seg.nrrd, the extras asked for (--labelmap, --overlay, --probabilities, "
+        "without file names) and OUT/NAME_volumes.csv, gathered in OUT/volumes.csv. Done scans are skipped, failed "
+        "ones listed at the end (exit code 2). Several GPUs or nodes: "
+        "torchrun --nproc_per_node N -m LabelConditionedSegLib.cli segment ..."))
+    p.add_argument("input", type=Path, nargs="+", help="scan file or DICOM folder; for a cohort several of them, a "
+                   "folder of image files, or a .csv with a 'path' column (relative to the .csv) and an optional 'name'")
+    p.add_argument("-o", "--output", type=Path, required=True, help="segmentation to write (.seg.nrrd, opens in "
+                   "Slicer); for a cohort, the folder that receives NAME.seg.nrrd for each scan")
     p.add_argument("--checkpoint", type=Path, default=default_checkpoint(), help="model (.lcs); default: the bundled demo")
     p.add_argument("--labels", help="comma-separated atlas label names or values; A+B segments the union of A and B")
     p.add_argument("--all", action="store_true", help="every atlas label (the default when no labels or conditions are given)")
     p.add_argument("--condition", type=Path, action="append", default=[], help="binary mask drawn on the atlas image (repeatable)")
     p.add_argument("--name", action="append", default=[], help="segment name for each --condition, in order")
-    p.add_argument("--labelmap", type=Path, help="also write a label map (e.g. .nii.gz): voxel = atlas label value, 0 background")
-    p.add_argument("--probabilities", type=Path, help="folder for one probability map per label (.nii.gz)")
-    p.add_argument("--volumes-csv", type=Path, help="CSV of voxel counts and volumes (mL) per label")
-    p.add_argument("--overlay", type=Path, help="PNG with three slices of the result over the scan")
+    without = "; given no file name (as a cohort wants), it writes"
+    p.add_argument("--labelmap", type=Path, nargs="?", const=True, help="also write a label map (.nii.gz) with one "
+                   "label per voxel, the most probable: voxel = label value, 0 background (the .seg.nrrd holds each "
+                   f"label's own mask instead){without} NAME_labels.nii.gz beside NAME.seg.nrrd")
+    p.add_argument("--probabilities", type=Path, nargs="?", const=True, help="folder for one probability map per "
+                   f"label (.nii.gz){without} NAME_probabilities/ beside NAME.seg.nrrd")
+    p.add_argument("--volumes-csv", type=Path, nargs="?", const=True, help="CSV of voxel counts and volumes (mL) per "
+                   f"label{without} NAME_volumes.csv (a cohort always does, and gathers them in OUT/volumes.csv)")
+    p.add_argument("--overlay", type=Path, nargs="?", const=True, help="PNG with three slices of the result over "
+                   f"the scan{without} NAME_overlay.png")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--series", help="in a DICOM folder holding several series, the one to segment: its number in the "
+                   "list lcs prints, or its Series Instance UID (default: the largest)")
     p.add_argument("--registration", default="affine", choices=["affine", "rigid", "none"],
                    help="how the scan is aligned to the atlas; 'none' if it is already in atlas space")
     p.add_argument("--threshold", type=float, default=0.5, help="probability under which a voxel is background")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (in a cohort: segment "
+                   "again the scans done before)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=segment)
+    p.set_defaults(run=segment, parser=p)
 
     p = sub.add_parser("labels", help="list the atlas labels of a checkpoint")
-    p.add_argument("--checkpoint", type=Path, default=default_checkpoint())
-    p.set_defaults(run=labels)
+    p.add_argument("--checkpoint", type=Path, default=default_checkpoint(), help="model (.lcs); default: the bundled demo")
+    p.set_defaults(run=labels, parser=p)
 
     for name, (summary, description) in TRAINING_COMMANDS.items():
-        p = sub.add_parser(name, help=summary, description=description)
+        p = sub.add_parser(name, help=summary, description=description, formatter_class=_ShowDefaults)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(parser=p)
         if name == command:  # only the command being run imports the training extras
             module = _training(name)
             module.add_arguments(p)
             p.set_defaults(run=module.run)
 
     p = sub.add_parser("demo-data", help="write the Colin27 + AAL training folder from Debian's mricron-data")
-    p.add_argument("folder", type=Path)
-    p.set_defaults(run=lambda a: print(_training("data").write_colin27_aal(a.folder)))
+    p.add_argument("folder", type=Path, help="folder to write labels.csv, images/, labels/ and masks/ into")
+    p.set_defaults(run=lambda a: print(_training("data").write_colin27_aal(a.folder)), parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser(argv[0] if argv else None).parse_args(argv)
-        args.run(args)
-        return 0
+        args, unknown = build_parser(argv[0] if argv else None).parse_known_args(argv)
+        if unknown:  # a misspelled option: show the usage of the command it was meant for
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        set_quiet(getattr(args, "quiet", False))
+        return args.run(args) or 0  # a command returns an exit code, or nothing when all went well
     except Cancelled as error:
         print(f"lcs: {error}", file=sys.stderr)
         return 130

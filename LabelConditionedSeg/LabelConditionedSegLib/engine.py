@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, LCSError
-from .geometry import bounding_box, keep_highest
+from .geometry import Box, keep_highest
 from .model import LCSNet
 
 Progress = Callable[[float, str], None]
@@ -39,11 +39,10 @@ class Condition:
     @classmethod
     def of(cls, name: str, value: int, mask: np.ndarray, color: tuple[int, int, int] = (128, 128, 128)) -> "Condition":
         """A condition from a whole-grid mask."""
-        box = bounding_box(mask)
+        box = Box.of(mask)
         if box is None:
             return cls(name, value, np.zeros((0, 0, 0), bool), color)
-        lo, hi = box
-        return cls(name, value, mask[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(bool), color, tuple(lo))
+        return cls(name, value, box.mask, color, box.offset)
 
     def within(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
         """The mask inside the box (start, size) of the model grid."""
@@ -54,6 +53,16 @@ class Condition:
             out[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = \
                 self.mask[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, self.offset))]
         return out
+
+
+@dataclass
+class Decoded:
+    """Conditions decoded on the model grid, two ways: `labels` gives each voxel to the most probable condition (its
+    value, where that probability reaches the threshold, else 0); `masks` holds each condition thresholded on its own
+    probability (None where it is nowhere), so conditions may overlap and one does not depend on the others."""
+
+    labels: np.ndarray
+    masks: list[Box | None]
 
 
 @dataclass
@@ -135,14 +144,15 @@ class Engine:
     @torch.no_grad()
     def segment(self, encoded: Encoded, conditions: Sequence[Condition], threshold: float = 0.5,
                 on_probability: Callable[[Condition, np.ndarray], None] | None = None,
-                progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> np.ndarray:
-        """Label map (condition values, 0 where every probability is below `threshold`) on the model grid.
+                progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> Decoded:
+        """The conditions' label map and own masks on the model grid (see Decoded).
 
         on_probability, when given, receives each condition's full probability map, one at a time.
         """
         best = np.zeros(encoded.shape, np.float32)
         winner = np.full(encoded.shape, -1, np.int32)
         index_of = {id(c): i for i, c in enumerate(conditions)}
+        masks: list[Box | None] = [None] * len(conditions)
         done = 0
         for batch, boxes in self._batches(conditions, encoded.shape):
             if cancel is not None and cancel():
@@ -152,6 +162,7 @@ class Engine:
                 region = tuple(slice(s, s + n) for s, n in zip(box[0], box[1]))
                 p = probabilities[i]
                 keep_highest(best, winner, region, p, index_of[id(condition)])
+                masks[index_of[id(condition)]] = Box.of(p >= threshold, box[0])
                 if on_probability is not None:
                     full = np.zeros(encoded.shape, np.float32)
                     full[region] = p
@@ -160,7 +171,7 @@ class Engine:
             if progress is not None:
                 progress(done / len(conditions), f"decoded {done} of {len(conditions)} labels")
         values = np.array([c.value for c in conditions] + [0], np.int32)
-        return np.where(best >= threshold, values[winner], 0).astype(np.int32)
+        return Decoded(np.where(best >= threshold, values[winner], 0).astype(np.int32), masks)
 
     def _batches(self, conditions: Sequence[Condition], encoded_shape: tuple[int, int, int]):
         """Conditions grouped by similar box size, each group no larger than the memory budget allows."""

@@ -6,7 +6,8 @@ label maps back onto the input's own grid.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,6 +23,30 @@ def bounding_box(array: np.ndarray) -> tuple[list[int], list[int]] | None:
     if not nonzero[0].size:
         return None
     return [int(a.min()) for a in nonzero], [int(a.max()) + 1 for a in nonzero]
+
+
+@dataclass
+class Box:
+    """A binary mask kept as its bounding box on a grid: `offset` is the box's first voxel (array order z, y, x)."""
+
+    offset: tuple[int, int, int]
+    mask: np.ndarray  # bool
+
+    @classmethod
+    def of(cls, mask: np.ndarray, offset=(0, 0, 0)) -> "Box | None":
+        """The non-zero part of `mask` (itself placed at `offset`); None when it is empty."""
+        box = bounding_box(mask)
+        if box is None:
+            return None
+        lo, hi = box
+        return cls(tuple(int(o + a) for o, a in zip(offset, lo)), mask[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(bool))
+
+    @property
+    def region(self) -> tuple[slice, ...]:
+        return tuple(slice(o, o + n) for o, n in zip(self.offset, self.mask.shape))
+
+    def voxels(self) -> int:
+        return int(np.count_nonzero(self.mask))
 
 
 def keep_highest(best: np.ndarray, winner: np.ndarray, region: tuple[slice, ...], scores: np.ndarray, label: int) -> None:
@@ -175,6 +200,29 @@ def to_input_region(model_image: sitk.Image, reference: sitk.Image, transform: s
     return sitk.Resample(model_image, region, as_affine(transform).GetInverse(), interpolator, 0, pixel_type), [int(v) for v in begin]
 
 
+def coverage_on_input(mask: np.ndarray, offset: Sequence[int], grid: sitk.Image, reference: sitk.Image,
+                      transform: sitk.Transform) -> tuple[np.ndarray, tuple[slice, ...]] | None:
+    """How much of each input voxel a binary mask covers (0..1, linear interpolation), and where on the input grid.
+
+    The mask is a box of `grid` whose first voxel is `offset` (array order); only the part of the input it maps to is
+    resampled. None when it maps outside the input."""
+    image = sitk.GetImageFromArray(np.pad(mask, 1).astype(np.float32))
+    image.SetSpacing(grid.GetSpacing())
+    image.SetDirection(grid.GetDirection())
+    image.SetOrigin(grid.TransformIndexToPhysicalPoint([int(o) - 1 for o in offset[::-1]]))
+    region, begin = to_input_region(image, reference, transform, sitk.sitkLinear, sitk.sitkFloat32)
+    if region is None:
+        return None
+    coverage = sitk.GetArrayFromImage(region)
+    return coverage, tuple(slice(b, b + n) for b, n in zip(begin[::-1], coverage.shape))
+
+
+def box_to_input(box: Box, grid: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> Box | None:
+    """A model-grid mask on the input grid: the input voxels it covers at least half of."""
+    covered = coverage_on_input(box.mask, box.offset, grid, reference, transform)
+    return None if covered is None else Box.of(covered[0] >= 0.5, [s.start for s in covered[1]])
+
+
 def labels_to_input(labels: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> sitk.Image:
     """A model-grid label map on the input grid with smooth boundaries.
 
@@ -191,17 +239,10 @@ def labels_to_input(labels: sitk.Image, reference: sitk.Image, transform: sitk.T
     array = sitk.GetArrayViewFromImage(labels)
     for value in stats.GetLabels():
         x, y, z, sx, sy, sz = stats.GetBoundingBox(value)
-        box = (slice(z, z + sz), slice(y, y + sy), slice(x, x + sx))
-        padded = np.pad(array[box] == value, 1).astype(np.float32)
-        mask = sitk.GetImageFromArray(padded)
-        mask.SetSpacing(labels.GetSpacing())
-        mask.SetDirection(labels.GetDirection())
-        mask.SetOrigin(labels.TransformIndexToPhysicalPoint([x - 1, y - 1, z - 1]))
-        region, begin = to_input_region(mask, reference, transform, sitk.sitkLinear, sitk.sitkFloat32)
-        if region is None:
+        mapped = coverage_on_input(array[z:z + sz, y:y + sy, x:x + sx] == value, (z, y, x), labels, reference, transform)
+        if mapped is None:
             continue
-        coverage = sitk.GetArrayViewFromImage(region)
-        target = tuple(slice(b, b + n) for b, n in zip(begin[::-1], coverage.shape))
+        coverage, target = mapped
         keep_highest(best, out, target, coverage, value)
         covered[target] += coverage
     out[best <= 1 - covered] = 0

@@ -18,13 +18,14 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
+from vtk.util.numpy_support import vtk_to_numpy
 
 from .checkpoint import Checkpoint, default_checkpoint
 from .engine import Condition
 from .errors import Cancelled, LCSError
-from .geometry import keep_highest
+from .geometry import Box, keep_highest
 from .labels import LabelTable
-from .pipeline import Prepared, Segmenter
+from .pipeline import Prepared, Segmentation, Segmenter
 from .training_folder import write_case
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -56,6 +57,24 @@ def _set_reference(segmentation, volume) -> None:
     """Segments on `volume`'s geometry, and the reference that Slicer shows for it."""
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segmentation.SetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole(), volume.GetID())
+
+
+def _add_segment(segmentation, condition: Condition, box: Box, volume) -> str:
+    """A segment from a mask box on `volume`'s voxel grid (array order k, j, i), named and colored like the condition;
+    no temporary node enters the scene. Returns the segment's ID."""
+    image = slicer.vtkOrientedImageData()
+    (k, j, i), (nk, nj, ni) = box.offset, box.mask.shape
+    image.SetExtent(i, i + ni - 1, j, j + nj - 1, k, k + nk - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    vtk_to_numpy(image.GetPointData().GetScalars())[:] = box.mask.ravel()
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    segmentId = segmentation.AddSegmentFromBinaryLabelmapRepresentation(image, condition.name,
+                                                                        [v / 255 for v in condition.color])
+    if not segmentId:
+        raise LCSError(f"could not add segment {condition.name!r} to {segmentation.GetName()}")
+    return segmentId
 
 
 def volume_to_image(volume) -> sitk.Image:
@@ -114,15 +133,16 @@ class Job:
     keepProbabilities: bool = False
     image: sitk.Image | None = None  # None when the volume's encoding is cached
     prepared: Prepared | None = None
-    labelmap: sitk.Image | None = None
+    result: Segmentation | None = None
     probabilities: list[tuple[Condition, sitk.Image]] = field(default_factory=list)
 
     def run(self, progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None) -> None:
         report = progress or (lambda f, m: None)
         self._prepare(report, cancel)
         keep = (lambda c, p: self.probabilities.append((c, p))) if self.keepProbabilities else None
-        self.labelmap = self.segmenter.segment(self.prepared, self.conditions, self.threshold, keep,
-                                               lambda f, m: report(0.3 + 0.7 * f, m), cancel)
+        self.result = self.segmenter.segment(self.prepared, self.conditions, self.threshold, keep,
+                                             lambda f, m: report(0.3 + 0.7 * f, m), cancel)
+        self.result.masks  # mapped back here, off the main thread
         if cancel is not None and cancel():
             raise Cancelled()
 
@@ -149,6 +169,7 @@ class ProposalJob(Job):
     meanUncertainty: dict[str, float] = field(default_factory=dict)  # per label with voxels, inside them
     empty: list[str] = field(default_factory=list)  # labels proposed nowhere
     uncertainty: dict[str, sitk.Image] = field(default_factory=dict)  # per label with voxels, if keepUncertainty
+    labelmap: sitk.Image | None = None  # one proposed label per voxel, on the input grid
 
     def run(self, progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None) -> None:
         report = progress or (lambda f, m: None)
@@ -282,7 +303,11 @@ class SegmentationLogic:
             for condition in job.conditions:
                 while segments.GetSegmentIdBySegmentName(condition.name):
                     segments.RemoveSegment(segments.GetSegmentIdBySegmentName(condition.name))
-        self._import(job.labelmap, job.conditions, inputVolume, outputSegmentation)
+        for condition, box in zip(job.result.conditions, job.result.masks):  # each on its own: they may overlap
+            if box is not None:
+                _add_segment(outputSegmentation, condition, box, inputVolume)
+        if job.result.missing:
+            self.messages(f"Found nowhere: {', '.join(job.result.missing)}.")
         for condition, probability in job.probabilities:
             image_to_volume(probability, self.scene, f"{inputVolume.GetName()} {condition.name} probability")
         self._place_beside(outputSegmentation, inputVolume)
@@ -504,28 +529,14 @@ class SegmentationLogic:
         finally:
             self.scene.RemoveNode(labelmap)
 
-    def _import(self, labelmap: sitk.Image, conditions: Sequence[Condition], reference, segmentation) -> None:
-        """One segment per condition found in `labelmap`, named and colored, added beside existing ones."""
-        colors = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", "__lcs_colors__")
-        node = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__lcs_result__")
-        try:
-            top = max(c.value for c in conditions)
-            colors.SetTypeToUser()
-            colors.SetNumberOfColors(top + 1)
-            colors.SetColor(0, "background", 0, 0, 0, 0)
-            for c in conditions:
-                colors.SetColor(c.value, c.name, *(v / 255 for v in c.color), 1.0)
-            node.CopyOrientation(reference)
-            array = sitk.GetArrayFromImage(labelmap).astype(np.int32)
-            array[~np.isin(array, [c.value for c in conditions])] = 0
-            slicer.util.updateVolumeFromArray(node, array)
-            node.CreateDefaultDisplayNodes()
-            node.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(node, segmentation, ""):
-                raise LCSError("could not add the result to the segmentation")
-        finally:
-            self.scene.RemoveNode(node)
-            self.scene.RemoveNode(colors)
+    @staticmethod
+    def _import(labelmap: sitk.Image, conditions: Sequence[Condition], reference, segmentation) -> None:
+        """One segment per condition found in `labelmap` (on `reference`'s voxel grid), beside existing ones."""
+        array = sitk.GetArrayFromImage(labelmap)
+        for condition in conditions:
+            box = Box.of(array == condition.value)
+            if box is not None:
+                _add_segment(segmentation, condition, box, reference)
 
     def _place_beside(self, segmentation, volume) -> None:
         """Put the result under the input's study (or patient) in subject hierarchy."""

@@ -5,7 +5,9 @@ whatever labels are asked for, so another label costs one decode.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
+from itertools import count
 from typing import Callable, Sequence
 
 import numpy as np
@@ -14,8 +16,9 @@ import SimpleITK as sitk
 from .checkpoint import Checkpoint
 from .engine import Condition, Encoded, Engine, Progress
 from .errors import LCSError
-from .geometry import labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid
-from .volume import check_volume
+from .labels import Label, distinct_colors
+from .geometry import Box, box_to_input, labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid
+from .volume import check_extent, check_volume
 
 
 @dataclass
@@ -26,6 +29,36 @@ class Prepared:
     transform: sitk.Transform  # atlas (model grid) points -> input points
     model_image: np.ndarray  # normalized, on the model grid (z, y, x)
     encoded: Encoded
+
+
+@dataclass
+class Segmentation:
+    """Requested labels on the input's grid, two ways. `labelmap` gives each voxel to one label, the most probable
+    where it reaches the threshold (what --labelmap writes). `masks` hold each label thresholded on its own
+    probability (segments in .seg.nrrd and Slicer): labels may overlap, and a label's mask and volume do not depend
+    on what else was asked. The masks are mapped back on first use."""
+
+    conditions: list[Condition]
+    labelmap: sitk.Image
+    model_masks: list[Box | None]  # on the model grid
+    to_input: Callable[[Box], Box | None]
+
+    @cached_property
+    def masks(self) -> list[Box | None]:
+        """Each condition's own mask on the input grid (None where it is nowhere), in the order of `conditions`."""
+        return [None if box is None else self.to_input(box) for box in self.model_masks]
+
+    def volumes(self) -> list[dict]:
+        """Voxel count and volume (mL) of each requested label's own mask, the empty ones included."""
+        voxel_ml = float(np.prod(self.labelmap.GetSpacing())) / 1000.0
+        counts = [0 if box is None else box.voxels() for box in self.masks]
+        return [{"value": c.value, "name": c.name, "voxels": n, "volume_ml": round(n * voxel_ml, 4)}
+                for c, n in zip(self.conditions, counts)]
+
+    @property
+    def missing(self) -> list[str]:
+        """Names of the requested labels found nowhere."""
+        return [c.name for c, box in zip(self.conditions, self.masks) if box is None]
 
 
 @dataclass
@@ -67,6 +100,7 @@ class Segmenter:
     def prepare(self, image: sitk.Image, registration: str = "affine", progress: Progress | None = None,
                 cancel: Callable[[], bool] | None = None) -> Prepared:
         check_volume(image)
+        check_extent(image, self.checkpoint.atlas_image)
         step = progress or (lambda fraction, message: None)
         step(0.0, f"registering to the atlas ({registration})")
         transform = register(image, self.checkpoint.atlas_image, registration, fixed_mask=self.checkpoint.atlas_mask,
@@ -80,37 +114,44 @@ class Segmenter:
 
         masks: (name, image) or (name, image, (r, g, b)); without a color one is drawn at random."""
         table = self.checkpoint.label_table
-        out = []
-        for item in labels:
-            parts = table.resolve_union(item)
+        unions = list({frozenset(p.value for p in parts): parts for parts in map(table.resolve_union, labels)}.values())
+        singles = {parts[0].value for parts in unions if len(parts) == 1}
+        fresh = count(max(table.values) + 1)  # output values beyond the atlas's, for what has no value of its own
+        out, used = [], set()
+        for parts in unions:  # a label keeps its atlas value; a union its first label's, unless another request has it
+            value = parts[0].value if len(parts) == 1 or parts[0].value not in singles | used else next(fresh)
+            used.add(value)
             mask = np.isin(self.atlas_labels, [p.value for p in parts])
-            out.append(Condition.of("+".join(p.name for p in parts), parts[0].value, mask, parts[0].color))
-        next_value = max(table.values) + 1
-        for i, (name, image, *color) in enumerate(masks):
+            out.append(Condition.of("+".join(p.name for p in parts), value, mask, parts[0].color))
+        for name, image, *color in masks:
             check_volume(image, f"condition mask {name!r}")
             on_grid = sitk.Resample(sitk.Cast(image != 0, sitk.sitkFloat32), self.checkpoint.atlas_image,
                                     sitk.Transform(), sitk.sitkLinear, 0.0)
             mask = sitk.GetArrayFromImage(on_grid) >= 0.5
             if not mask.any():
                 raise LCSError(f"condition mask {name!r} does not overlap the atlas grid; draw it on the atlas image")
-            color = tuple(int(c) for c in (color[0] if color else np.random.default_rng(next_value + i).integers(40, 256, 3)))
-            out.append(Condition.of(name, next_value + i, mask, color))
+            value = next(fresh)
+            color = tuple(int(c) for c in (color[0] if color else np.random.default_rng(value).integers(40, 256, 3)))
+            out.append(Condition.of(name, value, mask, color))
         if not out:
             raise LCSError("no labels to segment; name some with --labels, use --all, or give --condition masks")
-        return out
+        colors = distinct_colors([Label(c.value, c.name, c.color) for c in out])  # a union beside its label: 2 colours
+        return [replace(c, color=label.color) for c, label in zip(out, colors)]
 
     def segment(self, prepared: Prepared, conditions: Sequence[Condition], threshold: float = 0.5,
                 on_probability: Callable[[Condition, sitk.Image], None] | None = None,
-                progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> sitk.Image:
-        """Label map on the input's grid (values of the conditions, 0 background)."""
+                progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> Segmentation:
+        """The conditions on the input's grid: a label map (values of the conditions, 0 background) and their own masks."""
         def back(condition: Condition, probability: np.ndarray) -> None:
             on_probability(condition, self.to_input(prepared, probability))
 
-        labels = self.engine.segment(prepared.encoded, conditions, threshold,
-                                     back if on_probability is not None else None, progress, cancel)
-        image = sitk.GetImageFromArray(labels)
-        image.CopyInformation(self.checkpoint.atlas_image)
-        return labels_to_input(image, prepared.reference, prepared.transform)
+        decoded = self.engine.segment(prepared.encoded, conditions, threshold,
+                                      back if on_probability is not None else None, progress, cancel)
+        grid = self.checkpoint.atlas_image
+        image = sitk.GetImageFromArray(decoded.labels)
+        image.CopyInformation(grid)
+        return Segmentation(list(conditions), labels_to_input(image, prepared.reference, prepared.transform),
+                            decoded.masks, lambda box: box_to_input(box, grid, prepared.reference, prepared.transform))
 
     def propose(self, prepared: Prepared, conditions: Sequence[Condition], passes: int = 8,
                 progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> list[Proposal]:

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import SimpleITK as sitk
 
+from .files import write_image, write_text
 from .labels import LabelTable
 
 
@@ -25,10 +26,10 @@ def write_case(folder: Path, name: str, image: sitk.Image, labels: sitk.Image, m
     for sub, volume in volumes.items():
         if volume is not None:
             (folder / sub).mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(volume, str(folder / sub / f"{name}.nii.gz"))
+            write_image(volume, folder / sub / f"{name}.nii.gz", compress=False)
     if annotated is not None:
         (folder / "annotated").mkdir(parents=True, exist_ok=True)
-        (folder / "annotated" / f"{name}.txt").write_text("".join(f"{label}\n" for label in annotated))
+        write_text("".join(f"{label}\n" for label in annotated), folder / "annotated" / f"{name}.txt")
 
 
 def read_annotated(folder: Path, name: str, table: LabelTable) -> list[int] | None:

@@ -5,19 +5,38 @@ One case is the atlas: it fixes the model grid and conditions the network.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from LabelConditionedSegLib.errors import LCSError
+from LabelConditionedSegLib.files import atomic_path
 from LabelConditionedSegLib.geometry import model_grid, normalize_intensity, register, to_model_grid
 from LabelConditionedSegLib.labels import Label, LabelTable
 from LabelConditionedSegLib.training_folder import read_annotated, write_case
-from LabelConditionedSegLib.volume import read_volume
+from LabelConditionedSegLib.volume import check_volume, inspect_file, label_values, read_image, read_volume
 
-MRICRON = Path("/usr/share/mricron/templates")
+TEMPLATES = Path("/usr/share/mricron/templates")  # Debian's mricron-data; $LCS_TEMPLATES points elsewhere
+COLIN27_AAL = ("ch2.nii.gz", "ch2bet.nii.gz", "aal.nii.gz", "aal.nii.txt", "aal.nii.lut")
+INIA19 = ("inia19-t1-brain.nii.gz", "inia19-NeuroMaps.nii.gz")
+SUFFIXES = (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd", ".hdr", ".img", ".nhdr")
+# A label map, a mask and their image share one grid: spacing and direction to 1e-3, origin to 1% of a voxel
+# (NIfTI stores them as float32; Slicer and other tools round them a little).
+GRID_TOLERANCE = 1e-3
+
+
+def templates_folder() -> Path:
+    """Where the Colin27/AAL (and INIA19) templates are: $LCS_TEMPLATES, else Debian's mricron-data folder."""
+    return Path(os.environ.get("LCS_TEMPLATES") or TEMPLATES)
+
+
+MRICRON = templates_folder()  # as the process started; the functions below read templates_folder() afresh
 
 
 @dataclass
@@ -34,26 +53,207 @@ class Case:
     annotated: list[int]
 
 
+LAYOUT = "see 'lcs train --help' for the layout (labels.csv, images/CASE.nii.gz, labels/CASE.nii.gz)"
+
+
 def case_files(folder: Path) -> dict[str, tuple[Path, Path, Path | None]]:
-    """Case name -> (image, labels, optional mask) paths, matched by file name."""
-    images = {p.name: p for p in sorted((folder / "images").glob("*")) if p.is_file() or p.is_dir()}
-    if not images:
-        raise LCSError(f"{folder}/images holds no images; see 'lcs train --help' for the folder layout")
-    cases = {}
-    for file_name, image in images.items():
-        label = folder / "labels" / file_name
-        if not label.exists():
-            raise LCSError(f"{image} has no label map at {label}")
-        mask = folder / "masks" / file_name
-        cases[_stem(file_name)] = (image, label, mask if mask.exists() else None)
+    """Case name -> (image, labels, optional mask) paths, matched by file name; the folder checked whole first
+    (check_training_folder, once per folder and content), so that every command reading a training folder
+    refuses a malformed one in one line before any work."""
+    cases = _listing(folder)
+    _check_contents(folder, cases)
     return cases
 
 
+def _listing(folder: Path) -> dict[str, tuple[Path, Path, Path | None]]:
+    """The folder's cases from file names alone: refuses a missing folder, labels.csv, image or label map."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LCSError(f"training folder {folder} " + ("is a file, not a folder" if folder.exists() else "does not exist")
+                       + f"; {LAYOUT}")
+    if not any(folder.iterdir()):
+        raise LCSError(f"training folder {folder} is empty; {LAYOUT}")
+    if not (folder / "labels.csv").is_file():
+        raise LCSError(f"training folder {folder} has no labels.csv (a header value,name,r,g,b and one line per label); {LAYOUT}")
+    found = sorted((folder / "images").glob("*")) if (folder / "images").is_dir() else []
+    names = {p.name for p in found}
+    images = {p.name: p for p in found if (p.is_file() or p.is_dir()) and not _companion(p.name, names)}
+    if not images:
+        raise LCSError(f"{folder}/images holds no images; {LAYOUT}")
+    cases = {}
+    for file_name, image in images.items():
+        stem = _stem(file_name)
+        label = folder / "labels" / file_name
+        if not label.exists():
+            others = sorted(p.name for p in (folder / "labels").glob(f"{stem}.*") if _stem(p.name) == stem) \
+                if (folder / "labels").is_dir() else []
+            hint = (f" (labels/{others[0]} is there: name the image and its label map alike)" if others else
+                    "; add the label map or remove the image")
+            raise LCSError(f"case {stem}: images/{file_name} has no label map labels/{file_name}{hint}")
+        if stem in cases:
+            raise LCSError(f"case {stem} has two images ({cases[stem][0].name} and {file_name}); keep one")
+        mask = folder / "masks" / file_name
+        cases[stem] = (image, label, mask if mask.exists() else None)
+    return cases
+
+
+def _companion(name: str, names: set[str]) -> bool:
+    """Files that belong to another image file (MetaImage .raw, Analyze .img, NRRD detached data) or are hidden."""
+    low = name.lower()
+    if name.startswith(".") or low.endswith((".raw", ".zraw", ".raw.gz")):
+        return True
+    return low.endswith((".img", ".img.gz")) and (name[: -len(".img.gz") if low.endswith(".gz") else -4] + ".hdr" in names
+                                                   or name[:-7] + ".hdr.gz" in names)
+
+
 def _stem(file_name: str) -> str:
-    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"):
-        if file_name.endswith(suffix):
+    for suffix in SUFFIXES:
+        if file_name.lower().endswith(suffix):
             return file_name[: -len(suffix)]
     return file_name
+
+
+def read_table(folder: Path) -> LabelTable:
+    """folder/labels.csv, refused in one line naming the file when it is missing, malformed or empty."""
+    path = Path(folder) / "labels.csv"
+    if not path.is_file():
+        raise LCSError(f"training folder {folder} has no labels.csv (a header value,name,r,g,b and one line per label); {LAYOUT}")
+    try:
+        table = LabelTable.read_csv(path)
+    except LCSError as error:
+        raise LCSError(f"{path}: {error}; fix the file (a header value,name,r,g,b and one line per label)") from None
+    except (UnicodeDecodeError, ValueError, TypeError) as error:  # a binary file or odd CSV
+        raise LCSError(f"{path} is not a label table ({type(error).__name__}); write it as CSV: value,name,r,g,b") from None
+    if not len(table):
+        raise LCSError(f"{path} lists no labels; add one line value,name,r,g,b per label")
+    seen: dict[str, int] = {}
+    for label in table:
+        if label.name.lower() in seen:
+            raise LCSError(f"{path} names {label.name!r} twice (values {seen[label.name.lower()]} and {label.value}); "
+                           "give each label its own name")
+        seen[label.name.lower()] = label.value
+    return table
+
+
+def check_training_folder(folder: Path, atlas: str | None = None) -> dict[str, tuple[Path, Path, Path | None]]:
+    """Refuse a malformed training folder in one line naming the case and what to do: no labels.csv, no images,
+    an image without label map, a file that cannot be read, is cut short or holds no usable scan, a label map or
+    mask on another grid than its image, label values labels.csv does not list, an annotated/CASE.txt naming
+    unknown labels, an empty atlas label map, an atlas case that is not there. Reads every file once (cached
+    while the folder's files stay as they are); returns the cases."""
+    cases = _listing(Path(folder))
+    unlabelled = _check_contents(Path(folder), cases)
+    if atlas is not None:
+        if atlas not in cases:
+            raise LCSError(f"atlas case {atlas!r} is not in {folder}/images (cases: {', '.join(sorted(cases))}); "
+                           "give --atlas one of them")
+        if atlas in unlabelled:
+            raise LCSError(f"case {atlas}: labels/{cases[atlas][1].name} is empty (every voxel 0); the atlas needs "
+                           "its labels: give --atlas a labelled case")
+    return cases
+
+
+_CHECKED: dict[Path, tuple[tuple, frozenset]] = {}  # folder -> (its files' sizes and times, cases without labels)
+
+
+def _signature(folder: Path, cases: dict) -> tuple:
+    files = [folder / "labels.csv", *(folder / "annotated").glob("*.txt")]
+    files += [p for paths in cases.values() for p in paths if p is not None]
+    signature = []
+    for path in sorted(files):
+        try:
+            stat = path.stat()
+            signature.append((str(path), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            signature.append((str(path), None, None))
+    return tuple(signature)
+
+
+def _check_contents(folder: Path, cases: dict) -> frozenset:
+    """Every file of every case read and checked (see check_training_folder); returns the cases whose label map is
+    empty. Done once while the folder's files keep their sizes and times."""
+    key, signature = folder.resolve(), _signature(folder, cases)
+    if key in _CHECKED and _CHECKED[key][0] == signature:
+        return _CHECKED[key][1]
+    table = read_table(folder)
+    known = set(table.values)
+    unlabelled = set()
+    for name, (image_path, label_path, mask_path) in cases.items():
+        image = _read_case_file(image_path, f"case {name}: images/{image_path.name}")
+        check_volume(image, f"case {name}: images/{image_path.name}")
+        labels = _read_case_file(label_path, f"case {name}: labels/{label_path.name}")
+        _same_grid(image, labels, f"case {name}: labels/{label_path.name}", f"images/{image_path.name}")
+        array = sitk.GetArrayViewFromImage(labels)
+        if array.dtype.kind == "f" and not (np.isfinite(array).all() and np.array_equal(array, np.round(array))):
+            raise LCSError(f"case {name}: labels/{label_path.name} holds non-integer values; a label map holds label "
+                           "values (save it with an integer voxel type)")
+        present = label_values(labels)
+        unlabelled |= set() if present else {name}
+        unknown = [v for v in present if v not in known]
+        if unknown or (array.size and array.min() < 0):
+            unknown = unknown or sorted({int(v) for v in np.unique(array) if v < 0})
+            shown = ", ".join(map(str, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            raise LCSError(f"case {name}: labels/{label_path.name} holds value{'s' * (len(unknown) > 1)} {shown} that "
+                           f"{folder}/labels.csv does not list; add them to labels.csv or set them to 0 (background)")
+        if mask_path is not None:
+            mask = _read_case_file(mask_path, f"case {name}: masks/{mask_path.name}")
+            _same_grid(image, mask, f"case {name}: masks/{mask_path.name}", f"images/{image_path.name}")
+            if not sitk.GetArrayViewFromImage(mask).any():
+                raise LCSError(f"case {name}: masks/{mask_path.name} is empty (every voxel 0); fix or remove the mask "
+                               "(without one the mask comes from the label map)")
+        _declared(folder, name, table)
+    _CHECKED[key] = (signature, frozenset(unlabelled))
+    return _CHECKED[key][1]
+
+
+def _read_case_file(path: Path, what: str) -> sitk.Image:
+    """An image, label map or mask of a case (a file, or a DICOM folder), refused in one line naming the case."""
+    if not path.is_dir():
+        return read_image(path, what)
+    try:
+        return read_image(path, what, messages=lambda message: None)
+    except LCSError as error:
+        raise LCSError(f"{what}: {error}") from None
+
+
+def _same_grid(image: sitk.Image, other: sitk.Image, what: str, image_name: str) -> None:
+    """Refuse a label map or mask that does not lie voxel for voxel on its image's grid."""
+    problem = None
+    if other.GetSize() != image.GetSize():
+        problem = f"size {_shown(other.GetSize(), '{}')} against {_shown(image.GetSize(), '{}')}"
+    elif not np.allclose(other.GetSpacing(), image.GetSpacing(), rtol=GRID_TOLERANCE, atol=0):
+        problem = f"spacing {_shown(other.GetSpacing())} mm against {_shown(image.GetSpacing())} mm"
+    elif np.abs(np.subtract(other.GetOrigin(), image.GetOrigin())).max() > 0.01 * min(image.GetSpacing()):
+        problem = f"origin {_shown(other.GetOrigin())} against {_shown(image.GetOrigin())}"
+    elif np.abs(np.subtract(other.GetDirection(), image.GetDirection())).max() > GRID_TOLERANCE:
+        problem = "another orientation (direction matrix)"
+    if problem:
+        raise LCSError(f"{what} lies on another grid than {image_name} ({problem}); resample it onto its image "
+                       "(nearest neighbour) or export both again")
+
+
+def _shown(values, form: str = "{:.4g}") -> str:
+    return "x".join(form.format(v) for v in values) if form == "{}" else "(" + ", ".join(form.format(v) for v in values) + ")"
+
+
+def _declared(folder: Path, name: str, table: LabelTable) -> list[int] | None:
+    """read_annotated, with an unknown label named with its case and file."""
+    try:
+        return read_annotated(folder, name, table)
+    except LCSError:
+        path = Path(folder) / "annotated" / f"{name}.txt"
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        bad = []
+        for line in lines:
+            try:
+                table.resolve(line)
+            except LCSError:
+                bad.append(line)
+        raise LCSError(f"case {name}: annotated/{name}.txt names {', '.join(map(repr, bad[:5])) or 'labels'}, not in "
+                       f"the atlas labels of {folder}/labels.csv; correct the names or add the labels to labels.csv") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise LCSError(f"case {name}: cannot read annotated/{name}.txt ({type(error).__name__}); write it as text, "
+                       "one label name or value per line") from None
 
 
 def mask_from_labels(labels: sitk.Image) -> sitk.Image:
@@ -75,14 +275,14 @@ def load_atlas(folder: Path, name: str, spacing: float, factor: int) -> Case:
     identity = sitk.Transform()
     on_grid = sitk.Resample(labels, grid, identity, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
     # labels too small to keep a voxel on the model grid cannot be conditioned on, so they are not the atlas's
-    present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(on_grid)) if v)
+    present = label_values(on_grid)
     return Case(name, to_model_grid(image, grid, identity), on_grid,
                 sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), grid, identity, sitk.sitkNearestNeighbor, 0),
                 present, _annotated(folder, name, present))
 
 
 def _annotated(folder: Path, name: str, present: list[int]) -> list[int]:
-    declared = read_annotated(folder, name, LabelTable.read_csv(folder / "labels.csv"))
+    declared = _declared(folder, name, read_table(folder))
     return present if declared is None else declared
 
 
@@ -95,7 +295,7 @@ def load_cases(folder: Path, atlas: Case, registration: str = "affine") -> list[
             continue
         image, labels = read_volume(image_path), sitk.ReadImage(str(label_path))
         transform = register(image, atlas.image, registration, fixed_mask=atlas.mask)
-        present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v)
+        present = label_values(labels)
         annotated = _annotated(folder, name, present)
         if mask_path:
             mask = sitk.ReadImage(str(mask_path))
@@ -116,30 +316,67 @@ def normalized(image: sitk.Image, atlas_mask: sitk.Image) -> np.ndarray:
     return normalize_intensity(image, sitk.GetArrayViewFromImage(atlas_mask))
 
 
-def _require_mricron(files: list[str]) -> list[Path]:
-    paths = [MRICRON / f for f in files]
-    missing = [str(p) for p in paths if not p.exists()]
+def require_templates(files: Sequence[str] = COLIN27_AAL) -> list[Path]:
+    """The template files a command needs, or one line saying what is missing and how to install it."""
+    folder = templates_folder()
+    paths = [folder / f for f in files]
+    missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise LCSError(f"missing {missing[0]}; install Debian's mricron-data (apt-get install mricron-data)")
+        where = "$LCS_TEMPLATES" if os.environ.get("LCS_TEMPLATES") else "Debian's mricron-data"
+        what = "the INIA19 macaque templates" if set(missing) <= set(INIA19) else "the Colin27/AAL templates"
+        raise LCSError(f"this command needs {what}, but {folder} ({where}) lacks {', '.join(missing)}: install them "
+                       "as root (sudo apt-get install mricron-data) or set LCS_TEMPLATES to a folder that holds them")
+    for path in paths:  # a damaged template fails here, in one line, before the command writes anything
+        if path.name.endswith((".nii.gz", ".nii")):
+            inspect_file(path, f"template {path} (reinstall mricron-data)")  # a cut-short file fails here
     return paths
 
 
+_require_mricron = require_templates  # the name the rest of the package used
+
+
+def check_data(data: Path | None, atlas: str | None = "colin27", templates: Sequence[str] = ()) -> None:
+    """What a command needs before it writes anything: the training folder it was given (checked whole), else the
+    Colin27/AAL templates it writes one from; and any other templates it reads."""
+    if data is None:
+        require_templates(tuple(COLIN27_AAL) + tuple(templates))
+    else:
+        check_training_folder(data, atlas)
+        if templates:
+            require_templates(templates)
+
+
 def write_colin27_aal(folder: Path) -> Path:
-    """The demo data set: Colin27 head with the 116-label AAL atlas and its brain mask (Debian's mricron-data)."""
-    ch2, ch2bet, aal, names, lut = _require_mricron(["ch2.nii.gz", "ch2bet.nii.gz", "aal.nii.gz", "aal.nii.txt", "aal.nii.lut"])
-    write_case(folder, "colin27", sitk.ReadImage(str(ch2)), sitk.ReadImage(str(aal)),
-                sitk.Cast(sitk.ReadImage(str(ch2bet)) > 0, sitk.sitkUInt8))
-    LabelTable.from_mricron(names, lut).write_csv(folder / "labels.csv")
+    """The demo data set: Colin27 head with the 116-label AAL atlas and its brain mask (Debian's mricron-data).
+    Files already in `folder` are kept when identical and refused when they differ (nothing is overwritten)."""
+    ch2, ch2bet, aal, names, lut = require_templates(COLIN27_AAL)
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="lcs-demo-data-") as tmp:  # written whole, then moved into place
+        fresh = Path(tmp)
+        write_case(fresh, "colin27", read_image(ch2, f"template {ch2}"), read_image(aal, f"template {aal}"),
+                   sitk.Cast(read_image(ch2bet, f"template {ch2bet}") > 0, sitk.sitkUInt8))
+        LabelTable.from_mricron(names, lut).write_csv(fresh / "labels.csv")
+        written = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
+        for relative in written:
+            target = folder / relative
+            if target.exists() and (not target.is_file() or target.read_bytes() != (fresh / relative).read_bytes()):
+                raise LCSError(f"{target} exists and is not the Colin27/AAL file; write the demo data into an empty "
+                               "folder, or remove it first")
+        for relative in written:
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            if not (folder / relative).exists():
+                with atomic_path(folder / relative) as temporary:
+                    shutil.copyfile(fresh / relative, temporary)
     return folder
 
 
 def write_inia19_neuromaps(folder: Path) -> Path:
     """The second atlas family: the INIA19 macaque brain (0.5 mm) with its ~700 NeuroMaps labels (mricron-data).
     mricron-data ships no names for them, so each label is named by its value."""
-    t1, neuromaps = _require_mricron(["inia19-t1-brain.nii.gz", "inia19-NeuroMaps.nii.gz"])
-    image, labels = sitk.ReadImage(str(t1)), sitk.ReadImage(str(neuromaps))
+    t1, neuromaps = require_templates(INIA19)
+    image, labels = read_image(t1, f"template {t1}"), read_image(neuromaps, f"template {neuromaps}")
     write_case(folder, "inia19", image, labels, sitk.Cast(image > 0, sitk.sitkUInt8))
-    values = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0)
+    values = label_values(labels)
     colors = np.random.default_rng(19).integers(40, 256, (len(values), 3))
     LabelTable(Label(v, f"NeuroMaps_{v}", tuple(int(c) for c in rgb)) for v, rgb in zip(values, colors)).write_csv(folder / "labels.csv")
     return folder

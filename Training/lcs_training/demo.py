@@ -7,13 +7,15 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from LabelConditionedSegLib.cli import main as lcs
+from LabelConditionedSegLib.files import atomic_path
 
 
 def write_mni152(path: Path) -> Path:
     """nilearn ships the MNI152 2009 template (1 mm, skull-stripped): a second real brain to segment."""
     from nilearn.datasets import load_mni152_template
     image = load_mni152_template(resolution=1)
-    image.to_filename(str(path))
+    with atomic_path(path) as temporary:
+        image.to_filename(str(temporary))
     sitk.ReadImage(str(path))  # fail here, not later, if the file is unreadable
     return path
 

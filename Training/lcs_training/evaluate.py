@@ -8,16 +8,16 @@ registration, so the comparison isolates what each adds to it. Per label and cas
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
+from LabelConditionedSegLib.progress import progress_bar
 
 from LabelConditionedSegLib.checkpoint import Checkpoint, default_checkpoint
+from LabelConditionedSegLib.files import write_csv
 from LabelConditionedSegLib.geometry import labels_to_input, to_input_grid
 from LabelConditionedSegLib.pipeline import Segmenter, model_input
 
@@ -61,13 +61,13 @@ def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength
             raise SystemExit(f"--baseline wants multi-channel baseline checkpoints (lcs train --baseline), not {b.description}")
     atlas_labels = sitk.ReadImage(str(case_files(data)[atlas][1]))
     rows, seconds = [], {}
-    for i, (image, truth) in enumerate(tqdm(heldout_subjects(data, atlas, count, strength, seed), total=count, desc="held-out subjects")):
+    for i, (image, truth) in enumerate(progress_bar(heldout_subjects(data, atlas, count, strength, seed), total=count, desc="held-out subjects")):
         truth_array = sitk.GetArrayFromImage(truth)
         predictions = {}
         start = time.time()
         prepared = segmenter.prepare(image)
         registered = time.time() - start
-        predictions["lcs"] = segmenter.segment(prepared, conditions)
+        predictions["lcs"] = segmenter.segment(prepared, conditions).labelmap
         seconds.setdefault("lcs", []).append(time.time() - start)
         start = time.time()
         predictions["affine propagation"] = to_input_grid(atlas_labels, image, prepared.transform)
@@ -89,10 +89,7 @@ def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength
                 for value, m in label_metrics(sitk.GetArrayFromImage(labelmap), truth_array, values, spacing).items():
                     rows.append({"subject": i, "method": method, "value": value, "name": table.get(value).name,
                                  **{k: round(v, 4) for k, v in m.items()}})
-    with open(out / "heldout_metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "heldout_metrics.csv", FIELDS)
     methods = list(seconds)
     summary = {m: float(np.mean([r["dice"] for r in rows if r["method"] == m])) for m in methods}
     summary.update({f"{m} hd95": float(np.nanmean([r["hd95_mm"] for r in rows if r["method"] == m])) for m in methods})
@@ -112,20 +109,22 @@ def _baseline_labels(model: Checkpoint, prepared, device: str) -> sitk.Image:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, default=default_checkpoint())
+    parser.add_argument("--checkpoint", type=Path, default=default_checkpoint(), help="LCS model (.lcs) to score")
     parser.add_argument("--data", type=Path, help="training-style folder holding the source case (default: Colin27 + AAL)")
     parser.add_argument("--atlas", default="colin27", help="case of --data to generate held-out subjects from")
-    parser.add_argument("--subjects", type=int, default=6)
-    parser.add_argument("--strength", type=float, default=1.5, help="deformation strength relative to training (default 1.5)")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--subjects", type=int, default=6, help="held-out subjects to generate and segment")
+    parser.add_argument("--strength", type=float, default=1.5, help="deformation strength relative to training")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the held-out subjects (training uses others)")
     parser.add_argument("--baseline", type=Path, nargs="+", default=[],
                         help="multi-channel baseline checkpoints (lcs train --baseline) to score beside LCS")
     parser.add_argument("--bspline", action="store_true", help="also score affine + B-spline atlas propagation (slower)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("build/evaluate"))
+    parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--out", type=Path, default=Path("build/evaluate"),
+                        help="folder for heldout_metrics.csv, heldout_dice.png and heldout_hd95.png")
 
 
 def run(args: argparse.Namespace) -> None:
+    from .data import check_data; check_data(args.data, args.atlas)  # --data checked whole, else the templates
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or write_colin27_aal(Path(tmp) / "colin27")
         s = evaluate(args.checkpoint, data, args.atlas, args.subjects, args.strength, args.seed, args.out, args.device,

@@ -39,6 +39,7 @@ from monai.losses import DiceLoss
 
 from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.engine import Condition, Engine, resolve_device
+from LabelConditionedSegLib.files import atomic_path, write_csv, write_text
 from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
 
@@ -128,7 +129,8 @@ def _settings(data: Path, out: Path, scale: Scale, device: str, name: str, label
               baseline: bool = False, **overrides) -> TrainSettings:
     """The experiments' training recipe: what learns in a few hundred CPU steps (lr 3e-3, 0.6x deformations)."""
     options = dict(atlas="colin27", spacing=scale.spacing, model=model_config(scale), labels=labels, steps=steps, lr=3e-3, strength=0.6,
-                   validate_every=steps, validation_subjects=1, device=device, name=name, baseline=baseline)
+                   validate_every=steps, validation_subjects=1, device=device, name=name, baseline=baseline,
+                   overwrite=True)  # a re-run replaces the experiment's own models, as it replaces its tables
     return TrainSettings(data, out, **{**options, **overrides})
 
 
@@ -170,7 +172,8 @@ def _means(rows: list[dict]) -> dict[str, float]:
 
 def _atlas_sizes(checkpoint_path: Path) -> dict[int, int]:
     """Voxels of each label on the checkpoint's atlas grid."""
-    values, counts = np.unique(sitk.GetArrayViewFromImage(Checkpoint.load(checkpoint_path).atlas_labels), return_counts=True)
+    atlas_labels = Checkpoint.load(checkpoint_path).atlas_labels  # a named image: an array view must not outlive it
+    values, counts = np.unique(sitk.GetArrayViewFromImage(atlas_labels), return_counts=True)
     return {int(v): int(c) for v, c in zip(values, counts) if v}
 
 
@@ -325,7 +328,8 @@ def memory(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
     """Peak memory (fresh process each) of a training step and an inference, LCS and baseline, per K."""
     atlas = load_atlas(data, "colin27", scale.spacing, 2**scale.depth)
     labels_npy = out / "atlas_labels.npy"  # the workers read only this, so loading data adds nothing to their peak
-    np.save(labels_npy, sitk.GetArrayFromImage(atlas.labels).astype(np.int16))
+    with atomic_path(labels_npy) as temporary:
+        np.save(temporary, sitk.GetArrayFromImage(atlas.labels).astype(np.int16))
     table = []
     for k in scale.memory_ks:
         row = {"K": k}
@@ -401,13 +405,10 @@ EXPERIMENTS = {"baseline-k": baseline_k, "memory": memory, "many": many_classes,
 
 def write_table(rows: list[dict], out: Path, name: str) -> None:
     columns = [c for c in rows[0] if not c.endswith("case_dice")]
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / f"{name}.csv", list(rows[0]))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_text("\n".join(lines) + "\n", out / f"{name}.md")
     print("\n".join(lines))
 
 
@@ -415,11 +416,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")
     parser.add_argument("--scale", choices=sorted(SCALES), default="small", help="tiny (a minute) or small (docs/results.md)")
     parser.add_argument("--data", type=Path, help="Colin27 + AAL training folder (default: written from mricron-data)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("build/experiments"))
+    parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--out", type=Path, default=Path("build/experiments"),
+                        help="the experiment's table (.csv, .md) and plot go to OUT/NAME/")
 
 
 def run(args: argparse.Namespace) -> None:
+    from .data import INIA19, check_data; check_data(args.data, "colin27", INIA19 if args.name == "second-atlas" else ())
     out = args.out / args.name
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

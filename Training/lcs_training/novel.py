@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
+from LabelConditionedSegLib.progress import progress_bar
 
 from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.geometry import to_input_grid
@@ -40,10 +40,10 @@ def score_fine_labels(checkpoint_path: Path, fine_data: Path, atlas: str, groups
     fine_conditions = segmenter.conditions(masks=[(l.name, fine_atlas == l.value, l.color) for l in fine])
     fine_value = {l.value: c.value for l, c in zip(fine, fine_conditions)}  # mask conditions get values of their own
     scores: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for image, truth in tqdm(heldout_subjects(fine_data, atlas, count, strength, seed), total=count, desc="held-out subjects"):
+    for image, truth in progress_bar(heldout_subjects(fine_data, atlas, count, strength, seed), total=count, desc="held-out subjects"):
         prepared = segmenter.prepare(image)
-        coarse_prediction = sitk.GetArrayFromImage(segmenter.segment(prepared, coarse_conditions))
-        fine_prediction = sitk.GetArrayFromImage(segmenter.segment(prepared, fine_conditions))
+        coarse_prediction = sitk.GetArrayFromImage(segmenter.segment(prepared, coarse_conditions).labelmap)
+        fine_prediction = sitk.GetArrayFromImage(segmenter.segment(prepared, fine_conditions).labelmap)
         propagated = sitk.GetArrayFromImage(to_input_grid(fine_atlas, image, prepared.transform))
         truth_array = sitk.GetArrayFromImage(truth)
         for condition, parts in zip(coarse_conditions, groups.values()):

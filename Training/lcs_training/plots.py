@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from LabelConditionedSegLib.files import atomic_path
+
 
 def _pyplot():
     import matplotlib
@@ -15,9 +17,12 @@ def _pyplot():
 
 
 def _save(fig, png: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    _pyplot().close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(png) as temporary:
+            fig.savefig(temporary, dpi=100)
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_history(history_csv: Path, png: Path) -> None:

@@ -9,20 +9,20 @@ unknown). Every round writes a new data folder; the input folder is never writte
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
+from LabelConditionedSegLib.progress import progress_bar
 
 from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.errors import LCSError
+from LabelConditionedSegLib.files import atomic_path, write_csv
 from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.training_folder import read_annotated, write_case
 from LabelConditionedSegLib.pipeline import Segmenter
-from LabelConditionedSegLib.volume import read_volume
+from LabelConditionedSegLib.volume import label_values, read_volume
 
 from .data import case_files
 from .train import TrainSettings, train
@@ -60,16 +60,16 @@ def relabel(data: Path, checkpoint: Path, out: Path, rounds: int = 3, gamma_max:
     annotated = {}  # everything a case annotates, also labels the model does not know: the sidecars keep them
     for name, (_, label_path, _) in files.items():
         declared = read_annotated(data, name, data_table)
-        annotated[name] = declared if declared is not None else sorted(
-            int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(label_path)))) if v)
+        annotated[name] = declared if declared is not None else label_values(sitk.ReadImage(str(label_path)))
     rows, current, model = [], data, checkpoint
     for t in range(1, rounds + 1):
         fraction = t / rounds * gamma_max
         folder = out / f"round{t}"
         segmenter = Segmenter(Checkpoint.load(model), device)
-        shutil.copy(data / "labels.csv", _fresh(folder) / "labels.csv")
+        with atomic_path(_fresh(folder) / "labels.csv") as temporary:
+            shutil.copyfile(data / "labels.csv", temporary)
         added: dict[int, list[int]] = {}
-        for name, (image_path, _, mask_path) in tqdm(files.items(), desc=f"round {t} of {rounds}: proposing"):
+        for name, (image_path, _, mask_path) in progress_bar(files.items(), desc=f"round {t} of {rounds}: proposing"):
             labels_image = sitk.ReadImage(str(case_files(current)[name][1]))
             labels = sitk.GetArrayFromImage(labels_image)
             missing = [v for v in table.values if v not in annotated[name]]
@@ -143,10 +143,7 @@ def summary(rows: list[dict]) -> list[dict]:
 def _write(rows: list[dict], out: Path) -> None:
     for name, table in (("relabel_labels.csv", rows), ("relabel_rounds.csv", summary(rows))):
         if table:
-            with open(out / name, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(table[0]))
-                writer.writeheader()
-                writer.writerows(table)
+            write_csv(table, out / name, list(table[0]))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -159,10 +156,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per round")
     parser.add_argument("--truth", type=Path, help="complete label maps (a training folder or CASE.nii.gz files) to "
                                                    "count true and false positives of the added labels")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
 
 
 def run(args: argparse.Namespace) -> None:
+    from .data import check_training_folder; check_training_folder(args.data)  # a malformed folder: one line, nothing written
     rows = relabel(args.data, args.checkpoint, args.out, args.rounds, args.gamma_max, args.passes, args.steps,
                    args.truth, args.device)
     start = Checkpoint.load(args.checkpoint).provenance.get("validation_dice")

@@ -5,15 +5,20 @@ a random target label that case holds, merged with a second label half the time;
 soft-Dice loss sees only the conditioned label, and, where the case does not annotate it
 completely, only the voxels SMILE's weight map keeps (smile.py). Runs on CPU or CUDA (mixed precision), and
 on several processes under `torchrun` (DistributedDataParallel).
+
+An output folder holds one run: a new run refuses a folder that holds one (unless `overwrite`), and a resumed run
+(`resume`) takes every setting from OUT/state.pt; only steps, minutes, device and workers may change.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime
+import json
+import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +26,15 @@ import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm import tqdm
 
+from LabelConditionedSegLib import distributed
 from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.engine import Condition, Engine, resolve_device
 from LabelConditionedSegLib.errors import LCSError
+from LabelConditionedSegLib.files import atomic_path, remove_leftovers, write_csv
 from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
+from LabelConditionedSegLib.progress import progress_bar
 
 from .baseline import segment_multichannel
 from .data import Case, load_atlas, load_cases, normalized
@@ -55,7 +62,8 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"
     workers: int = 1
-    resume: bool = False
+    resume: bool = False  # continue the run saved in out/state.pt, with its settings (see `resumed`)
+    overwrite: bool = False  # replace the run that out holds (else a folder holding one is refused)
     init: Path | None = None  # start from this checkpoint's weights (same architecture)
     baseline: bool = False  # train the paper's multi-channel baseline (no atlas input, one channel per label)
     name: str = "LCS model"
@@ -131,30 +139,120 @@ def validate(model: LCSNet, atlas_image: np.ndarray, atlas_labels: np.ndarray, t
         if engine is None:
             prediction = segment_multichannel(model, image, table.values, device)
         else:
-            prediction = engine.segment(engine.encode(image), conditions)
+            prediction = engine.segment(engine.encode(image), conditions).labels
         for value, dice in dice_per_label(prediction, truth, [v for v in table.values if v in annotated]).items():
             scores.setdefault(value, []).append(dice)
     model.train()
     return {v: float(np.mean(d)) for v, d in scores.items()}
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); starts the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+RUN_FILES = ("best.lcs", "last.lcs", "state.pt", "history.csv")  # a folder holding any of these holds a run
+SAVED = ("data", "atlas", "spacing", "model", "labels", "steps", "batch_size", "lr", "merge_probability", "strength",
+         "validate_every", "validation_subjects", "seed", "baseline", "name", "init")  # in state.pt, with the weights
+CHANGEABLE = ("steps", "minutes", "device", "workers")  # what a resumed run may change
+
+
+def _settings_json(s: TrainSettings) -> str:
+    return json.dumps({name: _comparable(name, getattr(s, name)) for name in SAVED})
+
+
+def _comparable(name: str, value):
+    """A setting as JSON keeps it: paths absolute, the model a dict, labels a list of strings."""
+    if name in ("data", "init"):
+        return None if value is None else str(Path(value).resolve())
+    if name == "model":
+        return value.to_dict()
+    if name == "labels":
+        return [str(x).strip() for x in value] if value else None
+    if name in ("spacing", "lr", "merge_probability", "strength"):
+        return float(value)
+    return value
+
+
+def _read_state(out: Path, map_location="cpu") -> dict:
+    """The resume state of the run in `out` (tensors and plain values only: never unpickles objects)."""
+    path = out / "state.pt"
+    if not path.is_file():
+        raise LCSError(f"--resume: {out} holds no state.pt to continue; leave out --resume to start a new run there")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or holding objects weights_only refuses
+        reason = str(error).strip().splitlines()[0][:100] if str(error).strip() else type(error).__name__
+        raise LCSError(f"{path} cannot be read ({reason}); start a new run with --overwrite or another -o") from None
+    if not isinstance(state, dict) or not isinstance(state.get("settings"), str):
+        raise LCSError(f"{path} was written by an older lcs without the run's settings, so resuming cannot keep them; "
+                       "start a new run with --overwrite or another -o")
+    return state
+
+
+def saved_settings(out: Path) -> TrainSettings:
+    """The settings of the run saved in out/state.pt (resume=True)."""
+    text = _read_state(out)["settings"]
+    try:
+        saved = json.loads(text)
+        values = {name: saved[name] for name in SAVED if name in saved}
+        values["data"] = Path(values["data"])
+        values["model"] = ModelConfig(**values["model"])
+        values["init"] = None if values.get("init") is None else Path(values["init"])
+        return TrainSettings(out=out, resume=True, **values)
+    except (ValueError, KeyError, TypeError) as error:
+        raise LCSError(f"{out / 'state.pt'} holds settings this lcs cannot read ({error}); start a new run with "
+                       "--overwrite or another -o") from None
+
+
+def resumed(s: TrainSettings) -> TrainSettings:
+    """The run saved in s.out/state.pt with s's steps, minutes, device and workers: what `train` continues.
+
+    Every other setting comes from the saved run; one that `s` sets to another value than both TrainSettings' default
+    and the saved one (data and atlas always count as set) is refused, as is `overwrite`."""
+    if s.overwrite:
+        raise LCSError(f"--resume continues the run in {s.out} and --overwrite replaces it; pass only one of them")
+    saved = saved_settings(s.out)
+    for f in fields(TrainSettings):
+        if f.name not in SAVED or f.name in CHANGEABLE:
+            continue
+        value, kept = (_comparable(f.name, v) for v in (getattr(s, f.name), getattr(saved, f.name)))
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if value != kept and (default is MISSING or value != _comparable(f.name, default)):
+            raise LCSError(f"{f.name} {_shown(value)} differs from {_shown(kept)} of the run saved in {s.out}; a resumed "
+                           "run keeps its settings: leave it out, or start a new run in another folder")
+    return replace(saved, out=s.out, **{name: getattr(s, name) for name in CHANGEABLE})
+
+
+def _shown(value) -> str:
+    return "(not set)" if value is None else ",".join(value) if isinstance(value, list) else str(value)
+
+
+def _check_out(s: TrainSettings) -> None:
+    """Before any work: a new run refuses a folder holding a run (unless overwrite); the folder must be writable."""
+    if s.out.exists() and not s.out.is_dir():
+        raise LCSError(f"-o {s.out} is a file, not a folder; choose another -o")
+    found = [name for name in RUN_FILES if (s.out / name).exists()]
+    if found and not s.resume and not s.overwrite:
+        raise LCSError(f"{s.out} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
+                       "--overwrite to replace it, or choose another -o")
+    probe = s.out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise LCSError(f"cannot write {s.out}: {probe} is not a writable folder; choose another -o")
 
 
 def train(s: TrainSettings) -> Path:
-    """Train, validating every `validate_every` steps; returns the path of the best checkpoint."""
-    rank, world, local_rank = _distributed()
+    """Train, validating every `validate_every` steps; returns the path of the best checkpoint.
+
+    Refuses an output folder that holds a run unless `resume` (continue it, with its saved settings: `resumed`) or
+    `overwrite` (replace it). Nothing is written before the first validation: a failed start leaves no folder behind,
+    and the run it would replace intact."""
+    if s.resume:
+        s = resumed(s)
+    _check_out(s)
+    rank, world, local_rank = distributed.start()
     device = resolve_device(s.device)
     if device.type == "cuda" and world > 1:
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
     torch.manual_seed(s.seed + rank)
-    s.out.mkdir(parents=True, exist_ok=True)
 
     table_path = s.data / "labels.csv"
     table = LabelTable.read_csv(table_path)
@@ -171,18 +269,21 @@ def train(s: TrainSettings) -> Path:
     model = LCSNet(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     step, best, history = 0, -1.0, []
-    if s.init is not None:
+    if s.init is not None and not s.resume:  # a resumed run has its weights in state.pt
         initial = Checkpoint.load(s.init)
         if initial.config != config:
             raise LCSError(f"--init {s.init} has architecture {initial.config}, not {config}; match the model options")
         model.load_state_dict(initial.weights)
         step = int(initial.provenance.get("iterations", 0))
     state_path = s.out / "state.pt"
-    if s.resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+    if s.resume:
+        state = _read_state(s.out, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step, best = int(state["step"]), float(state["best"])
+        step, best = int(state["step"]), max(float(state["best"]), _best_saved(s.out))
+        history = _saved_history(s.out, state)
+        if rank == 0:
+            remove_leftovers(s.out)  # temporary files of a run killed while saving
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -209,21 +310,37 @@ def train(s: TrainSettings) -> Path:
                    table, provenance=provenance).save(path)
 
     last_dice: dict[int, float] = {}
+    written = 0  # history rows in history.csv
+    first = True  # first checkpoint: make the folder, remove an overwritten run's files and leftover temporary files
 
-    def checkpoint_now() -> float:
-        """Validate, write last.lcs (and best.lcs when better) and the resume state; rank 0 only."""
-        nonlocal best, last_dice
+    def checkpoint_now() -> None:
+        """Validate, write last.lcs (and best.lcs when better), the resume state and the history so far; rank 0 only.
+
+        Each file is replaced atomically (files.atomic_path): the checkpoints, then state.pt with the history, then
+        history.csv. A run killed at any instant resumes from the previous state.pt or this one, with its history."""
+        nonlocal best, last_dice, written, first
         last_dice = validate(model, atlas_image, atlas_labels, table, subjects, device)
         mean = float(np.mean(list(last_dice.values())))
+        if history:
+            history[-1]["val_dice"] = mean
+        if first:
+            s.out.mkdir(parents=True, exist_ok=True)
+            for name in (*RUN_FILES, "history.png") if s.overwrite else ():
+                (s.out / name).unlink(missing_ok=True)
+            remove_leftovers(s.out)
+            first = False
         save(s.out / "last.lcs", last_dice)
         if mean > best:
             best = mean
             save(s.out / "best.lcs", last_dice)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}, state_path)
-        return mean
+        with atomic_path(state_path) as temporary:  # the history rides along: a kill before history.csv loses none
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
+                        "settings": _settings_json(s), "history": _history_tensor(history)}, temporary)
+        _write_history(s.out, history)  # after the state: history.csv never runs ahead of it
+        written = len(history)
 
     start_time = time.time()
-    bar = tqdm(total=s.steps, initial=step, desc="training", disable=rank != 0, dynamic_ncols=True)
+    bar = progress_bar(total=s.steps, initial=step, desc="training", disable=rank != 0)
     net.train()
     while step < s.steps and (s.minutes is None or time.time() - start_time < s.minutes * 60):
         image, mask, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
@@ -237,79 +354,194 @@ def train(s: TrainSettings) -> Path:
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", val_dice=f"{np.mean(list(last_dice.values())):.3f}" if last_dice else "-")
-        row = {"step": step, "loss": loss.item(), "val_dice": ""}
+        history.append({"step": step, "loss": loss.item(), "val_dice": ""})
         if step % s.validate_every == 0 or step == s.steps:
             if rank == 0:
-                row["val_dice"] = checkpoint_now()
+                checkpoint_now()
             if world > 1:
                 dist.barrier()
-        history.append(row)
     bar.close()
     if rank == 0:
         if not history or history[-1]["val_dice"] == "":  # stopped by --minutes between validations
-            mean = checkpoint_now()
-            if history:
-                history[-1]["val_dice"] = mean
-        _append_history(s.out, history)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+            checkpoint_now()
+        if written < len(history):  # resumed at its last step: history.csv may lag behind state.pt
+            _write_history(s.out, history)
+        from .plots import plot_history
+        plot_history(s.out / "history.csv", s.out / "history.png")
+    distributed.finish()
     return s.out / "best.lcs"
 
 
-def _append_history(out: Path, rows: list[dict]) -> None:
-    """history.csv grows across resumed runs; history.png plots loss and validation Dice."""
-    path = out / "history.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "val_dice"])
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    from .plots import plot_history
-    plot_history(path, out / "history.png")
+HISTORY = ("step", "loss", "val_dice")
+
+
+def _write_history(out: Path, rows: list[dict]) -> None:
+    """history.csv, rewritten whole (atomically) at every checkpoint; it grows across resumed runs (history.png plots
+    it at the end)."""
+    write_csv(rows, out / "history.csv", HISTORY)
+
+
+def _history_tensor(rows: list[dict]) -> torch.Tensor:
+    """The history as state.pt keeps it: (step, loss, validation Dice or NaN) per step."""
+    return torch.tensor([[r["step"], r["loss"], math.nan if r["val_dice"] == "" else r["val_dice"]] for r in rows],
+                        dtype=torch.float64).reshape(-1, 3)
+
+
+def _saved_history(out: Path, state: dict) -> list[dict]:
+    """The history of the run up to the step of its state.pt: kept in state.pt; from a state.pt of an older lcs,
+    history.csv's rows up to that step (a run killed between its writes may have written more)."""
+    if "history" in state:
+        return [{"step": int(step), "loss": loss, "val_dice": "" if math.isnan(dice) else dice}
+                for step, loss, dice in state["history"].tolist()]
+    rows: list[dict] = []
+    try:
+        with open(out / "history.csv", newline="") as f:
+            for r in csv.DictReader(f):
+                if None in r.values():
+                    continue  # a torn line
+                try:
+                    row = {"step": int(r["step"]), "loss": float(r["loss"]),
+                           "val_dice": float(r["val_dice"]) if r["val_dice"] else ""}
+                except (KeyError, ValueError):
+                    continue
+                if row["step"] <= int(state["step"]) and (not rows or row["step"] > rows[-1]["step"]):
+                    rows.append(row)
+    except OSError:
+        pass
+    return rows
+
+
+def _best_saved(out: Path) -> float:
+    """The validation Dice of OUT/best.lcs (-1 without one): a run killed after writing best.lcs but before state.pt
+    must not replace that model with a worse one when it resumes."""
+    try:
+        dice = Checkpoint.load(out / "best.lcs").provenance.get("validation_dice")
+    except LCSError:
+        return -1.0
+    return -1.0 if dice is None else float(dice)
+
+
+class _Given(argparse.Action):
+    """Stores an option's value and notes that the user gave it, so that --resume tells it from a default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given_options = getattr(namespace, "given_options", frozenset()) | {self.dest}
+
+
+class _GivenFlag(_Given):
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, required=required, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, True, option_string)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", type=Path, help="folder with labels.csv, images/ and labels/ (see module docs)")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="output folder: best.lcs, last.lcs, history.csv/png")
-    parser.add_argument("--atlas", required=True, help="name of the case that serves as the atlas (file name without extension)")
-    parser.add_argument("--spacing", type=float, default=2.0, help="model grid spacing in mm (default 2)")
-    parser.add_argument("--labels", help="comma-separated label names or values to train on (default: all in the atlas)")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--minutes", type=float, help="stop after this many minutes even if steps remain")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--base-channels", type=int, default=8)
-    parser.add_argument("--depth", type=int, default=4, help="number of 2x poolings (paper: 4, bottleneck at 1/16)")
-    parser.add_argument("--norm", default="batch", choices=["batch", "instance", "group", "none"])
-    parser.add_argument("--dropout", type=float, default=0.0,
-                        help="dropout in the decoder (e.g. 0.1): lets lcs relabel and Slicer measure uncertainty")
-    parser.add_argument("--condition-levels", default="bottleneck", choices=["bottleneck", "all"],
-                        help="where the atlas enters the decoder: the paper's bottleneck only, or every scale")
-    parser.add_argument("--strength", type=float, default=1.0, help="scale of the random subject deformations")
-    parser.add_argument("--validate-every", type=int, default=200)
-    parser.add_argument("--validation-subjects", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--workers", type=int, default=1, help="processes generating subjects")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
-    parser.add_argument("--init", type=Path, help="start from the weights of this checkpoint (e.g. to continue the demo model)")
-    parser.add_argument("--name", default="LCS model", help="model name stored in the checkpoint")
-    parser.add_argument("--baseline", action="store_true",
-                        help="train the paper's multi-channel baseline instead: the same U-Net without the atlas, "
-                             "one output channel per label (for lcs evaluate and the experiments)")
+    """`lcs train`'s options; each notes that it was given (args.given_options), so that --resume keeps the saved
+    value of every option left out and refuses one given with another value."""
+    def add(*names, flag=False, **options):
+        parser.add_argument(*names, action=_GivenFlag if flag else _Given, **options)
+
+    parser.set_defaults(given_options=frozenset())
+    parser.add_argument("data", type=Path, nargs="?", metavar="DATA",
+                        help="folder with labels.csv, images/ and labels/ (see above); with --resume: the saved run's")
+    add("-o", "--out", type=Path, required=True,
+        help="output folder: best.lcs, last.lcs, state.pt (to resume), history.csv/png; one run per folder")
+    add("--atlas", help="name of the case that serves as the atlas (its file name in DATA/images without extension); "
+                        "required, except with --resume")
+    add("--spacing", type=float, default=2.0, help="model grid spacing in mm (default %(default)s)")
+    add("--labels", help="comma-separated label names or values to train on (default: every label of the atlas)")
+    add("--steps", type=int, default=2000,
+        help="train until this step, counting those of a resumed or --init run (default %(default)s; "
+             "with --resume: the saved run's)")
+    add("--minutes", type=float, help="stop after this many minutes even if steps remain (default: no limit)")
+    add("--batch-size", type=int, default=2, help="subjects per step and process (default %(default)s)")
+    add("--lr", type=float, default=1e-4, help="Adam learning rate (default %(default)s)")
+    add("--base-channels", type=int, default=8,
+        help="feature channels at full resolution, doubled at each pooling (default %(default)s)")
+    add("--depth", type=int, default=4, help="number of 2x poolings (paper: 4, bottleneck at 1/16; default %(default)s)")
+    add("--norm", default="batch", choices=["batch", "instance", "group", "none"],
+        help="normalization after each convolution (default %(default)s)")
+    add("--dropout", type=float, default=0.0,
+        help="dropout in the decoder (e.g. 0.1): lets lcs relabel and Slicer measure uncertainty (default %(default)s)")
+    add("--condition-levels", default="bottleneck", choices=["bottleneck", "all"],
+        help="where the atlas enters the decoder: the paper's bottleneck only, or every scale (default %(default)s)")
+    add("--strength", type=float, default=1.0, help="scale of the random subject deformations (default %(default)s)")
+    add("--validate-every", type=int, default=200,
+        help="steps between validations, each writing last.lcs, best.lcs and state.pt (default %(default)s)")
+    add("--validation-subjects", type=int, default=2,
+        help="fixed held-out subjects the validation Dice is measured on (default %(default)s)")
+    add("--seed", type=int, default=0, help="random seed of the subjects, labels and weights (default %(default)s)")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N (default %(default)s)")
+    add("--workers", type=int, default=1, help="processes generating subjects; 0: the training process (default %(default)s)")
+    add("--resume", flag=True, help="continue the run in OUT (from OUT/state.pt) with its saved settings; only --steps, "
+                                    "--minutes, --device and --workers may change")
+    add("--overwrite", flag=True, help="replace the run that OUT holds (its checkpoints, state and history)")
+    add("--init", type=Path, help="start from the weights and step count of this checkpoint, e.g. to continue the demo "
+                                  "model (same model options; default: random weights)")
+    add("--name", default="LCS model", help="model name stored in the checkpoint (default: %(default)s)")
+    add("--baseline", flag=True,
+        help="train the paper's multi-channel baseline instead: the same U-Net without the atlas, "
+             "one output channel per label (for lcs evaluate and the experiments)")
+
+
+_MODEL_OPTIONS = ("base_channels", "depth", "norm", "dropout", "condition_levels")
+_SAVED_OPTIONS = ("data", "atlas", "spacing", "labels", "batch_size", "lr", *_MODEL_OPTIONS, "strength", "validate_every",
+                  "validation_subjects", "seed", "init", "name", "baseline")  # what --resume takes from state.pt
+
+
+def _given(args: argparse.Namespace) -> set[str]:
+    """The options the user gave, recorded by _Given (so `--spacing 2` counts although 2 is the default)."""
+    return set(args.given_options) | ({"data"} if args.data is not None else set())
+
+
+def _labels(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",")] if text else None
+
+
+def _option(dest: str) -> str:
+    return "DATA" if dest == "data" else "--" + dest.replace("_", "-")
+
+
+def _resumed_from_args(args: argparse.Namespace) -> TrainSettings:
+    """The saved run, refusing an option the user gave with another value than the saved one."""
+    if args.overwrite:
+        raise LCSError(f"--resume continues the run in {args.out} and --overwrite replaces it; pass only one of them")
+    saved = saved_settings(args.out)
+    given = _given(args)
+    for dest in _SAVED_OPTIONS:
+        if dest not in given:
+            continue
+        value = _labels(args.labels) if dest == "labels" else getattr(args, dest)
+        kept = getattr(saved.model, dest) if dest in _MODEL_OPTIONS else getattr(saved, dest)
+        if _comparable(dest, value) != _comparable(dest, kept):
+            conflict = (f"the run saved in {args.out} was trained without {_option(dest)}" if isinstance(kept, bool) else
+                        f"{_option(dest)} {getattr(args, dest)} differs from {_shown(_comparable(dest, kept))} of the run "
+                        f"saved in {args.out}")
+            raise LCSError(f"{conflict}; a resumed run keeps its settings: leave out {_option(dest)}, or start a new run "
+                           "in another -o")
+    return replace(saved, steps=args.steps if "steps" in given else saved.steps, minutes=args.minutes, device=args.device,
+                   workers=args.workers)
 
 
 def run(args: argparse.Namespace) -> None:
-    config = ModelConfig(base_channels=args.base_channels, depth=args.depth, norm=args.norm,
-                         condition_levels=args.condition_levels, dropout=args.dropout)
-    settings = TrainSettings(data=args.data, out=args.out, atlas=args.atlas, spacing=args.spacing, model=config,
-                             labels=args.labels.split(",") if args.labels else None, steps=args.steps, minutes=args.minutes,
-                             batch_size=args.batch_size, lr=args.lr, strength=args.strength,
-                             validate_every=args.validate_every, validation_subjects=args.validation_subjects,
-                             seed=args.seed, device=args.device, workers=args.workers, resume=args.resume, init=args.init,
-                             name=args.name, baseline=args.baseline)
+    from .data import check_training_folder; check_training_folder(args.data, args.atlas) if args.data is not None and not args.resume else None
+    if args.resume:
+        settings = _resumed_from_args(args)
+    else:
+        if args.data is None:
+            raise LCSError("give DATA, the training folder (labels.csv, images/, labels/); see 'lcs train --help'")
+        if args.atlas is None:
+            raise LCSError("--atlas is required: the name of the case in DATA/images that serves as the atlas")
+        config = ModelConfig(base_channels=args.base_channels, depth=args.depth, norm=args.norm,
+                             condition_levels=args.condition_levels, dropout=args.dropout)
+        settings = TrainSettings(data=args.data, out=args.out, atlas=args.atlas, spacing=args.spacing, model=config,
+                                 labels=_labels(args.labels), steps=args.steps,
+                                 minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, strength=args.strength,
+                                 validate_every=args.validate_every, validation_subjects=args.validation_subjects,
+                                 seed=args.seed, device=args.device, workers=args.workers, overwrite=args.overwrite,
+                                 init=args.init, name=args.name, baseline=args.baseline)
     best = train(settings)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {best}")
