@@ -5,17 +5,15 @@ destination holds either the old file or the new one. Every file the package wri
 from __future__ import annotations
 
 import csv
-import gzip
-import io
-import math
 import os
 import re
-import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import SimpleITK as sitk
+
+from .volume import nifti_cut_short
 
 PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.partial(\.[^/]*)?$")  # what atomic_path names its temporary files
 
@@ -56,26 +54,8 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> N
         return
     with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=compress)
-        if str(path).lower().endswith((".nii", ".nii.gz")) and not _nifti_complete(temporary):
+        if str(path).lower().endswith((".nii", ".nii.gz")) and nifti_cut_short(temporary):
             raise OSError(f"writing {path} failed: the file came out short (is the disk full?)")
-
-
-def _nifti_complete(path: Path) -> bool:
-    """Whether a NIfTI file holds every voxel its header announces: ITK's NIfTI writer reports a failed write (a full
-    disk) on stderr only and returns, leaving a short file that reads back padded with zeros."""
-    try:
-        with gzip.open(path) if path.name.lower().endswith(".gz") else open(path, "rb") as f:
-            header, length = f.read(540), f.seek(0, io.SEEK_END)
-    except (OSError, EOFError):  # EOFError: a gzip stream cut short
-        return False
-    layouts = {348: (("8h", 40), ("h", 72), ("f", 108)),  # NIfTI-1: dim[8], bitpix, vox_offset at these bytes
-               540: (("8q", 16), ("h", 14), ("q", 168))}  # NIfTI-2
-    for order in "<>":
-        size = struct.unpack_from(order + "i", header)[0] if len(header) >= 348 else 0
-        if size in layouts and len(header) >= size:
-            (dims, (bits,), (offset,)) = (struct.unpack_from(order + f, header, at) for f, at in layouts[size])
-            return 1 <= dims[0] <= 7 and length >= int(offset) + math.prod(dims[1:1 + dims[0]]) * bits // 8
-    return False
 
 
 def write_text(text: str, path: str | Path) -> None:

@@ -265,13 +265,7 @@ def _check_nifti(path: Path, what: str) -> int:
             # reading the sform place the scan
             check_direction((srow / norms).ravel(), what, "NIfTI sform" + (" (ITK would silently use its qform)"
                                                                           if header["qform_code"] > 0 else ""))
-    expected = int(np.prod([max(1, int(d)) for d in header["dims"]], dtype=np.int64)) * max(1, header["bitpix"]) // 8
-    if header["pair"]:
-        data = path if path.name.lower().endswith((".img", ".img.gz")) else \
-            path.with_name(path.name[: -len(".hdr.gz")] + ".img.gz" if path.name.lower().endswith(".gz") else path.name[:-4] + ".img")
-        start = max(0, header["vox_offset"])  # the offset into the .img file
-    else:
-        data, start = path, max(header["vox_offset"], 352 if header["version"] == 1 else 544)
+    data, start, expected = _voxel_bytes(path, header)
     if not data.is_file():
         raise LCSError(f"{what}: its voxel file {data.name} is missing; keep the .hdr and .img files together")
     floats = {16: "f4", 64: "f8"}.get(header["datatype"])  # complex and RGB types are refused elsewhere
@@ -281,6 +275,29 @@ def _check_nifti(path: Path, what: str) -> int:
         raise LCSError(f"{what} is truncated: its header promises {expected} bytes of voxels but only {present} "
                        f"({100 * present / max(expected, 1):.0f}%) are there; copy or export the file again")
     return nonfinite
+
+
+def _voxel_bytes(path: Path, header: dict) -> tuple[Path, int, int]:
+    """Where a NIfTI's voxels are (the file, the offset into it) and how many bytes its header promises."""
+    expected = int(np.prod([max(1, int(d)) for d in header["dims"]], dtype=np.int64)) * max(1, header["bitpix"]) // 8
+    if header["pair"]:
+        data = path if path.name.lower().endswith((".img", ".img.gz")) else \
+            path.with_name(path.name[: -len(".hdr.gz")] + ".img.gz" if path.name.lower().endswith(".gz") else path.name[:-4] + ".img")
+        return data, max(0, header["vox_offset"]), expected  # the offset into the .img file
+    return path, max(header["vox_offset"], 352 if header["version"] == 1 else 544), expected
+
+
+def nifti_cut_short(path: Path) -> bool:
+    """Whether a single-file NIfTI holds fewer voxel bytes than its header promises (or no header at all): ITK's
+    writer reports a failed write (a full disk) on stderr only and returns, and its reader zero-fills what is missing."""
+    try:
+        header = _nifti_header(path)
+        if header is None:
+            return True
+        data, start, expected = _voxel_bytes(path, header)
+        return _scan_voxels(data, start, expected, None)[0] < expected
+    except (OSError, EOFError, zlib.error, struct.error):
+        return True
 
 
 def _scan_voxels(path: Path, start: int, expected: int, dtype: np.dtype | None) -> tuple[int, int]:
