@@ -17,7 +17,7 @@ import torch
 from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.files import PARTIAL, atomic_path, remove_leftovers
 from LabelConditionedSegLib.model import ModelConfig
-from lcs_training.train import TrainSettings, _saved_history, train
+from lcs_training.train import TrainSettings, train
 
 from conftest import TINY_LABELS
 
@@ -314,15 +314,6 @@ def test_a_run_resumes_from_what_a_kill_leaves_at_each_point(colin27, tmp_path):
     (out / "history.png").unlink()
     _resume(colin27, out, 6)
     assert [int(r["step"]) for r in _history(out)] == [1, 2, 3, 4, 5, 6] and (out / "history.png").is_file()
-
-
-def test_a_state_of_an_older_lcs_resumes_with_the_history_up_to_its_step(tmp_path):
-    """A state.pt written before it held the history: history.csv's rows up to its step, a torn line skipped."""
-    (tmp_path / "history.csv").write_text("step,loss,val_dice\n1,0.9,\n2,0.8,0.1\n3,0.75\n3,0.7,\n4,0.6,0.2\n5,0.5,\n6,0.")
-    rows = _saved_history(tmp_path, {"step": 4})
-    assert rows == [{"step": 1, "loss": 0.9, "val_dice": ""}, {"step": 2, "loss": 0.8, "val_dice": 0.1},
-                    {"step": 3, "loss": 0.7, "val_dice": ""}, {"step": 4, "loss": 0.6, "val_dice": 0.2}]
-    assert _saved_history(tmp_path / "none", {"step": 4}) == []
 
 
 # ---- a real kill while saving --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .checkpoint import default_checkpoint
 from .errors import Cancelled, LCSError
+from .files import check_writable
 from .progress import set_quiet
 
 def _writable(path: Path | None, overwrite: bool, folder: bool = False) -> None:
@@ -25,12 +26,7 @@ def _writable(path: Path | None, overwrite: bool, folder: bool = False) -> None:
         raise LCSError(f"{path} is a folder; give a file name for this output")
     if path.exists() and not overwrite and not (folder and path.is_dir() and not any(path.iterdir())):
         raise LCSError(f"{path} already exists; choose another name or pass --overwrite")
-    parent = path if folder and path.is_dir() else path.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise LCSError(f"cannot write {path}: {probe} is not a writable folder")
+    check_writable(path, path if folder and path.is_dir() else path.parent)
 
 
 def _console_progress():

@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, Sequence
 
 import SimpleITK as sitk
 
+from .errors import LCSError
 from .volume import nifti_cut_short
 
 PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.partial(\.[^/]*)?$")  # what atomic_path names its temporary files
@@ -45,6 +46,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 DETACHED = (".mhd", ".nhdr", ".hdr")  # a header naming a second file: two files cannot be replaced at once
+
+
+def check_writable(path: Path, folder: Path, hint: str = "") -> None:
+    """Refuse, before any work, to write `path` when `folder` (or its nearest existing parent) is not a writable folder."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise LCSError(f"cannot write {path}: {probe} is not a writable folder{hint}")
 
 
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> None:

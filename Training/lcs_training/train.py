@@ -12,7 +12,6 @@ An output folder holds one run: a new run refuses a folder that holds one (unles
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -31,7 +30,7 @@ from LabelConditionedSegLib import distributed
 from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.engine import Condition, Engine, resolve_device
 from LabelConditionedSegLib.errors import LCSError
-from LabelConditionedSegLib.files import atomic_path, remove_leftovers, write_csv
+from LabelConditionedSegLib.files import atomic_path, check_writable, remove_leftovers, write_csv
 from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
 from LabelConditionedSegLib.progress import progress_bar
@@ -231,11 +230,7 @@ def _check_out(s: TrainSettings) -> None:
     if found and not s.resume and not s.overwrite:
         raise LCSError(f"{s.out} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
                        "--overwrite to replace it, or choose another -o")
-    probe = s.out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise LCSError(f"cannot write {s.out}: {probe} is not a writable folder; choose another -o")
+    check_writable(s.out, s.out, "; choose another -o")
 
 
 def train(s: TrainSettings) -> Path:
@@ -281,7 +276,7 @@ def train(s: TrainSettings) -> Path:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best = int(state["step"]), max(float(state["best"]), _best_saved(s.out))
-        history = _saved_history(s.out, state)
+        history = _saved_history(state)
         if rank == 0:
             remove_leftovers(s.out)  # temporary files of a run killed while saving
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -387,28 +382,10 @@ def _history_tensor(rows: list[dict]) -> torch.Tensor:
                         dtype=torch.float64).reshape(-1, 3)
 
 
-def _saved_history(out: Path, state: dict) -> list[dict]:
-    """The history of the run up to the step of its state.pt: kept in state.pt; from a state.pt of an older lcs,
-    history.csv's rows up to that step (a run killed between its writes may have written more)."""
-    if "history" in state:
-        return [{"step": int(step), "loss": loss, "val_dice": "" if math.isnan(dice) else dice}
-                for step, loss, dice in state["history"].tolist()]
-    rows: list[dict] = []
-    try:
-        with open(out / "history.csv", newline="") as f:
-            for r in csv.DictReader(f):
-                if None in r.values():
-                    continue  # a torn line
-                try:
-                    row = {"step": int(r["step"]), "loss": float(r["loss"]),
-                           "val_dice": float(r["val_dice"]) if r["val_dice"] else ""}
-                except (KeyError, ValueError):
-                    continue
-                if row["step"] <= int(state["step"]) and (not rows or row["step"] > rows[-1]["step"]):
-                    rows.append(row)
-    except OSError:
-        pass
-    return rows
+def _saved_history(state: dict) -> list[dict]:
+    """The history of the run up to the step of its state.pt, which keeps it (history.csv may lag one checkpoint)."""
+    return [{"step": int(step), "loss": loss, "val_dice": "" if math.isnan(dice) else dice}
+            for step, loss, dice in state["history"].tolist()]
 
 
 def _best_saved(out: Path) -> float:
