@@ -43,9 +43,9 @@ test-slow: data env
 #   make demo-model EXTRA="--init Resources/Models/demo.lcs --overwrite"   continue training the committed model
 demo-model: env data
 	$(LCS) demo-data build/colin27
-	$(LCS) train build/colin27 --atlas colin27 -o build/demo-model --condition-levels all --lr 1e-3 \
-	  --steps 100000 --minutes $${MINUTES:-110} --validate-every 250 --validation-subjects 2 \
-	  --name "Colin27 AAL demo (116 labels, 2 mm)" $(EXTRA)
+	$(LCS) train build/colin27 --atlas colin27 -o build/demo-model --condition-levels all --prior-weight 6 --lr 1e-3 \
+	  --labels-per-subject 4 --deformable-share 0.5 --steps 100000 --minutes $${MINUTES:-110} --validate-every 100 \
+	  --validation-subjects 3 --seed 3 --name "Colin27 AAL demo (116 labels, 2 mm)" $(EXTRA)
 	cp build/demo-model/$(KEEP).lcs Resources/Models/demo.lcs
 
 benchmark: env data

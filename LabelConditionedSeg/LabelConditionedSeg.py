@@ -4,6 +4,9 @@ propose the atlas labels a partial segmentation lacks, and export it as a traini
 Qt glue only. The MRML work is LabelConditionedSegLib.logic.SegmentationLogic (tested under pytest
 with slicer-core); the Widget binds the panel to it and runs the computation in a worker thread.
 """
+import contextlib
+import importlib.util
+import sys
 import threading
 import time
 import traceback
@@ -20,6 +23,11 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 HERE = Path(__file__).resolve().parent
+HOMEPAGE = "https://github.com/label-conditioned-segmentation/SlicerLabelConditionedSeg"
+# LabelConditionedSegLib.logic.BUNDLED_MODEL, which this file cannot import: it loads before PyTorch is installed.
+# Scenes store the bundled model by this name, so that they open after an upgrade and on other machines.
+BUNDLED_MODEL = "bundled"
+TORCH_REQUIREMENT = ">=2.4"  # as in pyproject.toml
 
 
 def resource(name: str) -> Path:
@@ -28,22 +36,20 @@ def resource(name: str) -> Path:
     return next((p for p in candidates if p.exists()), candidates[0])
 
 
-BUNDLED_CHECKPOINT = resource("Models/demo.lcs")
-
-
 class LabelConditionedSeg(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         parent.title = "Label Conditioned Segmentation"
         parent.categories = ["Segmentation"]
         parent.dependencies = []
-        parent.contributors = ["The LCS for Slicer developers"]
+        parent.contributors = ["LCS for Slicer maintainers (Label Conditioned Segmentation project)"]
         parent.helpText = (
             "Pick atlas labels (or paint a new region on the atlas), press Apply, and get named, colored "
             "segments on the input volume. One network serves every label: it is conditioned on the atlas "
             "image and the chosen atlas label. 'Relabel missing organs' proposes the atlas labels a partial "
             "segmentation lacks, for you to accept or reject, and exports the scan and its segments as a training "
-            "case. See the project's README for the command line and training.")
+            f'case. <a href="{HOMEPAGE}#in-3d-slicer">Documentation</a>: the panel, scripting, the command line '
+            "and training.")
         parent.acknowledgementText = (
             "Method: Ma, Lee and Sabuncu, 'Label Conditioned Segmentation', MIDL 2022. Demo atlas: Colin27 "
             "with the AAL labels (Tzourio-Mazoyer et al. 2002), from Debian's mricron-data.")
@@ -55,10 +61,10 @@ class LabelConditionedSegParameterNode:
     """What the panel shows; each field is bound to the .ui widget whose SlicerParameterName matches."""
 
     inputVolume: vtkMRMLScalarVolumeNode
-    checkpointPath: Path = BUNDLED_CHECKPOINT
+    checkpointPath: Path = Path(BUNDLED_MODEL)  # a .lcs file, or the bundled model by name
     outputSegmentation: vtkMRMLSegmentationNode
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
-    registration: Annotated[str, Choice(["affine", "rigid", "none"])] = "affine"
+    registration: Annotated[str, Choice(["affine", "deformable", "rigid", "none"])] = "affine"
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     keepProbabilities: bool = False
     replaceExisting: bool = False
@@ -69,34 +75,46 @@ class LabelConditionedSegParameterNode:
     caseName: str = ""
 
 
-def torchInstalled() -> bool:
-    try:
-        import torch  # noqa: F401
-        return True
-    except ImportError:
-        return False
+_brokenTorch = ""  # why an installed torch failed to load: it stays so until Slicer restarts
 
 
-def ensureTorch() -> None:
-    """PyTorch comes from Slicer's PyTorch extension, and is installed only once the user agrees."""
-    if torchInstalled():
-        return
+def torchMissing() -> bool:
+    return importlib.util.find_spec("torch") is None
+
+
+def torchProblem() -> str:
+    """Why PyTorch cannot be used, "" when it can. Imported here, never when the module loads, so that the module
+    loads in a Slicer without PyTorch; a broken install (OSError or ImportError from a missing library) is reported
+    in the panel instead of breaking it."""
+    global _brokenTorch
+    if torchMissing():
+        return "PyTorch is not installed yet: press Install PyTorch."
+    if not _brokenTorch:
+        try:
+            import torch  # noqa: F401
+        except Exception as error:
+            _brokenTorch = (f"PyTorch is installed but does not load ({error}). Reinstall it with the PyTorch Utils "
+                            "module (Uninstall, restart Slicer, Install), then restart Slicer.")
+    return _brokenTorch
+
+
+@contextlib.contextmanager
+def showErrors(message: str):
+    """Show an error in one message box with its traceback, and go on after the block. Unlike
+    slicer.util.tryWithErrorDisplay, which re-raises (Slicer 5.6 to 5.10): the error would then be printed again
+    by PythonQt, and the clean-up after the block skipped."""
+    slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
     try:
-        import PyTorchUtils
-    except ImportError:
-        raise RuntimeError("PyTorch is missing: install the 'PyTorch' extension with the Extensions Manager, "
-                           "restart Slicer and try again.") from None
-    if not slicer.util.confirmOkCancelDisplay(
-            "Label Conditioned Segmentation needs PyTorch, which is not installed yet.\n\n"
-            "Install it now? The PyTorch extension picks a build that fits this computer's GPU (or the CPU). "
-            "The download can take several minutes.", windowTitle="Install PyTorch"):
-        raise RuntimeError("PyTorch is needed to segment; press Apply again to install it.")
-    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.4") is None:
-        raise RuntimeError("PyTorch could not be installed; see the Python console, or use the PyTorch Utils module.")
+        yield
+    except Exception as error:
+        slicer.app.restoreOverrideCursor()
+        slicer.util.errorDisplay(f"{message}\n\n{error}", detailedText=traceback.format_exc())
+    else:
+        slicer.app.restoreOverrideCursor()
 
 
 class LabelConditionedSegLogic(ScriptedLoadableModuleLogic):
-    """The module's logic: makes sure PyTorch is there, then hands over to SegmentationLogic."""
+    """The module's logic: PyTorch's installation, then SegmentationLogic, which does the work."""
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -104,16 +122,37 @@ class LabelConditionedSegLogic(ScriptedLoadableModuleLogic):
 
     @property
     def core(self):
-        """LabelConditionedSegLib.logic.SegmentationLogic (imported once torch is available)."""
+        """LabelConditionedSegLib.logic.SegmentationLogic, imported once PyTorch loads."""
         if self._core is None:
-            ensureTorch()
+            problem = torchProblem()
+            if problem:
+                raise RuntimeError(problem)
             from LabelConditionedSegLib.logic import SegmentationLogic
             self._core = SegmentationLogic(slicer.mrmlScene)
         return self._core
 
     def process(self, inputVolume, labels, outputSegmentation=None, checkpointPath=None, **options):
-        """See SegmentationLogic.process; the bundled demo model is the default checkpoint."""
-        return self.core.process(inputVolume, labels, outputSegmentation, checkpointPath or BUNDLED_CHECKPOINT, **options)
+        """See SegmentationLogic.process; None, "" or "bundled" is the bundled demo model."""
+        return self.core.process(inputVolume, labels, outputSegmentation, checkpointPath, **options)
+
+    def cleanup(self):
+        """Segment observers off, caches emptied (when the Lib was ever loaded)."""
+        if self._core is not None:
+            self._core.cleanup()
+
+    @staticmethod
+    def installTorch() -> None:
+        """Install PyTorch with the PyTorch extension (call it once the user has agreed). Raises when it fails:
+        PyTorchUtilsLogic.installTorch raises then; it returns None only when its own prompt, skipped here, is
+        cancelled. Never under --testing, where Slicer's confirmation prompts answer OK by themselves."""
+        if slicer.app.testingEnabled():
+            raise RuntimeError("PyTorch is not installed, and a test installs nothing.")
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise RuntimeError("Install the 'PyTorch' extension with the Extensions Manager, restart Slicer and "
+                               "try again.") from None
+        PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
 
     @staticmethod
     def usableDevice(requested: str) -> tuple[str, str]:
@@ -125,16 +164,48 @@ class LabelConditionedSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeDevices() -> str:
-        if not torchInstalled():
-            return "PyTorch is not installed yet; Apply offers to install it."
+        """What can run LCS here. Starts CUDA (seconds): call it off the main thread."""
         import torch
         if torch.cuda.is_available():
             return f"CUDA available: {torch.cuda.get_device_name(0)}"
         return "No CUDA GPU found: LCS runs on the CPU."
 
 
+class Background:
+    """`work()` in a worker thread, then `done(result, error)` on the main thread, where a QTimer polls it (calling
+    `tick()` meanwhile): Qt and MRML calls stay on the main thread. `error` is (exception, traceback) or None."""
+
+    def __init__(self, work, done, tick=None):
+        self.result, self.error = None, None
+        self._done, self._tick = done, tick
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._poll)
+        self._thread.start()
+        self._timer.start()
+
+    def _run(self, work):
+        try:
+            self.result = work()
+        except Exception as error:
+            self.error = (error, traceback.format_exc())
+
+    def _poll(self):
+        if self._tick:
+            self._tick()
+        if self._thread.is_alive():
+            return
+        self._timer.stop()
+        self._done(self.result, self.error)
+
+    def stop(self):
+        """No `done` call: the thread finishes on its own (a job once cancelled)."""
+        self._timer.stop()
+
+
 class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Binds the panel to the logic; the computation runs in a worker thread polled by a QTimer."""
+    """Binds the panel to the logic; models load and jobs compute in worker threads."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -142,17 +213,14 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._worker = None
-        self._job = None
-        self._finishJob = None
-        self._error = None
+        self._worker = None  # the running job, a Background
+        self._loader = None  # the model being loaded, a Background
+        self._models = {}  # checkpoint -> "" once loaded, or why it cannot be used
+        self._listedCheckpoint = None
         self._started = 0.0
         self._progress = (0.0, "")
         self._notices = []
         self._cancel = threading.Event()
-        self._timer = qt.QTimer()
-        self._timer.setInterval(100)
-        self._timer.timeout.connect(self._poll)
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self):
@@ -165,36 +233,47 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.checkpointPathLineEdit.currentPathChanged.connect(lambda path: self.refreshLabels())
         self.ui.labelFilterLineEdit.textChanged.connect(self.filterLabels)
         self.ui.labelListWidget.itemSelectionChanged.connect(self.updateButtons)
         self.ui.selectAllButton.clicked.connect(lambda: self.selectVisibleLabels(True))
         self.ui.selectNoneButton.clicked.connect(lambda: self.selectVisibleLabels(False))
         self.ui.paintLabelButton.clicked.connect(self.onPaintLabel)
         self.ui.applyButton.clicked.connect(self.onApplyOrCancel)
+        self.ui.undoButton.clicked.connect(self.onUndo)
         self.ui.proposeButton.clicked.connect(self.onProposeOrCancel)
         self.ui.proposalListWidget.itemSelectionChanged.connect(self.updateButtons)
         self.ui.acceptProposalButton.clicked.connect(lambda: self.onReview(accept=True))
         self.ui.rejectProposalButton.clicked.connect(lambda: self.onReview(accept=False))
         self.ui.exportFolderPathLineEdit.currentPathChanged.connect(self.updateButtons)
         self.ui.exportButton.clicked.connect(self.onExport)
-        self.ui.deviceInfoLabel.text = self.logic.describeDevices()
         self.ui.progressBar.hide()
         self.initializeParameterNode()
-        self.refreshLabels()
 
     def cleanup(self):
         self._cancel.set()
-        self._timer.stop()
+        for background in (self._worker, self._loader):
+            if background:
+                background.stop()
+        self.setParameterNode(None)
         self.removeObservers()
+        self.logic.cleanup()
+
+    def onReload(self):
+        """Slicer's Reload re-reads this file only (slicer.util.reloadScriptedModule, 5.6 to 5.10): the Lib's modules
+        are forgotten too, so that the new widget imports their current code."""
+        for name in [n for n in sys.modules if n.split(".")[0] == "LabelConditionedSegLib"]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self):
         self.initializeParameterNode()
 
     def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+        """Hidden: stop following the parameter node and the listed segmentations (enter() resumes). The panel's
+        widgets stay bound to the parameter node (see setParameterNode)."""
+        self.unfollowParameterNode()
+        if not torchProblem():
+            self.logic.core.stopObservingSegments()
 
     def onSceneStartClose(self, caller, event):
         self._cancel.set()
@@ -203,49 +282,128 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        """Bind the panel to the module's parameter node (once per node), follow it, and show its state."""
+        if self._parameterNode is None:
+            self.setParameterNode(LabelConditionedSegParameterNode(self.logic.getParameterNode()))
+            if not self._parameterNode.inputVolume:
+                self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self.refreshPanel()
+
+    def setParameterNode(self, parameterNode):
+        """Bind the panel's widgets to `parameterNode` (None: unbind), once, not at every enter(). The binding's tag
+        comes from connectParametersToGui, which returns it in Slicer 5.6 to 5.10; connectGui returns None before
+        5.10, so that disconnectGui could not unbind, and each new binding's combo boxes, cleared and refilled,
+        made the old one write their first choice into the node."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.unfollowParameterNode()
+        self._parameterNode, self._parameterNodeGuiTag = parameterNode, None
+        if parameterNode:
+            widgets = {w.property("SlicerParameterName"): w for w in vars(self.ui).values()
+                       if w.property("SlicerParameterName")}  # as connectGui finds them
+            self._parameterNodeGuiTag = parameterNode.connectParametersToGui(widgets)
+
+    def unfollowParameterNode(self):
+        if self._parameterNode and self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                                    self.onParameterNodeModified):
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+
+    def onParameterNodeModified(self, *unused):
+        """After the widgets' values reached the node: the bundled model is stored by name, and the lists follow
+        the model and the segmentations chosen (read from the node, so the new values)."""
+        p = self._parameterNode
+        if p is None:
+            return
+        if not torchProblem():
+            reference = self.logic.core.checkpointReference(str(p.checkpointPath))
+            if reference != str(p.checkpointPath):
+                p.checkpointPath = Path(reference)  # modifies the node: this runs again
+                return
+            self.followSegments()
+        if self.checkpoint() != self._listedCheckpoint:
+            self.refreshLabels()
+        self.refreshRelabel()
+
+    def checkpoint(self) -> str:
+        """The chosen model as the logic takes it: "bundled" or a path."""
+        return str(self._parameterNode.checkpointPath) if self._parameterNode else BUNDLED_MODEL
+
+    def modelProblem(self) -> str:
+        """"" when the chosen model is loaded; otherwise what the panel says instead. A model is loaded in a worker
+        thread (one at a time), with the CUDA query, and the panel refreshed then: opening the panel or choosing a
+        model never loads one, nor starts CUDA, on the main thread."""
+        problem = torchProblem()
+        if problem:
+            return problem
+        checkpoint = self.checkpoint()
+        if checkpoint in self._models:
+            return self._models[checkpoint]
+        if self._loader is None:
+            core = self.logic.core
+
+            def load():
+                from LabelConditionedSegLib.logic import checkpoint_identity
+                core.segmenter(checkpoint, "cpu")
+                checkpoint_identity(checkpoint)  # hashes the file once (atlasFor needs it): here, not on the main thread
+                return self.logic.describeDevices()
+
+            self._loader = Background(load, lambda devices, error: self.onModelLoaded(checkpoint, devices, error))
+        return "Loading the model..."
+
+    def onModelLoaded(self, checkpoint: str, devices: str, error):
+        self._loader = None
+        self._models[checkpoint] = f"Cannot use this model: {error[0]}" if error else ""
+        if devices:
+            self.ui.deviceInfoLabel.text = devices
+        self.refreshPanel()
+
+    def followSegments(self):
+        """While the panel is shown, observe the segments of the segmentations it lists (the one to complete, the
+        proposals, the chosen model's atlas once that model is loaded) and no others, so that their lists follow."""
+        core, p = self.logic.core, self._parameterNode
+        core.stopObservingSegments()
+        if p is None or not self.parent.isEntered:
+            return
+        nodes = [p.relabelSegmentation, p.proposalSegmentation]
+        if self._models.get(self.checkpoint()) == "":
+            nodes.append(core.atlasFor(self.checkpoint()))
+        for node in nodes:
+            if node is not None:
+                core.observeSegments(node, self.refreshLists)
+
+    def refreshPanel(self):
+        """Everything the panel shows, from the parameter node, the model and the scene."""
+        self.refreshLabels()
+        self.onParameterNodeModified()
+
+    def refreshLists(self, *unused):
+        """The label lists, after their segments changed."""
         self.refreshLabels()
         self.refreshRelabel()
 
-    def initializeParameterNode(self):
-        self.setParameterNode(LabelConditionedSegParameterNode(self.logic.getParameterNode()))
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-
-    def setParameterNode(self, parameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.refreshRelabel)
-        self._parameterNode = parameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.refreshRelabel)
-            self.refreshRelabel()
-
     # ---- the atlas label list ---------------------------------------------------------------
-    def checkpointPath(self) -> str:
-        path = self._parameterNode.checkpointPath if self._parameterNode else BUNDLED_CHECKPOINT
-        return str(path or BUNDLED_CHECKPOINT)
-
-    def refreshLabels(self, *unused):
+    def refreshLabels(self):
         """Trained labels of the checkpoint, then regions painted on the atlas; keeps the selection."""
         widget = self.ui.labelListWidget
         selected = set(self.selectedLabels())
         widget.clear()
-        if not torchInstalled():
-            self.ui.checkpointInfoLabel.text = "PyTorch is not installed yet: press Apply to install it."
+        self._listedCheckpoint = checkpoint = self.checkpoint()
+        problem = self.modelProblem()
+        if problem:
+            self.ui.checkpointInfoLabel.text = problem
             self.updateButtons()
             return
-        try:
-            checkpoint = self.logic.core.segmenter(self.checkpointPath(), "cpu").checkpoint
-        except Exception as error:
-            self.ui.checkpointInfoLabel.text = f"Cannot use this model: {error}"
-            self.updateButtons()
-            return
-        self.ui.checkpointInfoLabel.text = checkpoint.description
-        entries = [(l.name, str(l.value), l.color) for l in checkpoint.label_table]
-        painted = self.logic.core.atlasSegmentation
-        for segmentId in self.logic.core.paintedSegmentIds(self.checkpointPath()):
-            segment = painted.GetSegmentation().GetSegment(segmentId)
+        core = self.logic.core
+        model = core.segmenter(checkpoint, "cpu").checkpoint
+        self.ui.checkpointInfoLabel.text = model.description
+        entries = [(l.name, str(l.value), l.color) for l in model.label_table]
+        atlas = core.atlasFor(checkpoint)
+        for segmentId in core.paintedSegmentIds(checkpoint):
+            segment = atlas.GetSegmentation().GetSegment(segmentId)
             entries.append((f"{segment.GetName()} (painted)", segmentId, [round(255 * c) for c in segment.GetColor()]))
         for text, key, color in entries:
             addListItem(widget, text, key, color, key in selected)
@@ -269,59 +427,43 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onPaintLabel(self):
         """Atlas image and labels in the scene, a new segment on them, and Segment Editor opened on it."""
-        with slicer.util.tryWithErrorDisplay("Could not open the atlas for painting.", waitCursor=True):
-            atlas = self.logic.core.loadAtlas(self.checkpointPath())
-            self.observeSegments(atlas, self.refreshLabels)
-            segments = atlas.GetSegmentation()
+        with showErrors("Could not open the atlas for painting."):
+            atlas = self.logic.core.loadAtlas(self.checkpoint())
+            self.followSegments()
             atlasVolume = atlas.GetNodeReference(atlas.GetReferenceImageGeometryReferenceRole())
-            segmentId = segments.AddEmptySegment("", "New atlas region", [1.0, 0.85, 0.2])
+            segmentId = atlas.GetSegmentation().AddEmptySegment("", "New atlas region", [1.0, 0.85, 0.2])
             slicer.util.setSliceViewerLayers(background=atlasVolume, fit=True)
             slicer.util.selectModule("SegmentEditor")
             editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
             editor.setSegmentationNode(atlas)
-            setSource = getattr(editor, "setSourceVolumeNode", None) or editor.setMasterVolumeNode  # Slicer < 5.2
-            setSource(atlasVolume)
+            editor.setSourceVolumeNode(atlasVolume)
             editor.setCurrentSegmentID(segmentId)
             editor.setActiveEffectByName("Paint")
             slicer.util.showStatusMessage("Paint the new region on the atlas, rename it, then come back and Apply.", 8000)
 
-    def observeSegments(self, segmentation, callback):
-        """Call `callback` whenever a segment of `segmentation` is added, removed or changed."""
-        segments = segmentation.GetSegmentation()
-        for event in (segments.SegmentAdded, segments.SegmentRemoved, segments.SegmentModified):
-            if not self.hasObserver(segments, event, callback):
-                self.addObserver(segments, event, callback)
-
     # ---- relabel missing organs -------------------------------------------------------------
-    def refreshRelabel(self, *unused):
-        """The labels missing from the chosen segmentation and the proposals under review; follows their segments."""
+    def refreshRelabel(self):
+        """The labels missing from the chosen segmentation and the proposals under review."""
         p = self._parameterNode
         segmentation = p.relabelSegmentation if p else None
         proposals = p.proposalSegmentation if p else None
-        for node in (segmentation, proposals):
-            if node:
-                self.observeSegments(node, self.refreshRelabel)
         picked, selected = set(self.pickedMissingLabels()), set(self.selectedProposals())
         self.ui.missingLabelListWidget.clear()
         self.ui.proposalListWidget.clear()
-        if not segmentation or not torchInstalled():
-            self.ui.missingLabelsLabel.text = ("Select the segmentation to complete (segments named like atlas labels)."
-                                               if torchInstalled() else "PyTorch is not installed yet: press Apply.")
+        problem = self.modelProblem()
+        if problem or not segmentation:
+            self.ui.missingLabelsLabel.text = problem or "Select the segmentation to complete (segments named like atlas labels)."
             self.updateButtons()
             return
-        try:
-            table = self.logic.core.segmenter(self.checkpointPath(), "cpu").checkpoint.label_table
-            missing = self.logic.core.missingLabels(segmentation, self.checkpointPath())
-        except Exception as error:
-            self.ui.missingLabelsLabel.text = f"Cannot use this model: {error}"
-            self.updateButtons()
-            return
+        core = self.logic.core
+        table = core.segmenter(self.checkpoint(), "cpu").checkpoint.label_table
+        missing = core.missingLabels(segmentation, self.checkpoint())
         self.ui.missingLabelsLabel.text = f"{len(missing)} of {len(table)} atlas labels missing from {segmentation.GetName()}:"
         for name in missing:
             addListItem(self.ui.missingLabelListWidget, name, name, table.resolve(name).color, name in picked)
         if proposals:
             segments = proposals.GetSegmentation()
-            for segmentId, uncertainty in self.logic.core.listProposals(proposals):
+            for segmentId, uncertainty in core.listProposals(proposals):
                 segment = segments.GetSegment(segmentId)
                 text = segment.GetName() if uncertainty is None else f"{segment.GetName()}   uncertainty {uncertainty:.3f}"
                 addListItem(self.ui.proposalListWidget, text, segmentId, [round(255 * c) for c in segment.GetColor()],
@@ -337,16 +479,17 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onReview(self, accept: bool):
         """Accept the selected proposals into the user's segmentation, or reject them; refusals are listed at the end."""
         p, core = self._parameterNode, self.logic.core
-        refused = []
-        for segmentId in self.selectedProposals():
-            try:
-                if accept:
-                    core.acceptProposal(p.proposalSegmentation, segmentId, p.relabelSegmentation)
-                else:
-                    core.rejectProposal(p.proposalSegmentation, segmentId)
-            except Exception as error:
-                refused.append(str(error))
-        self.refreshRelabel()
+        selected, refused = self.selectedProposals(), []
+        with core.undoGroup(f"{'accepting' if accept else 'rejecting'} {len(selected)} proposal(s)"):  # one undo step
+            for segmentId in selected:
+                try:
+                    if accept:
+                        core.acceptProposal(p.proposalSegmentation, segmentId, p.relabelSegmentation)
+                    else:
+                        core.rejectProposal(p.proposalSegmentation, segmentId)
+                except Exception as error:
+                    refused.append(str(error))
+        self.refreshLists()
         if refused:
             slicer.util.errorDisplay("\n".join(refused), windowTitle="Some proposals were not accepted")
 
@@ -359,8 +502,8 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         self._notices[:] = []
         core.messages = self._notices.append
-        with slicer.util.tryWithErrorDisplay("Could not export the case for training.", waitCursor=True):
-            core.exportForTraining(p.inputVolume, p.relabelSegmentation, folder, p.caseName, self.checkpointPath(), overwrite)
+        with showErrors("Could not export the case for training."):
+            core.exportForTraining(p.inputVolume, p.relabelSegmentation, folder, p.caseName, self.checkpoint(), overwrite)
             self.ui.exportFolderPathLineEdit.addCurrentPathToHistory()
             self.ui.statusLabel.text = "  ".join([f"Exported case {p.caseName} to {folder}."] + self._notices)
 
@@ -369,16 +512,19 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._worker is not None:
             return
         p = self._parameterNode
-        if not torchInstalled():
-            self.ui.applyButton.text, self.ui.applyButton.enabled = "Install PyTorch", True
-            for button in (self.ui.proposeButton, self.ui.acceptProposalButton, self.ui.rejectProposalButton,
-                           self.ui.exportButton):
+        if torchProblem():
+            self.ui.applyButton.text = "Install PyTorch" if torchMissing() else "Apply"
+            self.ui.applyButton.enabled = torchMissing()
+            self.ui.applyButton.toolTip = torchProblem()
+            for button in (self.ui.undoButton, self.ui.proposeButton, self.ui.acceptProposalButton,
+                           self.ui.rejectProposalButton, self.ui.exportButton):
                 button.enabled = False
             return
         ready = bool(p and p.inputVolume and self.selectedLabels())
         self.ui.applyButton.text = "Apply"
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = "Segment the selected labels" if ready else "Select an input volume and atlas labels"
+        self.ui.undoButton.enabled = self.logic.core.canUndo()
         partial = bool(p and p.inputVolume and p.relabelSegmentation)
         self.ui.proposeButton.text = "Propose missing labels"
         self.ui.proposeButton.enabled = partial and self.ui.missingLabelListWidget.count > 0
@@ -387,10 +533,29 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.rejectProposalButton.enabled = reviewing
         self.ui.exportButton.enabled = partial and bool(p.caseName) and bool(self.ui.exportFolderPathLineEdit.currentPath)
 
+    def onInstallTorch(self):
+        """Ask, then install PyTorch; Cancel is no error. Either way the panel then shows where PyTorch stands."""
+        if slicer.util.confirmOkCancelDisplay(
+                "Label Conditioned Segmentation needs PyTorch, which is not installed yet.\n\n"
+                "Install it now? The PyTorch extension picks a build that fits this computer's GPU (or the CPU). "
+                "The download can take several minutes.", windowTitle="Install PyTorch"):
+            with showErrors("PyTorch could not be installed; see the Python console, or use the PyTorch Utils module."):
+                self.logic.installTorch()
+        self.refreshPanel()
+
+    def onUndo(self):
+        """Take back the last Apply, Propose, Accept or Reject (Slicer's own Undo does not cover them)."""
+        with showErrors("Nothing was undone."):
+            self.ui.statusLabel.text = self.logic.core.undoLastRun()
+        self.refreshLists()
+
     def onApplyOrCancel(self):
+        if torchMissing():
+            self.onInstallTorch()
+            return
         p = self._parameterNode
         self.runInBackground(self.ui.applyButton, lambda core, device: core.start(
-            p.inputVolume, self.selectedLabels(), self.checkpointPath(), device, p.registration, p.threshold,
+            p.inputVolume, self.selectedLabels(), self.checkpoint(), device, p.registration, p.threshold,
             p.keepProbabilities), self.finishSegmentation)
 
     def finishSegmentation(self, job) -> str:
@@ -403,7 +568,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         p = self._parameterNode
         picked = self.pickedMissingLabels()
         self.runInBackground(self.ui.proposeButton, lambda core, device: core.startProposals(
-            p.inputVolume, p.relabelSegmentation, self.checkpointPath(), device, p.proposalPasses, p.registration,
+            p.inputVolume, p.relabelSegmentation, self.checkpoint(), device, p.proposalPasses, p.registration,
             p.keepUncertainty, picked or None), self.finishProposals)
 
     def finishProposals(self, job) -> str:
@@ -417,70 +582,54 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._cancel.set()
             self.ui.statusLabel.text = "Cancelling..."
             return
-        if not torchInstalled():
-            with slicer.util.tryWithErrorDisplay("PyTorch is not available.", waitCursor=True):
-                ensureTorch()
-                self.ui.deviceInfoLabel.text = self.logic.describeDevices()
-            self.refreshLabels()
-            self.refreshRelabel()
-            return
         try:
             device, notice = self.logic.usableDevice(self._parameterNode.device)
+            self._notices[:] = [notice] if notice else []
             core = self.logic.core
-            core.messages = self._notices.append  # called from the worker; shown by _poll
-            self._job = start(core, device)
+            core.messages = self._notices.append  # called from the worker too; shown by showProgress
+            job = start(core, device)
         except Exception as error:
             slicer.util.errorDisplay(f"Cannot start: {error}", detailedText=traceback.format_exc())
             return
-        self._notices[:] = [notice] if notice else []
         self._cancel.clear()
-        self._error, self._progress, self._started = None, (0.0, "starting"), time.time()
-        self._finishJob = finish
-        self._worker = threading.Thread(target=self._work, daemon=True)
-        self._worker.start()
-        for other in (self.ui.applyButton, self.ui.proposeButton):
+        self._progress, self._started = (0.0, "starting"), time.time()
+        self._worker = Background(lambda: job.run(self._report, self._cancel.is_set),
+                                  lambda result, error: self.onJobDone(job, finish, error), self.showProgress)
+        for other in (self.ui.applyButton, self.ui.proposeButton, self.ui.undoButton):
             other.enabled = other is button
         button.text = "Cancel"
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
-        self._timer.start()
-
-    def _work(self):
-        """Worker thread: computation only, no Qt and no MRML calls."""
-        try:
-            self._job.run(self._report, self._cancel.is_set)
-        except Exception as error:
-            self._error = (error, traceback.format_exc())
 
     def _report(self, fraction: float, message: str):
+        """Worker thread: progress is only stored here, and shown by showProgress."""
         self._progress = (fraction, message)
 
-    def _poll(self):
-        """Main thread: show progress; when the worker is done, write the result into the scene."""
+    def showProgress(self):
         fraction, message = self._progress
         self.ui.progressBar.value = int(100 * fraction)
         if not self._cancel.is_set():
             self.ui.statusLabel.text = "  ".join([message] + self._notices)
-        if self._worker.is_alive():
-            return
-        self._timer.stop()
-        self._worker, job, error, finish = None, self._job, self._error, self._finishJob
-        self._job = self._finishJob = None
-        self.ui.progressBar.hide()
-        self.updateButtons()
+
+    def onJobDone(self, job, finish, error):
+        """Main thread: write the finished job into the scene, or say why nothing was written."""
         from LabelConditionedSegLib.errors import Cancelled
-        if (error is not None and isinstance(error[0], Cancelled)) or self._cancel.is_set():
+        self._worker = None
+        self.ui.progressBar.hide()
+        if self._cancel.is_set() or (error is not None and isinstance(error[0], Cancelled)):
             self.ui.statusLabel.text = "Cancelled; the scene is as it was."
-            return
-        if error is not None:
+        elif error is not None:
             self.ui.statusLabel.text = f"Failed: {error[0]}"
             slicer.util.errorDisplay(f"The run failed: {error[0]}", detailedText=error[1])
-            return
-        with slicer.util.tryWithErrorDisplay("Could not add the result to the scene.", waitCursor=True):
-            done = finish(job)
-            seconds = time.time() - self._started
-            self.ui.statusLabel.text = "  ".join([f"{done} in {seconds:.1f} s on {job.segmenter.device}."] + self._notices)
-            self.ui.deviceInfoLabel.text = f"{self.logic.describeDevices()} Last run: {job.segmenter.device}."
+        else:
+            self.ui.statusLabel.text = "Failed: the result could not be added to the scene."
+            with showErrors("Could not add the result to the scene."):
+                done = finish(job)
+                seconds = time.time() - self._started
+                self.ui.statusLabel.text = "  ".join([f"{done} in {seconds:.1f} s on {job.segmenter.device}."] + self._notices)
+                self.ui.deviceInfoLabel.text = (f"{self.logic.describeDevices()} Last run: {job.segmenter.device}. "
+                                                f"{self.logic.core.cacheDescription()}")
+        self.updateButtons()
 
 
 def addListItem(widget, text: str, key: str, color, selected: bool = False):
@@ -495,23 +644,41 @@ def addListItem(widget, text: str, key: str, color, selected: bool = False):
 
 
 class LabelConditionedSegTest(ScriptedLoadableModuleTest):
-    """Reload & Test: the whole flow on Slicer's MRHead sample with the bundled demo model."""
+    """Reload & Test: the panel keeps its settings across modules; the whole flow on Slicer's MRHead sample with
+    the bundled demo model (skipped without PyTorch: a test installs nothing)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_pick_paint_relabel_export_and_cancel_on_MRHead()
+        self.test_settings_survive_leaving_the_module()
+        self.setUp()
+        self.test_pick_paint_relabel_export_undo_and_cancel_on_MRHead()
 
-    def test_pick_paint_relabel_export_and_cancel_on_MRHead(self):
+    def test_settings_survive_leaving_the_module(self):
+        """Slicer 5.6 and 5.8 reset Device and Registration on re-entering when the panel was bound at each enter."""
+        slicer.util.selectModule("LabelConditionedSeg")
+        widget = slicer.modules.labelconditionedseg.widgetRepresentation().self()
+        widget._parameterNode.device, widget._parameterNode.registration = "cpu", "rigid"
+        for _ in range(2):
+            slicer.util.selectModule("Data")
+            slicer.util.selectModule("LabelConditionedSeg")
+        self.assertEqual((widget._parameterNode.device, widget._parameterNode.registration), ("cpu", "rigid"))
+        self.assertEqual((widget.ui.deviceComboBox.currentText, widget.ui.registrationComboBox.currentText), ("cpu", "rigid"))
+
+    def test_pick_paint_relabel_export_undo_and_cancel_on_MRHead(self):
+        if torchProblem():
+            self.skipTest(torchProblem())
         import numpy as np
         import SampleData
+        from LabelConditionedSegLib.checkpoint import BUNDLED
         from LabelConditionedSegLib.errors import Cancelled
 
         self.delayDisplay("Loading MRHead")
         volume = SampleData.downloadSample("MRHead")
         logic = LabelConditionedSegLogic()
+        self.assertEqual(logic.core.checkpointReference(str(BUNDLED)), BUNDLED_MODEL)
         picked = ["Hippocampus_L", "Precentral_R"]
 
         self.delayDisplay("Segmenting two atlas labels")
@@ -535,7 +702,7 @@ class LabelConditionedSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay(f"Second label in {time.time() - start:.1f} s")
 
         self.delayDisplay("Segmenting a region painted on the atlas")
-        atlas = logic.core.loadAtlas(BUNDLED_CHECKPOINT)
+        atlas = logic.core.loadAtlas(BUNDLED_MODEL)
         atlasVolume = atlas.GetNodeReference(atlas.GetReferenceImageGeometryReferenceRole())
         source = slicer.util.arrayFromSegmentBinaryLabelmap(
             atlas, atlas.GetSegmentation().GetSegmentIdBySegmentName("Precentral_R"), atlasVolume)
@@ -550,17 +717,20 @@ class LabelConditionedSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Listing the missing labels and exporting the segments for training")
         import tempfile
         from LabelConditionedSegLib.training_folder import read_annotated
-        table = logic.core.segmenter(BUNDLED_CHECKPOINT, "cpu").checkpoint.label_table
+        table = logic.core.segmenter(BUNDLED_MODEL, "cpu").checkpoint.label_table
         done = picked + ["Thalamus_L"]
-        self.assertEqual(len(logic.core.missingLabels(segmentation, BUNDLED_CHECKPOINT)), len(table) - len(done))
+        self.assertEqual(len(logic.core.missingLabels(segmentation, BUNDLED_MODEL)), len(table) - len(done))
         with tempfile.TemporaryDirectory() as folder:
-            logic.core.exportForTraining(volume, segmentation, folder, "MRHead", BUNDLED_CHECKPOINT)
+            logic.core.exportForTraining(volume, segmentation, folder, "MRHead", BUNDLED_MODEL)
             self.assertEqual(read_annotated(Path(folder), "MRHead", table), sorted(table.resolve(n).value for n in done))
 
-        self.delayDisplay("Proposing a missing label, accepting it")
-        proposals = logic.core.proposeMissing(volume, segmentation, BUNDLED_CHECKPOINT, labels=["Hippocampus_R"])
+        self.delayDisplay("Proposing a missing label, accepting it, and undoing that")
+        proposals = logic.core.proposeMissing(volume, segmentation, BUNDLED_MODEL, labels=["Hippocampus_R"])
         logic.core.acceptProposal(proposals, proposals.GetSegmentation().GetNthSegmentID(0), segmentation)
         self.assertEqual(segments.GetNthSegment(segments.GetNumberOfSegments() - 1).GetName(), "Hippocampus_R")
+        self.assertTrue(logic.core.canUndo())
+        logic.core.undoLastRun()
+        self.assertEqual(segments.GetSegmentIdBySegmentName("Hippocampus_R"), "")
 
         self.delayDisplay("A cancelled run leaves the scene as it was")
         count = slicer.mrmlScene.GetNumberOfNodes()

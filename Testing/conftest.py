@@ -29,14 +29,16 @@ MODELS = Path(__file__).resolve().parent / "models"  # tiny trained models, made
 
 
 def tiny_settings(data: Path, out: Path, baseline: bool = False) -> TrainSettings:
-    """The tiny test models: 4 mm, six large AAL labels, 240 steps (about 2 minutes each on 2 CPU cores).
+    """The tiny test models: 4 mm, six large AAL labels, 240 steps of two subjects with one label each (about 2
+    minutes each on 2 CPU cores).
 
     LCS with the atlas at every decoder scale and dropout (for the uncertainty tests); the paper's multi-channel
     baseline with the same labels, grid and budget."""
     model = ModelConfig(base_channels=8, depth=3) if baseline else \
         ModelConfig(base_channels=8, depth=3, condition_levels="all", dropout=0.1)
     return TrainSettings(data, out, "colin27", spacing=4.0, model=model, labels=TINY_LABELS, steps=240, lr=3e-3,
-                         strength=0.6, validate_every=120, validation_subjects=2, seed=0, device="cpu", workers=1,
+                         batch_size=2, labels_per_subject=1, strength=0.6, validate_every=120, validation_subjects=2, seed=0,
+                         device="cpu", workers=1,
                          name="tiny test baseline" if baseline else "tiny test model", baseline=baseline)
 
 

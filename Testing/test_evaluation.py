@@ -9,19 +9,24 @@ from LabelConditionedSegLib.cli import main
 from lcs_training.metrics import label_metrics
 
 
-def test_evaluate_scores_lcs_registration_and_the_baseline(tiny_checkpoint, tiny_baseline, colin27, tmp_path, capsys):
-    code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(colin27), "--subjects", "1",
+def test_evaluate_scores_lcs_registration_and_the_baseline(tiny, tiny_baseline, colin27, tmp_path, capsys):
+    """Every method, and both priors of a model recorded as trained on them (the tiny model, so relabeled: what is
+    checked is that evaluate scores each prior a checkpoint records, and the deformable prior alone beside it)."""
+    tiny.provenance["priors"] = ["affine", "deformable"]
+    tiny.save(tmp_path / "both.lcs")
+    tiny.provenance.pop("priors")
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "both.lcs"), "--data", str(colin27), "--subjects", "1",
                  "--strength", "1.0", "--out", str(tmp_path), "--device", "cpu", "--bspline", "--baseline", str(tiny_baseline)])
     out = capsys.readouterr().out
     assert code == 0
     figures = dict(item.split("=") for item in out.strip().splitlines()[-1].split())
-    methods = ["lcs", "affine_propagation", "bspline_propagation", "baseline"]
+    methods = ["lcs", "lcs_deformable", "deformable_propagation", "affine_propagation", "bspline_propagation", "baseline"]
     assert set(figures) == {f"{m}_dice" for m in methods} | {"subjects"}
     assert all(0.2 < float(figures[f"{m}_dice"]) <= 1 for m in methods), figures
     with open(tmp_path / "heldout_metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["subject", "method", "value", "name", "dice", "hd95_mm", "volume_diff_pct"]
-    assert sorted({r["method"] for r in rows}) == sorted(m.replace("_", " ") for m in methods) and len(rows) == 4 * 6
+    assert sorted({r["method"] for r in rows}) == sorted(m.replace("_", " ") for m in methods) and len(rows) == 6 * 6
     for r in rows:
         if float(r["dice"]) > 0.5:  # a fair overlap lies within a few voxels of the truth
             assert 0 < float(r["hd95_mm"]) < 30 and abs(float(r["volume_diff_pct"])) < 100
@@ -56,5 +61,6 @@ def test_benchmark_prints_all_figures(tiny_checkpoint, capsys):
     assert code == 0
     figures = dict(item.split("=") for item in last.split())
     assert set(figures) == {"all_labels_s", "next_label_s", "peak_mb_1", "peak_mb_all", "speedup_vs_naive",
-                            "one_label_s", "naive_one_label_s"}
+                            "one_label_s", "naive_one_label_s", "deformable_s", "deformable_prepare_s",
+                            "peak_mb_deformable"}
     assert all(float(v) > 0 for v in figures.values())

@@ -20,7 +20,7 @@ from lcs_training.evaluate import evaluate
 from lcs_training.experiment import write_partial_cohort
 from lcs_training.synth import Strength, SubjectGenerator
 from lcs_training.smile import masked_dice_loss, smile_weight
-from lcs_training.train import SubjectStream, TrainSettings, train, validate, validation_subjects
+from lcs_training.train import BaselineStream, SubjectStream, TrainSettings, train, validate, validation_subjects
 
 from conftest import TINY_LABELS
 
@@ -85,9 +85,9 @@ def test_training_samples_teach_a_missing_organ_only_where_the_case_labels_somet
         subjects = [c for c in load_cases(data, atlas) if c.name != "colin27"]
         assert sum(len(c.annotated) for c in subjects) == (4 if claim_complete else 2)  # each label lost once
         for case in subjects:
-            baseline = iter(SubjectStream([case], atlas, values, Strength(), 0.5, seed=1, baseline=True))
+            baseline = iter(BaselineStream([case], atlas, values, Strength(), seed=1))
             for _ in range(3):
-                _, _, target, weight = next(baseline)
+                _, target, weight = next(baseline)
                 drawn = target.any(0)
                 for v, t, w in zip(values, target, weight):
                     if v in case.annotated:
@@ -96,11 +96,11 @@ def test_training_samples_teach_a_missing_organ_only_where_the_case_labels_somet
                         assert not t.any() and np.array_equal(w > 0, drawn), (case.name, v)
             if not case.annotated:
                 continue  # LCS never asks a case for a label it does not annotate
-            lcs = iter(SubjectStream([case], atlas, values, Strength(), 0.5, seed=1))
+            lcs = iter(SubjectStream([case], atlas, values, Strength(), 0.5, seed=1, factor=8))
             for _ in range(3):
-                _, condition, target, weight = next(lcs)
-                assert condition.any() and weight.all()
-                assert target.any() or claim_complete  # the naive view may ask for a removed organ: "not here"
+                for crop in next(lcs)[2]:
+                    assert crop.condition.any() and crop.weight.all()
+                    assert crop.target.any() or claim_complete  # the naive view may ask for a removed organ: "not here"
 
 
 @pytest.mark.slow

@@ -67,3 +67,18 @@ def test_the_multichannel_baseline_has_k_outputs_and_no_atlas_input():
     assert model.bottleneck[0].in_channels == lcs.bottleneck[0].in_channels - 2  # no atlas image and mask
     assert all(b[0].in_channels == l[0].in_channels - 2 for b, l in zip(model.up, lcs.up))
     assert not config.conditioned and ModelConfig().conditioned
+
+
+def test_with_a_prior_weight_an_untrained_network_outputs_its_prior_and_learns_what_to_change():
+    """prior_weight w: the logits start as w * (2 * mask - 1) exactly (the last convolution starts at zero), so the
+    thresholded output is the atlas prior; every weight still receives a gradient, w included."""
+    model = LCSNet(ModelConfig(base_channels=4, depth=3, condition_levels="all", prior_weight=6.0)).train()
+    x, atlas = torch.randn(1, 1, 16, 24, 16), torch.randn(1, 1, 16, 24, 16)
+    mask = (torch.rand(1, 1, 16, 24, 16) > 0.7).float()
+    logits = model(x, atlas, mask)
+    assert torch.equal(logits, 6.0 * (2 * mask - 1))
+    (logits.sigmoid() * torch.rand_like(logits)).sum().backward()
+    assert model.prior_weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+    assert not hasattr(LCSNet(ModelConfig(base_channels=4, depth=3)), "prior_weight")  # the paper's network: none
+    with pytest.raises(ValueError):
+        ModelConfig(prior_weight=-1.0)

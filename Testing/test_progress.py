@@ -31,6 +31,21 @@ def test_wrapping_an_iterable_and_stopping_early_say_where_it_ended():
     assert log.getvalue().splitlines() == [log.getvalue().splitlines()[0]] and "37/1000 (4 %)" in log.getvalue()
 
 
+def test_a_long_run_far_from_its_next_tenth_still_logs_now_and_then(monkeypatch):
+    """`lcs train --steps 100000 --minutes 60` never reaches a tenth: it logs at least every EVERY_SECONDS."""
+    import time
+    from LabelConditionedSegLib import progress
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.2)
+    log = io.StringIO()
+    bar = progress_bar(total=100000, desc="training", file=log)
+    bar.update()
+    assert log.getvalue() == ""
+    time.sleep(0.25)
+    bar.update()
+    bar.update()
+    assert log.getvalue().splitlines()[0].startswith("training: 2/100000 (0 %)") and len(log.getvalue().splitlines()) == 1
+
+
 def test_quiet_prints_nothing():
     log = io.StringIO()
     set_quiet(True)

@@ -182,6 +182,9 @@ def test_a_label_painted_on_the_atlas_is_segmented(scene, scans, tiny, tiny_chec
     assert np.logical_and(found, truth == 3).sum() / found.sum() > 0.4  # on the structure it was painted in
     by_name = logic.process(volume, ["frontal part"], checkpointPath=tiny_checkpoint, device="cpu")  # name, not ID
     assert np.array_equal(read_segment(scene, by_name, by_name.GetSegmentation().GetNthSegmentID(0), volume), found)
+    warped = logic.process(volume, [painted_id], checkpointPath=tiny_checkpoint, device="cpu", registration="deformable")
+    found = read_segment(scene, warped, warped.GetSegmentation().GetNthSegmentID(0), volume)  # the region warped too
+    assert found.sum() > 50 and np.logical_and(found, truth == 3).sum() / found.sum() > 0.4
 
 
 def test_the_gui_path_runs_in_a_worker_thread_and_cancels_within_a_second(scene, scans, tiny_checkpoint):

@@ -3,9 +3,12 @@
 - the CMake files list every Python file and resource the module needs;
 - the .ui holds every widget the module file uses, with the right class, and one widget of a
   fitting class for every parameter-node field;
-- the module loads in a Slicer without PyTorch (torch is imported only after the install offer).
+- the module loads in a Slicer without PyTorch (torch is imported only after the install offer);
+- what Slicer 5.6 to 5.10 do with the calls the widget makes (parameter-node binding, error display);
+- the extension's metadata, licence and Extensions Index entry agree with each other and with the repository.
 """
 import ast
+import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -16,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "LabelConditionedSeg"
 MODULE_FILE = MODULE / "LabelConditionedSeg.py"
 UI_FILE = ROOT / "Resources" / "UI" / "LabelConditionedSeg.ui"
+LOGIC_FILE = MODULE / "LabelConditionedSegLib" / "logic.py"
 
 # The class each widget that the module file touches must have in the .ui.
 EXPECTED_WIDGETS = {
@@ -35,6 +39,7 @@ EXPECTED_WIDGETS = {
     "registrationComboBox": "QComboBox",
     "thresholdSliderWidget": "ctkSliderWidget",
     "applyButton": "QPushButton",
+    "undoButton": "QPushButton",
     "progressBar": "QProgressBar",
     "statusLabel": "QLabel",
     "relabelSegmentationSelector": "qMRMLNodeComboBox",
@@ -72,14 +77,82 @@ def test_cmake_lists_every_python_file_and_resource():
     assert "slicerMacroBuildScriptedModule" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
 
+def cmake_value(variable: str) -> str:
+    match = re.search(rf'set\({variable} "([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text())
+    assert match, f"{variable} is not set"
+    return match.group(1)
+
+
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text())
+
+
+def module_constant(name: str) -> str:
+    (value,) = [n.value.value for n in module_tree().body if isinstance(n, ast.Assign)
+                and [getattr(t, "id", None) for t in n.targets] == [name]]
+    return value
+
+
 def test_extension_cmake_declares_the_extension():
     text = (ROOT / "CMakeLists.txt").read_text()
     for needed in ('EXTENSION_CATEGORY "Segmentation"', 'EXTENSION_DEPENDS "PyTorch"', "add_subdirectory(LabelConditionedSeg)",
                    "find_package(Slicer REQUIRED)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
                    "include(${Slicer_EXTENSION_CPACK})"):
         assert needed in text
-    icon = re.search(r'EXTENSION_ICONURL ".*/main/(.+?)"', text).group(1)
-    assert (ROOT / icon).is_file()
+
+
+def test_icon_and_screenshots_are_files_of_the_repository_at_its_homepage():
+    """The Extensions Index downloads them: raw files of the homepage's repository, PNG images that exist here."""
+    homepage = cmake_value("EXTENSION_HOMEPAGE")
+    assert homepage == module_constant("HOMEPAGE")  # the module's help links to it
+    owner_repo = re.fullmatch(r"https://github\.com/([\w.-]+/Slicer[\w.-]+)", homepage).group(1)
+    raw = f"https://raw.githubusercontent.com/{owner_repo}/main/"
+    urls = [cmake_value("EXTENSION_ICONURL"), *cmake_value("EXTENSION_SCREENSHOTURLS").split()]
+    assert len(urls) >= 2
+    for url in urls:
+        assert url.startswith(raw), url
+        assert (ROOT / url[len(raw):]).read_bytes().startswith(b"\x89PNG"), url
+
+
+def test_contributors_are_named_with_their_organization():
+    """Slicer's form, "Name (Organization)", the same in the extension and the module."""
+    (module,) = [n for n in ast.walk(module_tree()) if isinstance(n, ast.Assign)
+                 and getattr(n.targets[0], "attr", None) == "contributors"]
+    contributors = ast.literal_eval(module.value)
+    assert contributors and ", ".join(contributors) == cmake_value("EXTENSION_CONTRIBUTORS")
+    for contributor in contributors:
+        assert re.fullmatch(r"[^()]+ \([^()]+\)", contributor), contributor
+
+
+def test_extensions_index_entry_matches_the_extension():
+    """Written as ExtensionsIndex's PyTorch.json and TotalSegmentator.json are; its name is the project's (the index's
+    check_cmakelists_content), its fields those of the catalog-entry schema v1.0.1, its repository the homepage."""
+    project = re.search(r"project\((\w+)\)", (ROOT / "CMakeLists.txt").read_text()).group(1)
+    path = ROOT / f"{project}.json"
+    assert b"\r" not in path.read_bytes()  # the index refuses CR line endings
+    entry = json.loads(path.read_text())
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= {
+        "$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies", "build_subdirectory",
+        "enabled", "tier"}
+    assert entry["$schema"].endswith("/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert entry["category"] == cmake_value("EXTENSION_CATEGORY")
+    assert entry["build_dependencies"] == cmake_value("EXTENSION_DEPENDS").split()
+    assert entry["scm_url"] == cmake_value("EXTENSION_HOMEPAGE") + ".git"
+    assert f"/{entry['scm_revision']}/" in cmake_value("EXTENSION_ICONURL")  # the branch the URLs read
+    assert entry["tier"] in (1, 3, 5) and entry["build_subdirectory"] == "."
+
+
+def test_licence_file_readme_and_pyproject_agree():
+    """Apache-2.0 everywhere; the README also gives the bundled atlas data's terms (BSD-3-Clause, per Debian's
+    copyright file of mricron-data), whose notice a redistribution must carry."""
+    licence = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence and "END OF TERMS AND CONDITIONS" in licence
+    assert re.search(r'^license = "Apache-2.0"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## License\n"):]
+    for needed in ("Apache-2.0", "LICENSE", "mricron-data", "BSD-3-Clause", "Copyright 2006-2010, Chris Rorden",
+                   "Redistributions in binary form must reproduce"):
+        assert needed in section, needed
 
 
 def ui_widgets() -> dict[str, ET.Element]:
@@ -154,7 +227,8 @@ def test_the_module_loads_without_torch():
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module.split(".")[0])
-    assert imported <= {"threading", "time", "traceback", "pathlib", "typing", "qt", "slicer", "vtk"}, imported
+    assert imported <= {"contextlib", "importlib", "sys", "threading", "time", "traceback", "pathlib", "typing", "qt",
+                        "slicer", "vtk"}, imported
 
 
 @pytest.mark.parametrize("name", ["Icons/LabelConditionedSeg.png", "UI/LabelConditionedSeg.ui", "Models/demo.lcs"])
@@ -162,3 +236,111 @@ def test_resources_are_real_files(name):
     data = (ROOT / "Resources" / name).read_bytes()
     magic = {".png": b"\x89PNG", ".ui": b"<?xml", ".lcs": b"PK"}[Path(name).suffix]
     assert data.startswith(magic)
+
+
+def calls(tree: ast.AST, name: str) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", getattr(n.func, "id", None)) == name]
+
+
+def method(cls: str, name: str) -> ast.FunctionDef:
+    (klass,) = [n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == cls]
+    (function,) = [n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    return function
+
+
+def test_the_panel_is_bound_once_with_a_tag_that_unbinds_it():
+    """connectGui returns no tag in Slicer 5.6 and 5.8 (Base/Python/slicer/parameterNodeWrapper/wrapper.py, fixed in
+    5.10), so disconnectGui(None) left each binding in place; connectParametersToGui returns it in all three."""
+    tree = module_tree()
+    assert not calls(tree, "connectGui")
+    (connect,) = calls(tree, "connectParametersToGui")
+    disconnects = calls(tree, "disconnectGui")
+    assert disconnects and all(ast.unparse(c.args[0]) == "self._parameterNodeGuiTag" for c in disconnects)
+    for name in ("enter", "exit"):  # bound once per parameter node, not at every visit
+        body = method("LabelConditionedSegWidget", name)
+        assert not calls(body, "setParameterNode") and not calls(body, "connectParametersToGui")
+    exit_ = method("LabelConditionedSegWidget", "exit")
+    assert calls(exit_, "unfollowParameterNode") and calls(exit_, "stopObservingSegments")
+    assert calls(method("LabelConditionedSegWidget", "unfollowParameterNode"), "removeObserver")
+
+
+def test_errors_are_shown_once_and_what_follows_runs():
+    """slicer.util.tryWithErrorDisplay re-raises after its message box (Base/Python/slicer/util.py, 5.6 to 5.10):
+    the module uses its own showErrors, which does not."""
+    tree = module_tree()
+    assert "tryWithErrorDisplay" not in {getattr(n, "attr", None) for n in ast.walk(tree)}
+    (show,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "showErrors"]
+    (handler,) = [n for n in ast.walk(show) if isinstance(n, ast.ExceptHandler)]
+    assert not [n for n in ast.walk(handler) if isinstance(n, ast.Raise)] and calls(handler, "errorDisplay")
+    install = method("LabelConditionedSegWidget", "onInstallTorch")
+    assert isinstance(install.body[-1], ast.Expr) and calls(install.body[-1], "refreshPanel")  # after OK and Cancel alike
+
+
+def test_torch_is_installed_only_when_asked_and_never_in_a_test():
+    """Slicer's confirmation prompts answer OK under --testing, and PyTorchUtils' own prompt is skipped there."""
+    install = method("LabelConditionedSegLogic", "installTorch")
+    first = install.body[1]  # after the docstring
+    assert isinstance(first, ast.If) and "testingEnabled" in ast.unparse(first.test) and isinstance(first.body[0], ast.Raise)
+    (call,) = calls(install, "installTorch")
+    assert {k.arg: ast.unparse(k.value) for k in call.keywords}["askConfirmation"] == "False"
+    test = method("LabelConditionedSegTest", "test_pick_paint_relabel_export_undo_and_cancel_on_MRHead")
+    assert "torchProblem" in ast.unparse(test.body[0].test) and calls(test.body[0], "skipTest")
+
+
+def test_the_bundled_model_is_stored_by_name():
+    """The parameter node's default names the bundled model as the logic does, not by a path on this machine."""
+    logic = ast.parse(LOGIC_FILE.read_text())
+    (value,) = [n.value.value for n in logic.body if isinstance(n, ast.Assign)
+                and [getattr(t, "id", None) for t in n.targets] == ["BUNDLED_MODEL"]]
+    assert module_constant("BUNDLED_MODEL") == value
+    assert ast.unparse(parameter_fields()["checkpointPath"].value) == "Path(BUNDLED_MODEL)"
+    assert "demo.lcs" not in MODULE_FILE.read_text()
+
+
+def test_every_choice_of_registration_is_explained():
+    field = parameter_fields()["registration"]
+    choices = expected_widget(field)[1]
+    assert choices[0] == ast.literal_eval(field.value) == "affine" and "deformable" in choices
+    tooltip = [p.find("string").text for p in ui_widgets()["registrationComboBox"].findall("property")
+               if p.get("name") == "toolTip"][0]
+    assert all(f"{c}:" in tooltip or f"{c}." in tooltip for c in choices), tooltip
+    assert "affine, then a fast non-linear registration of the atlas to the scan (a few seconds more; " \
+           "needs a model trained for it)" in tooltip
+
+
+def test_the_widget_calls_only_what_the_logic_has():
+    """Every SegmentationLogic member the module uses (through `core`) is defined in logic.py."""
+    logic = ast.parse(LOGIC_FILE.read_text())
+    (cls,) = [n for n in logic.body if isinstance(n, ast.ClassDef) and n.name == "SegmentationLogic"]
+    members = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+    members |= {t.attr for n in ast.walk(cls) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Attribute) and ast.unparse(t.value) == "self"}
+    used = {n.attr for n in ast.walk(module_tree()) if isinstance(n, ast.Attribute)
+            and ast.unparse(n.value) in ("core", "self.core", "self._core", "self.logic.core", "logic.core")}
+    assert {"undoLastRun", "canUndo", "observeSegments", "stopObservingSegments", "cleanup", "checkpointReference"} <= used
+    assert used <= members, f"not in SegmentationLogic: {sorted(used - members)}"
+
+
+def test_reload_reloads_the_lib():
+    """Slicer's Reload re-reads the module file only (slicer.util.reloadScriptedModule, 5.6 to 5.10)."""
+    reload = method("LabelConditionedSegWidget", "onReload")
+    assert "LabelConditionedSegLib" in ast.unparse(reload) and "sys.modules" in ast.unparse(reload)
+    assert ast.unparse(reload.body[-1]) == "ScriptedLoadableModuleWidget.onReload(self)"
+    assert (MODULE / "LabelConditionedSegLib").is_dir()
+
+
+def test_the_module_imports_only_what_the_lib_defines():
+    """Each `from LabelConditionedSegLib.X import name` in the module (made after PyTorch loads) names a top-level
+    definition of X."""
+    imports = [n for n in ast.walk(module_tree()) if isinstance(n, ast.ImportFrom)
+               and (n.module or "").startswith("LabelConditionedSegLib.")]
+    assert imports
+    for node in imports:
+        source = ast.parse((MODULE / (node.module.replace(".", "/") + ".py")).read_text())
+        defined = {n.name for n in source.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {t.id for n in source.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                    for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+        defined |= {a.asname or a.name for n in source.body if isinstance(n, ast.ImportFrom) for a in n.names}
+        for alias in node.names:
+            assert alias.name in defined, f"{node.module} has no {alias.name}"

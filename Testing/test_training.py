@@ -15,9 +15,13 @@ from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.model import ModelConfig
 from lcs_training.data import load_atlas, load_cases
-from lcs_training.train import TrainSettings, add_arguments, pick_labels, train
+from lcs_training.data import normalized
+from lcs_training.smile import masked_dice_loss
+from lcs_training.synth import Strength
+from lcs_training.train import CropLoss, SubjectStream, TrainSettings, add_arguments, pick_labels, train
+from LabelConditionedSegLib.engine import Condition, Engine
 
-from conftest import TINY_LABELS, heldout_subject, tiny_settings
+from conftest import TINY_LABELS, dice, heldout_subject, tiny_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,8 +39,8 @@ def test_the_tiny_recipe_learns_the_labels(trained_now):
     assert trained.provenance["validation_dice"] > 0.45
     assert min(trained.provenance["validation_dice_per_label"].values()) > 0.25
     rows = (trained_now.parent / "history.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,val_dice" and len(rows) == 241
-    first, last = [np.mean([float(r.split(",")[1]) for r in chunk]) for chunk in (rows[1:41], rows[-40:])]
+    assert rows[0] == "step,seconds,loss,val_dice,val_affine,val_deformable" and len(rows) == 241
+    first, last = [np.mean([float(r.split(",")[2]) for r in chunk]) for chunk in (rows[1:41], rows[-40:])]
     assert last < first - 0.2  # the soft-Dice loss fell
     assert (trained_now.parent / "history.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -60,6 +64,52 @@ def test_targets_are_only_labels_the_case_annotates():
     merged = sum(len(p) == 2 for p in picks) / len(picks)
     assert 0.4 < merged < 0.6
     assert pick_labels(rng, [1, 3], [2, 4], 0.5) == []
+
+
+def test_a_step_teaches_each_label_in_the_box_the_engine_decodes_it_in(colin27, tiny):
+    """A training subject carries several labels, each cropped to the box that inference decodes (atlas region plus
+    the engine's margin), and the step's loss is the soft Dice of what the engine would output there (checked with
+    the network in evaluation mode, where a crop decodes exactly as the engine does)."""
+    atlas = load_atlas(colin27, "colin27", 4.0, tiny.config.factor)
+    values = [tiny.label_table.resolve(name).value for name in TINY_LABELS]
+    stream = iter(SubjectStream([atlas], atlas, values, Strength(), 0.5, seed=2, labels_per_subject=3,
+                                factor=tiny.config.factor))
+    image, atlas_image, crops = next(stream)
+    assert len(crops) == 3 and np.array_equal(atlas_image[0], normalized(atlas.image, atlas.mask))  # affine prior
+    model = tiny.build_model()
+    engine = Engine(model, atlas_image[0], "cpu")
+    encoded = engine.encode(image[0])
+    expected = []
+    for crop in crops:
+        region = tuple(slice(a, a + n) for a, n in zip(crop.start, crop.target.shape[1:]))
+        whole = np.zeros(image.shape[1:], bool)
+        whole[region] = crop.condition[0] > 0
+        condition = Condition.of("label", 1, whole)
+        assert engine._box(condition, image.shape[1:]) == (crop.start, crop.target.shape[1:])
+        maps = []
+        engine.segment(encoded, [condition], on_probability=lambda c, p: maps.append(p))
+        logits = torch.logit(torch.from_numpy(maps[0][region]).clamp(1e-6, 1 - 1e-6))[None, None]
+        expected.append(masked_dice_loss(logits, torch.from_numpy(crop.target)[None], torch.from_numpy(crop.weight)[None]))
+    with torch.no_grad():
+        loss = CropLoss(model.eval())(torch.from_numpy(image)[None], torch.from_numpy(atlas_image)[None], [crops])
+    assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), abs=1e-4)
+    warped = iter(SubjectStream([atlas], atlas, values, Strength(), 0.5, seed=2, labels_per_subject=3,
+                                deformable_share=1.0, factor=tiny.config.factor))
+    same_subject, warped_atlas, warped_crops = next(warped)  # the same draws, now with the deformable prior
+    assert np.array_equal(same_subject, image) and not np.array_equal(warped_atlas, atlas_image)
+
+    for plain, moved in zip(crops, warped_crops):  # each condition warped onto the subject: closer to its target
+        conditions = [_on_grid(c, c.condition, image.shape[1:]) for c in (plain, moved)]
+        target = _on_grid(plain, plain.target, image.shape[1:])
+        assert np.array_equal(target, _on_grid(moved, moved.target, image.shape[1:]))
+        assert dice(conditions[1], target) > dice(conditions[0], target)
+
+
+def _on_grid(crop, array: np.ndarray, shape) -> np.ndarray:
+    """A crop's mask (condition or target) placed on the whole model grid."""
+    out = np.zeros(shape, bool)
+    out[tuple(slice(a, a + n) for a, n in zip(crop.start, crop.target.shape[1:]))] = array[0] > 0
+    return out
 
 
 def test_cases_in_other_geometry_are_registered_and_know_their_labels(colin27, tmp_path):
@@ -165,10 +215,10 @@ def test_an_interrupted_run_resumes_with_its_whole_history(colin27, tmp_path, mo
         losses.append(1)
         if len(losses) == 4:
             raise RuntimeError("power cut")
-        return masked_dice_loss(*args, **kwargs)
+        return step_loss(*args, **kwargs)
 
-    masked_dice_loss = training.masked_dice_loss
-    monkeypatch.setattr(training, "masked_dice_loss", power_cut_at_step_4)
+    step_loss = training.CropLoss.forward
+    monkeypatch.setattr(training.CropLoss, "forward", power_cut_at_step_4)
     with pytest.raises(RuntimeError, match="power cut"):
         train(_tiny(colin27, tmp_path, steps=6))
     monkeypatch.undo()

@@ -59,10 +59,10 @@ def main(out: Path) -> None:
     checkpoint = Checkpoint.load(BUNDLED)
     find("inputVolumeSelector", QComboBox).addItem("MRHead")
     find("outputSegmentationSelector", QComboBox).addItem("Create new segmentation")
-    find("checkpointPathLineEdit").setText(str(Path("Resources/Models/demo.lcs")))
+    find("checkpointPathLineEdit").setText("bundled")
     find("checkpointInfoLabel", QLabel).setText(checkpoint.description)
     for cls, name, items in [(QComboBox, "deviceComboBox", ["auto", "cuda", "cpu"]),
-                             (QComboBox, "registrationComboBox", ["affine", "rigid", "none"])]:
+                             (QComboBox, "registrationComboBox", ["affine", "deformable", "rigid", "none"])]:
         find(name, cls).addItems(items)
     find("deviceInfoLabel", QLabel).setText("No CUDA GPU found: LCS runs on the CPU.")
     find("thresholdSliderWidget").setValue(0.5)
@@ -80,7 +80,7 @@ def main(out: Path) -> None:
     find("proposalPassesSpinBox").setValue(8)
     find("exportFolderPathLineEdit").setText("~/lcs-training")
     find("caseNameLineEdit").setText("subject07")
-    for name in ("acceptProposalButton", "rejectProposalButton", "exportButton"):
+    for name in ("acceptProposalButton", "rejectProposalButton", "exportButton", "undoButton"):
         find(name).setEnabled(True)
     find("applyButton").setEnabled(True)
     find("applyButton").setText("Cancel")

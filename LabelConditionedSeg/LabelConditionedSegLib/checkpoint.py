@@ -64,11 +64,18 @@ class Checkpoint:
         return model.eval()
 
     @property
+    def priors(self) -> list[str]:
+        """The atlas priors the network was trained to refine: "affine" (the atlas as it is, the paper's), and
+        "deformable" when it also saw atlases warped close to the subject (--registration deformable)."""
+        return list(self.provenance.get("priors", ["affine"]))
+
+    @property
     def description(self) -> str:
         p = self.provenance
-        dice = p.get("validation_dice")
-        return (f"{p.get('name', 'LCS model')}: {len(self.label_table)} labels, "
-                f"{p.get('iterations', '?')} iterations" + (f", validation Dice {dice:.3f}" if dice is not None else ""))
+        dice, by_prior = p.get("validation_dice"), p.get("validation_dice_by_prior") or {}
+        shown = (", validation Dice " + ", ".join(f"{k} {v:.3f}" for k, v in by_prior.items()) if len(by_prior) > 1 else
+                 f", validation Dice {dice:.3f}" if dice is not None else "")
+        return f"{p.get('name', 'LCS model')}: {len(self.label_table)} labels, {p.get('iterations', '?')} iterations{shown}"
 
     def save(self, path: str | Path) -> None:
         metadata = {

@@ -361,8 +361,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--series", help="in a DICOM folder holding several series, the one to segment: its number in the "
                    "list lcs prints, or its Series Instance UID (default: the largest)")
-    p.add_argument("--registration", default="affine", choices=["affine", "rigid", "none"],
-                   help="how the scan is aligned to the atlas; 'none' if it is already in atlas space")
+    p.add_argument("--registration", default="affine", choices=["affine", "deformable", "rigid", "none"],
+                   help="how the atlas is aligned to the scan: affine (the paper's); deformable: affine, then a fast "
+                        "non-linear warp of the atlas (a few seconds more, for models trained on such priors: lcs labels "
+                        "shows them); rigid; none if the scan is already in atlas space (default %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability under which a voxel is background")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (in a cohort: segment "
                    "again the scans done before)")

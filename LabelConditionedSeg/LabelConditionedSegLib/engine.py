@@ -20,6 +20,7 @@ from .geometry import Box, keep_highest
 from .model import LCSNet
 
 Progress = Callable[[float, str], None]
+MARGIN = 16  # voxels of context decoded around a condition's box (training crops the same)
 
 
 @dataclass
@@ -67,10 +68,22 @@ class Decoded:
 
 @dataclass
 class Encoded:
-    """A volume's encoder features on the engine's device, reusable for any number of labels."""
+    """A volume's encoder features on the engine's device, reusable for any number of labels; `atlas_image` is the atlas
+    image this volume is decoded with when it is not the engine's (an atlas warped onto the volume: a deformable prior)."""
 
     features: list[torch.Tensor]
     shape: tuple[int, int, int]
+    atlas_image: torch.Tensor | None = None
+
+
+def decode_box(offset: Sequence[int], size: Sequence[int], grid: Sequence[int], margin: int, factor: int
+               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(start, size) of the region decoded for a condition whose mask box is (offset, size): the box plus `margin`
+    voxels, aligned to the pooling grid (`factor`) and kept inside `grid`. Training crops the same boxes."""
+    shape = np.array(grid)
+    lo = np.clip((np.array(offset) - margin) // factor * factor, 0, None)
+    hi = np.minimum(-(-(np.array(offset) + np.array(size) + margin) // factor) * factor, shape)
+    return tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -104,7 +117,7 @@ class Engine:
     """Runs an LCSNet over conditions; `messages` receives notices such as a fallback to the CPU."""
 
     def __init__(self, model: LCSNet, atlas_image: np.ndarray, device: str | torch.device = "auto",
-                 memory_budget_mb: float | None = None, margin: int = 16, messages: Callable[[str], None] | None = None):
+                 memory_budget_mb: float | None = None, margin: int = MARGIN, messages: Callable[[str], None] | None = None):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = model.eval().to(self.device)
         self.atlas_image = torch.from_numpy(np.ascontiguousarray(atlas_image, dtype=np.float32))[None, None]
@@ -115,13 +128,15 @@ class Engine:
 
     # ---- encoding -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, image: np.ndarray) -> Encoded:
-        """Encoder features of a normalized model-grid volume (z, y, x)."""
+    def encode(self, image: np.ndarray, atlas_image: np.ndarray | None = None) -> Encoded:
+        """Encoder features of a normalized model-grid volume (z, y, x); `atlas_image`, when given, replaces the
+        engine's atlas image for this volume (the atlas warped onto it)."""
         if any(s % self.factor for s in image.shape):
             raise LCSError(f"model grid {image.shape} is not a multiple of {self.factor}")
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
         features = self._run(lambda dev: self.model.encode(x.to(dev)))
-        return Encoded(features, tuple(image.shape))
+        atlas = None if atlas_image is None else torch.from_numpy(np.ascontiguousarray(atlas_image, dtype=np.float32))[None, None]
+        return Encoded(features, tuple(image.shape), atlas)
 
     @property
     def dropout_layers(self) -> list[torch.nn.Module]:
@@ -188,14 +203,9 @@ class Engine:
 
     def _box(self, condition: Condition, grid: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(start, size) of the decoding box: atlas region plus margin, aligned to the pooling grid."""
-        shape = np.array(grid)
         if not self.model.config.region_invariant or not condition.mask.any():
-            return (0, 0, 0), tuple(int(s) for s in shape)
-        lo = np.array(condition.offset) - self.margin
-        hi = np.array(condition.offset) + np.array(condition.mask.shape) + self.margin
-        lo = np.clip(lo // self.factor * self.factor, 0, None)
-        hi = np.minimum(-(-hi // self.factor) * self.factor, shape)
-        return tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo)
+            return (0, 0, 0), tuple(int(s) for s in grid)
+        return decode_box(condition.offset, condition.mask.shape, grid, self.margin, self.factor)
 
     @staticmethod
     def _place(box, size) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -224,7 +234,8 @@ class Engine:
 
         def run(dev: torch.device) -> torch.Tensor:
             features = [torch.cat([crop(f, level, b) for b in boxes]).to(dev) for level, f in enumerate(encoded.features)]
-            atlas = torch.cat([crop(self.atlas_image, 0, b) for b in boxes]).to(dev)
+            atlas_image = self.atlas_image if encoded.atlas_image is None else encoded.atlas_image
+            atlas = torch.cat([crop(atlas_image, 0, b) for b in boxes]).to(dev)
             mask = torch.cat([torch.from_numpy(c.within(*b).astype(np.float32))[None, None] for c, b in zip(batch, boxes)]).to(dev)
             with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
                 return torch.sigmoid(self.model.decode(features, atlas, mask).float())[:, 0]

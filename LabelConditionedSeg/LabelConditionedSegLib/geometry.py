@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from .errors import Cancelled, LCSError
 
-REGISTRATIONS = ("affine", "rigid", "none")
+REGISTRATIONS = ("affine", "rigid", "none", "deformable")  # deformable: affine here, then deformable.py
 
 
 def bounding_box(array: np.ndarray) -> tuple[list[int], list[int]] | None:
@@ -96,7 +96,7 @@ def register(moving: sitk.Image, fixed: sitk.Image, mode: str = "affine", fixed_
     transform = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                                   sitk.CenteredTransformInitializerFilter.MOMENTS)
     transform = _optimize(fixed, moving, transform, fixed_mask, seed, _shrink_factors(fixed, [8.0, 4.0]), cancel)
-    if mode == "affine":
+    if mode in ("affine", "deformable"):
         center = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
         transform = _optimize(fixed, moving, as_affine(transform, center), fixed_mask, seed,
                               _shrink_factors(fixed, [4.0, 2.0]), cancel)

@@ -26,6 +26,9 @@ class ModelConfig:
     (eval-mode statistics), which region-restricted decoding relies on.
     baseline_labels: K > 0 builds the paper's multi-channel baseline instead: the
     same U-Net without the atlas input, with K output channels (one per label).
+    prior_weight: w > 0 adds w * (2 * atlas mask - 1) to the logits, w learned from this start and the last
+    convolution starting at zero: an untrained network outputs its atlas prior, and training learns what to
+    change in it (0: the paper's network, which learns the prior's role from nothing).
     """
 
     base_channels: int = 8
@@ -34,14 +37,15 @@ class ModelConfig:
     condition_levels: str = "bottleneck"
     dropout: float = 0.0
     baseline_labels: int = 0
+    prior_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, not {self.norm!r}")
         if self.condition_levels not in CONDITION_LEVELS:
             raise ValueError(f"condition_levels must be one of {CONDITION_LEVELS}")
-        if self.depth < 1 or self.base_channels < 1 or self.baseline_labels < 0:
-            raise ValueError("depth and base_channels must be positive, baseline_labels not negative")
+        if self.depth < 1 or self.base_channels < 1 or self.baseline_labels < 0 or self.prior_weight < 0:
+            raise ValueError("depth and base_channels must be positive, baseline_labels and prior_weight not negative")
 
     @property
     def conditioned(self) -> bool:
@@ -103,6 +107,10 @@ class LCSNet(nn.Module):
         self.upsample = nn.ModuleList([nn.ConvTranspose3d(c[i + 1], c[i], 2, stride=2) for i in range(config.depth)])
         self.up = nn.ModuleList([ConvBlock(2 * c[i] + extra, c[i], n, p) for i in range(config.depth)])
         self.head = nn.Conv3d(c[0], config.baseline_labels or 1, 1)
+        if config.conditioned and config.prior_weight > 0:
+            self.prior_weight = nn.Parameter(torch.tensor(float(config.prior_weight)))
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         features = [self.down[0](image)]
@@ -120,6 +128,8 @@ class LCSNet(nn.Module):
             if atlas and self.config.condition_levels == "all":
                 parts.append(atlas[level])
             x = self.up[level](torch.cat(parts, 1))
+        if atlas and self.config.prior_weight > 0:
+            return self.head(x) + self.prior_weight * (2 * atlas_mask - 1)
         return self.head(x)
 
     def forward(self, image: torch.Tensor, atlas_image: torch.Tensor | None = None,

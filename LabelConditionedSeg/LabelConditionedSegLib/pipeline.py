@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .checkpoint import Checkpoint
+from .deformable import Prior, deformable_prior
 from .engine import Condition, Encoded, Engine, Progress
 from .errors import LCSError
 from .labels import Label, distinct_colors
@@ -29,6 +30,11 @@ class Prepared:
     transform: sitk.Transform  # atlas (model grid) points -> input points
     model_image: np.ndarray  # normalized, on the model grid (z, y, x)
     encoded: Encoded
+    prior: Prior | None = None  # the atlas warped onto this volume (registration "deformable")
+
+    def conditions(self, conditions: Sequence[Condition]) -> list[Condition]:
+        """The conditions as this volume is decoded with them: warped onto it under a deformable prior."""
+        return list(conditions) if self.prior is None else [self.prior.warp(c) for c in conditions]
 
 
 @dataclass
@@ -89,6 +95,7 @@ class Segmenter:
             raise LCSError(f"{checkpoint.provenance.get('name', 'this checkpoint')} is a multi-channel baseline (for "
                            "lcs evaluate), not an LCS model; segment with an LCS checkpoint")
         self.checkpoint = checkpoint
+        self.messages = messages or (lambda text: None)
         self.atlas_labels = sitk.GetArrayFromImage(checkpoint.atlas_labels)
         self.engine = Engine(checkpoint.build_model(), sitk.GetArrayFromImage(checkpoint.atlas_image), device,
                              memory_budget_mb=memory_budget_mb, messages=messages)
@@ -106,8 +113,17 @@ class Segmenter:
         transform = register(image, self.checkpoint.atlas_image, registration, fixed_mask=self.checkpoint.atlas_mask,
                              cancel=cancel)
         model_image = model_input(self.checkpoint, image, transform)
+        prior = None
+        if registration == "deformable":
+            if "deformable" not in self.checkpoint.priors:
+                self.messages(f"{self.checkpoint.provenance.get('name', 'this model')} was not trained on deformable "
+                              "priors; its results may be worse than with --registration affine")
+            step(0.3, "warping the atlas onto the volume (deformable)")
+            prior = deformable_prior(model_image, sitk.GetArrayViewFromImage(self.checkpoint.atlas_image),
+                                     self.checkpoint.atlas_image, cancel)
         step(0.5, f"encoding on {self.device}")
-        return Prepared(image, transform, model_image, self.engine.encode(model_image))
+        encoded = self.engine.encode(model_image, None if prior is None else prior.atlas_image)
+        return Prepared(image, transform, model_image, encoded, prior)
 
     def conditions(self, labels: Sequence[str | int] = (), masks: Sequence[tuple] = ()) -> list[Condition]:
         """Atlas labels by name or value ('A+B' for a union) and masks drawn on the atlas, as conditions.
@@ -142,10 +158,13 @@ class Segmenter:
                 on_probability: Callable[[Condition, sitk.Image], None] | None = None,
                 progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> Segmentation:
         """The conditions on the input's grid: a label map (values of the conditions, 0 background) and their own masks."""
-        def back(condition: Condition, probability: np.ndarray) -> None:
-            on_probability(condition, self.to_input(prepared, probability))
+        decoded_as = prepared.conditions(conditions)
+        original = {id(d): c for d, c in zip(decoded_as, conditions)}
 
-        decoded = self.engine.segment(prepared.encoded, conditions, threshold,
+        def back(condition: Condition, probability: np.ndarray) -> None:
+            on_probability(original[id(condition)], self.to_input(prepared, probability))
+
+        decoded = self.engine.segment(prepared.encoded, decoded_as, threshold,
                                       back if on_probability is not None else None, progress, cancel)
         grid = self.checkpoint.atlas_image
         image = sitk.GetImageFromArray(decoded.labels)
@@ -164,14 +183,17 @@ class Segmenter:
         total = {id(c): np.zeros(prepared.encoded.shape, np.float64) for c in conditions}
         squares = {id(c): np.zeros(prepared.encoded.shape, np.float64) for c in conditions}
 
+        decoded_as = prepared.conditions(conditions)
+        original = {id(d): c for d, c in zip(decoded_as, conditions)}
+
         def add(condition: Condition, probability: np.ndarray) -> None:
-            total[id(condition)] += probability
-            squares[id(condition)] += probability.astype(np.float64) ** 2
+            total[id(original[id(condition)])] += probability
+            squares[id(original[id(condition)])] += probability.astype(np.float64) ** 2
 
         with self.engine.sampling():
             for i in range(passes):
                 step = (lambda f, m, i=i: progress((i + f) / passes, f"pass {i + 1} of {passes}: {m}")) if progress else None
-                self.engine.segment(prepared.encoded, conditions, on_probability=add, progress=step, cancel=cancel)
+                self.engine.segment(prepared.encoded, decoded_as, on_probability=add, progress=step, cancel=cancel)
         out = []
         for c in conditions:
             mean = total[id(c)] / passes

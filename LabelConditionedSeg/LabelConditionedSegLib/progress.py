@@ -1,5 +1,6 @@
 """Progress for people and for logs: a live bar on a terminal; in a log file or a pipe, one plain line per tenth of
-the work (a live bar there becomes one enormous line of carriage returns); nothing with --quiet."""
+the work, and at least one every ten minutes (a training run bounded by --minutes may never reach a tenth of its
+steps), since a live bar there becomes one enormous line of carriage returns; nothing with --quiet."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,7 @@ from typing import Iterable, TextIO
 from tqdm import tqdm
 
 QUIET = {"on": False}  # set once per command by `lcs ... --quiet`
+EVERY_SECONDS = 600  # a log line at least this often
 
 
 def set_quiet(quiet: bool) -> None:
@@ -33,7 +35,7 @@ class LineProgress:
         self.iterable, self.desc, self.n, self.file = iterable, desc, initial, file
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.postfix, self.started = "", time.time()
-        self.shown = self._tenths()
+        self.shown, self.printed = self._tenths(), self.started
 
     def __iter__(self):
         for item in self.iterable:
@@ -49,7 +51,7 @@ class LineProgress:
         self.refresh()
 
     def refresh(self) -> None:
-        if self._tenths() > self.shown:
+        if self._tenths() > self.shown or time.time() - self.printed >= EVERY_SECONDS:
             self.shown = self._tenths()
             self._print()
 
@@ -68,3 +70,4 @@ class LineProgress:
         done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f} %)" if self.total else f"{self.n}"
         extra = f", {self.postfix}" if self.postfix else ""
         print(f"{self.desc}: {done}, {time.time() - self.started:.0f} s{extra}", file=self.file, flush=True)
+        self.printed = time.time()

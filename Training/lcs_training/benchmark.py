@@ -43,7 +43,8 @@ def _peak_mb() -> float:
 
 
 def worker(mode: str, scan: Path, checkpoint_path: Path, device: str) -> dict:
-    """One measurement in this process: 'one' label, 'all' labels (+ one more), or 'naive'."""
+    """One measurement in this process: 'one' label, 'all' labels (+ one more), 'deformable' (all labels with
+    --registration deformable), or 'naive'."""
     start = time.time()
     checkpoint = Checkpoint.load(checkpoint_path)
     segmenter = Segmenter(checkpoint, device)
@@ -60,10 +61,15 @@ def worker(mode: str, scan: Path, checkpoint_path: Path, device: str) -> dict:
                 full = c.within((0, 0, 0), prepared.model_image.shape).astype(np.float32)
                 torch.sigmoid(model(x, atlas, torch.from_numpy(full)[None, None].to(engine.device)))
         return {"naive_network_s": time.time() - begin}
-    conditions = segmenter.conditions(values if mode == "all" else values[:1])
-    prepared = segmenter.prepare(image)
+    conditions = segmenter.conditions(values[:1] if mode == "one" else values)
+    begin = time.time()
+    prepared = segmenter.prepare(image, "deformable" if mode == "deformable" else "affine")
+    prepare_s = time.time() - begin
     segmenter.segment(prepared, conditions).masks  # the label map and each label's own mask (the .seg.nrrd's segments)
-    result = {f"{mode}_s": time.time() - start, f"peak_mb_{mode}": _peak_mb(), "device": segmenter.device}
+    result = {f"{mode}_s": time.time() - start, f"peak_mb_{mode}": _peak_mb(), "device": segmenter.device,
+              f"prepare_{mode}_s": prepare_s}
+    if mode == "deformable":
+        return result
     begin = time.time()
     segmenter.engine.segment(segmenter.engine.encode(prepared.model_image), conditions)
     result[f"network_{mode}_s"] = time.time() - begin
@@ -78,7 +84,7 @@ def benchmark(checkpoint: Path, device: str, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         scan = make_head(Path(tmp) / "head_1mm.nii.gz", seed)
         figures = {}
-        for mode in ("one", "all", "naive"):
+        for mode in ("one", "all", "deformable", "naive"):
             out = subprocess.run([sys.executable, "-m", "lcs_training.benchmark", "--worker", mode, "--scan", str(scan),
                                   "--checkpoint", str(checkpoint), "--device", device], capture_output=True, text=True)
             if out.returncode != 0:
@@ -105,16 +111,19 @@ def run(args: argparse.Namespace) -> None:
           f"-> speed-up {speedup:.1f}x")
     print(f"one label alone, network part: {f['network_one_s']:.2f} s; paper scheme: {naive_one:.2f} s per label")
     print(f"one more label on the encoded volume: {f['next_label_s']:.2f} s")
+    print(f"all labels with --registration deformable: {f['deformable_s']:.1f} s (registration and atlas warp "
+          f"{f['prepare_deformable_s']:.1f} s against {f['prepare_all_s']:.1f} s affine), peak {f['peak_mb_deformable']:.0f} MB")
     print(f"peak memory: 1 label {f['peak_mb_one']:.0f} MB, all labels {f['peak_mb_all']:.0f} MB "
           f"(ratio {f['peak_mb_all'] / f['peak_mb_one']:.2f})")
     print(f"all_labels_s={f['all_s']:.2f} next_label_s={f['next_label_s']:.3f} "
           f"peak_mb_1={f['peak_mb_one']:.0f} peak_mb_all={f['peak_mb_all']:.0f} speedup_vs_naive={speedup:.2f} "
-          f"one_label_s={f['network_one_s']:.3f} naive_one_label_s={naive_one:.3f}")
+          f"one_label_s={f['network_one_s']:.3f} naive_one_label_s={naive_one:.3f} deformable_s={f['deformable_s']:.2f} "
+          f"deformable_prepare_s={f['prepare_deformable_s']:.2f} peak_mb_deformable={f['peak_mb_deformable']:.0f}")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", required=True, choices=["one", "all", "naive"])
+    p.add_argument("--worker", required=True, choices=["one", "all", "deformable", "naive"])
     p.add_argument("--scan", type=Path, required=True)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--device", default="auto")

@@ -48,7 +48,9 @@ def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength
     """Mean Dice per method over labels and subjects (and seconds per case); writes CSV and PNGs to `out`.
 
     Methods: "lcs", "affine propagation", "bspline propagation" (when asked), and "baseline" made of one or
-    more multi-channel checkpoints, each label scored by the baseline model that holds it.
+    more multi-channel checkpoints, each label scored by the baseline model that holds it. A checkpoint trained on
+    deformable priors is also scored with them ("lcs deformable", its own registration included in its seconds),
+    beside the prior alone ("deformable propagation": the atlas labels warped by the same registration).
     """
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Checkpoint.load(checkpoint_path)
@@ -69,6 +71,17 @@ def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength
         registered = time.time() - start
         predictions["lcs"] = segmenter.segment(prepared, conditions).labelmap
         seconds.setdefault("lcs", []).append(time.time() - start)
+        if "deformable" in checkpoint.priors:
+            start = time.time()
+            warped = segmenter.prepare(image, "deformable")
+            prepared_in = time.time() - start  # the registrations and the encoding
+            predictions["lcs deformable"] = segmenter.segment(warped, conditions).labelmap
+            seconds.setdefault("lcs deformable", []).append(time.time() - start)
+            start = time.time()
+            labels = sitk.Resample(checkpoint.atlas_labels, checkpoint.atlas_image, warped.prior.field,
+                                   sitk.sitkNearestNeighbor, 0)
+            predictions["deformable propagation"] = labels_to_input(labels, image, warped.transform)
+            seconds.setdefault("deformable propagation", []).append(time.time() - start + prepared_in)
         start = time.time()
         predictions["affine propagation"] = to_input_grid(atlas_labels, image, prepared.transform)
         seconds.setdefault("affine propagation", []).append(time.time() - start + registered)

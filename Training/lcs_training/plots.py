@@ -34,12 +34,38 @@ def plot_history(history_csv: Path, png: Path) -> None:
     loss = np.array([float(r["loss"]) for r in rows])
     k = max(1, len(loss) // 50)
     ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, "valid"), label="soft-Dice loss (smoothed)")
-    val = [(int(r["step"]), float(r["val_dice"])) for r in rows if r["val_dice"]]
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation mean Dice")
+    for column, name in (("val_affine", "validation Dice, affine prior"),
+                         ("val_deformable", "validation Dice, deformable prior")):
+        val = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
+        if val:
+            ax.plot(*zip(*val), "o-", label=name)
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
     ax.legend()
+    _save(fig, png)
+
+
+def plot_training_speed(runs: dict[str, Path], png: Path, reference: dict[str, list[tuple[float, float]]] = {},
+                        goal: float | None = None) -> None:
+    """Validation Dice against training minutes (validation time left out) of several runs' history.csv, each prior
+    its own line, beside reference points (minutes, Dice) of runs whose history is not kept."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, history_csv in runs.items():
+        rows = list(csv.DictReader(open(history_csv)))
+        for column, style in (("val_affine", "o-"), ("val_deformable", "s--")):
+            val = [(float(r["seconds"]) / 60, float(r[column])) for r in rows if r.get(column)]
+            if val:
+                ax.plot(*zip(*val), style, ms=4, label=f"{name}, {column[4:]} prior")
+    for name, points in reference.items():
+        ax.plot(*zip(*points), "k^:", ms=5, label=name)
+    if goal is not None:
+        ax.axhline(goal, color="grey", lw=0.8)
+        ax.axvline(30, color="grey", lw=0.8)
+    ax.set_xlabel("training minutes on this 2-core CPU (validation left out)")
+    ax.set_ylabel("validation mean Dice (116 labels)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
     _save(fig, png)
 
 

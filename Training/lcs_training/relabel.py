@@ -86,6 +86,7 @@ def relabel(data: Path, checkpoint: Path, out: Path, rounds: int = 3, gamma_max:
         settings = TrainSettings(folder, folder / "model", p.get("atlas_case", ""), spacing=float(p.get("spacing_mm", 2.0)),
                                  model=first.config, labels=[str(v) for v in table.values], steps=steps_so_far + steps,
                                  lr=float(p.get("lr", 1e-4)), strength=float(p.get("augmentation_strength", 1.0)),
+                                 batch_size=int(p.get("batch_size", 2)), labels_per_subject=int(p.get("labels_per_subject", 1)),
                                  validate_every=steps_so_far + steps, validation_subjects=1, device=device, init=model,
                                  name=f"{p.get('name', 'LCS model')}, relabeled round {t}")
         model, current = train(settings), folder

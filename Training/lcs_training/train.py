@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from LabelConditionedSegLib import distributed
 from LabelConditionedSegLib.checkpoint import Checkpoint
-from LabelConditionedSegLib.engine import Condition, Engine, resolve_device
+from LabelConditionedSegLib.deformable import deformable_prior
+from LabelConditionedSegLib.engine import MARGIN, Condition, Engine, decode_box, resolve_device
 from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.files import atomic_path, check_writable, remove_leftovers, write_csv
 from LabelConditionedSegLib.labels import LabelTable
@@ -52,7 +53,9 @@ class TrainSettings:
     labels: list[str] | None = None  # restrict training to these label names/values
     steps: int = 2000
     minutes: float | None = None  # stop after this wall time, whichever comes first
-    batch_size: int = 2
+    batch_size: int = 1
+    labels_per_subject: int = 4  # labels taught per subject and step, each decoded in its own box
+    deformable_share: float = 0.0  # share of subjects conditioned on the demons-warped atlas (the deformable prior)
     lr: float = 1e-4
     merge_probability: float = 0.5
     strength: float = 1.0
@@ -68,17 +71,70 @@ class TrainSettings:
     name: str = "LCS model"
 
 
-class SubjectStream(IterableDataset):
-    """Endless (image, atlas mask, target, SMILE weight) samples drawn from random subjects of the training cases.
+PRIORS = ("affine", "deformable")
 
-    For the multi-channel baseline: (image, nothing, one target channel per label, one weight map per label).
-    """
+
+@dataclass
+class LabelCrop:
+    """One training label of a subject: its decoding box (as the engine decodes it) with the atlas condition, the target
+    and SMILE's weight map inside it."""
+
+    start: tuple[int, int, int]
+    condition: np.ndarray  # the (possibly warped) atlas mask, float32 (1, d, h, w)
+    target: np.ndarray
+    weight: np.ndarray
+
+
+class SubjectStream(IterableDataset):
+    """Endless (image, atlas image, label crops) samples: a random subject (a warped, re-imaged copy of a training case)
+    with `labels_per_subject` random target labels, each cropped to the box the engine decodes it in. The encoder
+    runs once per subject and each label decodes only its box, so a step teaches several labels for the cost of about
+    one whole-grid pass. With the deformable prior, a share of the subjects is conditioned on the atlas warped onto
+    them by the same demons registration that inference runs (`--registration deformable`)."""
 
     def __init__(self, cases: list[Case], atlas: Case, labels: list[int], strength: Strength, merge_probability: float,
-                 seed: int, baseline: bool = False):
+                 seed: int, labels_per_subject: int = 4, deformable_share: float = 0.0, factor: int = 16):
         self.cases, self.atlas, self.labels = cases, atlas, labels
-        self.strength, self.merge_probability, self.seed, self.baseline = strength, merge_probability, seed, baseline
-        self.atlas_labels = sitk.GetArrayFromImage(atlas.labels)
+        self.strength, self.merge_probability, self.seed = strength, merge_probability, seed
+        self.labels_per_subject, self.deformable_share, self.factor = labels_per_subject, deformable_share, factor
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, info.id if info else 0])
+        generators = [SubjectGenerator(c.image, c.labels, c.mask) for c in self.cases]
+        atlas_image = normalized(self.atlas.image, self.atlas.mask)
+        atlas_labels = sitk.GetArrayFromImage(self.atlas.labels)
+        while True:
+            k = int(rng.integers(len(self.cases)))
+            case = self.cases[k]
+            labelled = sorted(set(case.present) | set(case.annotated))
+            chosen = [c for c in (pick_labels(rng, self.labels, labelled, self.merge_probability)
+                                  for _ in range(self.labels_per_subject)) if c]
+            if not chosen:
+                continue
+            image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image)
+            image = normalized(image, self.atlas.mask)
+            prior = (deformable_prior(image, atlas_image, self.atlas.image)
+                     if rng.random() < self.deformable_share else None)
+            values = sitk.GetArrayFromImage(labels)
+            crops = []
+            for parts in chosen:
+                condition = Condition.of("", 0, np.isin(atlas_labels, parts))
+                condition = condition if prior is None else prior.warp(condition)
+                start, size = decode_box(condition.offset, condition.mask.shape, image.shape, MARGIN, self.factor)
+                region = tuple(slice(a, a + n) for a, n in zip(start, size))
+                crops.append(LabelCrop(start, condition.within(start, size)[None].astype(np.float32),
+                                       np.isin(values[region], parts)[None].astype(np.float32),
+                                       smile_weight(values[region], set(parts) <= set(case.annotated))[None]))
+            yield image[None], (atlas_image if prior is None else prior.atlas_image)[None], crops
+
+
+class BaselineStream(IterableDataset):
+    """Endless (image, one target channel per label, one SMILE weight map per label) samples for the paper's
+    multi-channel baseline, on the whole grid."""
+
+    def __init__(self, cases: list[Case], atlas: Case, labels: list[int], strength: Strength, seed: int):
+        self.cases, self.atlas, self.labels, self.strength, self.seed = cases, atlas, labels, strength, seed
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -86,22 +142,42 @@ class SubjectStream(IterableDataset):
         generators = [SubjectGenerator(c.image, c.labels, c.mask) for c in self.cases]
         while True:
             k = int(rng.integers(len(self.cases)))
-            case = self.cases[k]
-            if self.baseline:
-                image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image)
-                values = sitk.GetArrayFromImage(labels)
-                yield (normalized(image, self.atlas.mask)[None], np.zeros(0, np.float32),
-                       np.stack([values == v for v in self.labels]).astype(np.float32),
-                       np.stack([smile_weight(values, v in case.annotated) for v in self.labels]))
-                continue
-            chosen = pick_labels(rng, self.labels, sorted(set(case.present) | set(case.annotated)), self.merge_probability)
-            if not chosen:
-                continue
             image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image)
             values = sitk.GetArrayFromImage(labels)
-            yield (normalized(image, self.atlas.mask)[None], np.isin(self.atlas_labels, chosen)[None].astype(np.float32),
-                   np.isin(values, chosen)[None].astype(np.float32),
-                   smile_weight(values, set(chosen) <= set(case.annotated))[None])
+            yield (normalized(image, self.atlas.mask)[None],
+                   np.stack([values == v for v in self.labels]).astype(np.float32),
+                   np.stack([smile_weight(values, v in self.cases[k].annotated) for v in self.labels]))
+
+
+class CropLoss(torch.nn.Module):
+    """The LCS network's training loss on label crops: encode each subject once, decode each label in its box (the
+    crop of every feature map, as the engine decodes), soft Dice over SMILE's weights. A module, so that
+    DistributedDataParallel wraps the whole step."""
+
+    def __init__(self, model: LCSNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, atlas_images: torch.Tensor, crops: list[list[LabelCrop]]) -> torch.Tensor:
+        features = self.model.encode(images)
+        losses = []
+        for b, subject in enumerate(crops):
+            for crop in subject:
+                size = crop.target.shape[1:]
+                boxes = [tuple(slice(a // 2**level, (a + n) // 2**level) for a, n in zip(crop.start, size))
+                         for level in range(len(features))]
+                cropped = [f[(slice(b, b + 1), slice(None), *box)] for f, box in zip(features, boxes)]
+                condition = torch.as_tensor(crop.condition, device=images.device)[None]
+                logits = self.model.decode(cropped, atlas_images[(slice(b, b + 1), slice(None), *boxes[0])], condition)
+                losses.append(masked_dice_loss(logits.float(), torch.as_tensor(crop.target, device=images.device)[None],
+                                               torch.as_tensor(crop.weight, device=images.device)[None]))
+        return torch.stack(losses).mean()
+
+
+def _collate(samples: list) -> tuple:
+    """Subjects stacked, their label crops kept as lists (their boxes differ in size)."""
+    images, atlases, crops = zip(*samples)
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(atlases)), list(crops)
 
 
 def pick_labels(rng: np.random.Generator, trained: list[int], labelled: list[int], merge_probability: float) -> list[int]:
@@ -128,17 +204,22 @@ def validation_subjects(cases: list[Case], atlas: Case, count: int, strength: St
     return out
 
 
-def validate(model: LCSNet, atlas_image: np.ndarray, atlas_labels: np.ndarray, table: LabelTable, subjects, device) -> dict[int, float]:
+def validate(model: LCSNet, atlas_image: np.ndarray, atlas_labels: np.ndarray, table: LabelTable, subjects, device,
+             priors: list | None = None) -> dict[int, float]:
     """Mean Dice per label over the validation subjects, all labels decoded together as at inference. A subject
-    scores only the labels its case annotates: a missing or partly relabeled organ has no truth to compare with."""
+    scores only the labels its case annotates: a missing or partly relabeled organ has no truth to compare with.
+    `priors` (one deformable_prior per subject) decodes each subject with the atlas warped onto it."""
     engine = Engine(model, atlas_image, device) if model.config.conditioned else None
     conditions = [Condition.of(l.name, l.value, atlas_labels == l.value) for l in table]
     scores: dict[int, list[float]] = {}
-    for image, truth, annotated in subjects:
+    for i, (image, truth, annotated) in enumerate(subjects):
+        prior = priors[i] if priors else None
         if engine is None:
             prediction = segment_multichannel(model, image, table.values, device)
-        else:
+        elif prior is None:
             prediction = engine.segment(engine.encode(image), conditions).labels
+        else:
+            prediction = engine.segment(engine.encode(image, prior.atlas_image), [prior.warp(c) for c in conditions]).labels
         for value, dice in dice_per_label(prediction, truth, [v for v in table.values if v in annotated]).items():
             scores.setdefault(value, []).append(dice)
     model.train()
@@ -146,7 +227,8 @@ def validate(model: LCSNet, atlas_image: np.ndarray, atlas_labels: np.ndarray, t
 
 
 RUN_FILES = ("best.lcs", "last.lcs", "state.pt", "history.csv")  # a folder holding any of these holds a run
-SAVED = ("data", "atlas", "spacing", "model", "labels", "steps", "batch_size", "lr", "merge_probability", "strength",
+SAVED = ("data", "atlas", "spacing", "model", "labels", "steps", "batch_size", "labels_per_subject", "deformable_share",
+         "lr", "merge_probability", "strength",
          "validate_every", "validation_subjects", "seed", "baseline", "name", "init")  # in state.pt, with the weights
 CHANGEABLE = ("steps", "minutes", "device", "workers")  # what a resumed run may change
 
@@ -163,7 +245,7 @@ def _comparable(name: str, value):
         return value.to_dict()
     if name == "labels":
         return [str(x).strip() for x in value] if value else None
-    if name in ("spacing", "lr", "merge_probability", "strength"):
+    if name in ("spacing", "lr", "merge_probability", "strength", "deformable_share"):
         return float(value)
     return value
 
@@ -279,22 +361,32 @@ def train(s: TrainSettings) -> Path:
         history = _saved_history(state)
         if rank == 0:
             remove_leftovers(s.out)  # temporary files of a run killed while saving
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    step_loss = model if s.baseline else CropLoss(model)
+    net = torch.nn.parallel.DistributedDataParallel(step_loss) if world > 1 else step_loss
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    stream = SubjectStream(cases, atlas, table.values, strength, s.merge_probability, s.seed * 1000 + rank * 100 + step,
-                           s.baseline)
-    loader = iter(DataLoader(stream, batch_size=s.batch_size, num_workers=s.workers, persistent_workers=s.workers > 0))
+    seed = s.seed * 1000 + rank * 100 + step
+    if s.baseline:
+        stream, collate = BaselineStream(cases, atlas, table.values, strength, seed), None
+    else:
+        stream, collate = SubjectStream(cases, atlas, table.values, strength, s.merge_probability, seed,
+                                        s.labels_per_subject, s.deformable_share, config.factor), _collate
+    loader = iter(DataLoader(stream, batch_size=s.batch_size, num_workers=s.workers, persistent_workers=s.workers > 0,
+                             collate_fn=collate))
     subjects = validation_subjects(cases, atlas, s.validation_subjects, strength, s.seed) if rank == 0 else []
-    atlas_t = torch.from_numpy(atlas_image)[None, None].to(device).expand(s.batch_size, -1, -1, -1, -1)
+    priors = ["affine"] + (["deformable"] if s.deformable_share > 0 and not s.baseline else [])
+    warped = [deformable_prior(image, atlas_image, atlas.image) for image, _, _ in subjects] if "deformable" in priors else []
+    elapsed = history[-1]["seconds"] if history else 0.0  # training seconds of the run before this process
+    paused = 0.0  # seconds spent validating and saving, left out of the history's training seconds
 
-    def save(path: Path, dice: dict[int, float]) -> None:
+    def save(path: Path, dice: dict[int, float], by_prior: dict[str, float], score: float) -> None:
         provenance = {
             "name": s.name, "dataset": str(s.data), "atlas_case": s.atlas, "cases": [c.name for c in cases],
             "labels_trained": len(table), "iterations": step, "batch_size": s.batch_size * world, "lr": s.lr,
             "spacing_mm": s.spacing, "augmentation_strength": s.strength, "seed": s.seed,
-            "validation_dice": float(np.mean(list(dice.values()))) if dice else None,
+            "labels_per_subject": s.labels_per_subject, "priors": priors, "deformable_share": s.deformable_share,
+            "validation_dice": score, "validation_dice_by_prior": {k: round(v, 4) for k, v in by_prior.items()},
             "validation_dice_per_label": {str(k): round(v, 4) for k, v in dice.items()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": str(device), "processes": world,
@@ -305,6 +397,7 @@ def train(s: TrainSettings) -> Path:
                    table, provenance=provenance).save(path)
 
     last_dice: dict[int, float] = {}
+    last_score = None
     written = 0  # history rows in history.csv
     first = True  # first checkpoint: make the folder, remove an overwritten run's files and leftover temporary files
 
@@ -313,43 +406,53 @@ def train(s: TrainSettings) -> Path:
 
         Each file is replaced atomically (files.atomic_path): the checkpoints, then state.pt with the history, then
         history.csv. A run killed at any instant resumes from the previous state.pt or this one, with its history."""
-        nonlocal best, last_dice, written, first
+        nonlocal best, last_dice, last_score, written, first, paused
+        began = time.time()
         last_dice = validate(model, atlas_image, atlas_labels, table, subjects, device)
-        mean = float(np.mean(list(last_dice.values())))
+        by_prior = {"affine": float(np.mean(list(last_dice.values())))}
+        if warped:
+            by_prior["deformable"] = float(np.mean(list(validate(model, atlas_image, atlas_labels, table, subjects, device,
+                                                                 warped).values())))
+        mean = last_score = float(np.mean(list(by_prior.values())))  # the checkpoint is chosen on every prior trained
         if history:
-            history[-1]["val_dice"] = mean
+            history[-1].update(val_dice=mean, **{f"val_{k}": v for k, v in by_prior.items()})
         if first:
             s.out.mkdir(parents=True, exist_ok=True)
             for name in (*RUN_FILES, "history.png") if s.overwrite else ():
                 (s.out / name).unlink(missing_ok=True)
             remove_leftovers(s.out)
             first = False
-        save(s.out / "last.lcs", last_dice)
+        save(s.out / "last.lcs", last_dice, by_prior, mean)
         if mean > best:
             best = mean
-            save(s.out / "best.lcs", last_dice)
+            save(s.out / "best.lcs", last_dice, by_prior, mean)
         with atomic_path(state_path) as temporary:  # the history rides along: a kill before history.csv loses none
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
                         "settings": _settings_json(s), "history": _history_tensor(history)}, temporary)
         _write_history(s.out, history)  # after the state: history.csv never runs ahead of it
         written = len(history)
+        paused += time.time() - began
 
     start_time = time.time()
     bar = progress_bar(total=s.steps, initial=step, desc="training", disable=rank != 0)
     net.train()
     while step < s.steps and (s.minutes is None or time.time() - start_time < s.minutes * 60):
-        image, mask, target, weight = (t.to(device, non_blocking=True) for t in next(loader))
+        batch = next(loader)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            logits = net(image) if s.baseline else net(image, atlas_t[: len(image)], mask)
-            loss = masked_dice_loss(logits.float(), target, weight)
+            if s.baseline:
+                image, target, weight = (t.to(device, non_blocking=True) for t in batch)
+                loss = masked_dice_loss(net(image).float(), target, weight)
+            else:
+                loss = net(batch[0].to(device), batch[1].to(device), batch[2])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", val_dice=f"{np.mean(list(last_dice.values())):.3f}" if last_dice else "-")
-        history.append({"step": step, "loss": loss.item(), "val_dice": ""})
+        bar.set_postfix(loss=f"{loss.item():.3f}", val_dice=f"{last_score:.3f}" if last_score is not None else "-")
+        history.append({"step": step, "seconds": round(elapsed + time.time() - start_time - paused, 2), "loss": loss.item(),
+                        **{name: "" for name in HISTORY[3:]}})
         if step % s.validate_every == 0 or step == s.steps:
             if rank == 0:
                 checkpoint_now()
@@ -367,7 +470,7 @@ def train(s: TrainSettings) -> Path:
     return s.out / "best.lcs"
 
 
-HISTORY = ("step", "loss", "val_dice")
+HISTORY = ("step", "seconds", "loss", "val_dice", "val_affine", "val_deformable")  # val_dice: the mean of the priors
 
 
 def _write_history(out: Path, rows: list[dict]) -> None:
@@ -377,15 +480,15 @@ def _write_history(out: Path, rows: list[dict]) -> None:
 
 
 def _history_tensor(rows: list[dict]) -> torch.Tensor:
-    """The history as state.pt keeps it: (step, loss, validation Dice or NaN) per step."""
-    return torch.tensor([[r["step"], r["loss"], math.nan if r["val_dice"] == "" else r["val_dice"]] for r in rows],
-                        dtype=torch.float64).reshape(-1, 3)
+    """The history as state.pt keeps it: one row of HISTORY per step, NaN where a validation is blank."""
+    return torch.tensor([[math.nan if r.get(k, "") == "" else r[k] for k in HISTORY] for r in rows],
+                        dtype=torch.float64).reshape(-1, len(HISTORY))
 
 
 def _saved_history(state: dict) -> list[dict]:
     """The history of the run up to the step of its state.pt, which keeps it (history.csv may lag one checkpoint)."""
-    return [{"step": int(step), "loss": loss, "val_dice": "" if math.isnan(dice) else dice}
-            for step, loss, dice in state["history"].tolist()]
+    return [{k: int(v) if k == "step" else "" if math.isnan(v) else v for k, v in zip(HISTORY, row)}
+            for row in state["history"].tolist()]
 
 
 def _best_saved(out: Path) -> float:
@@ -433,7 +536,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train until this step, counting those of a resumed or --init run (default %(default)s; "
              "with --resume: the saved run's)")
     add("--minutes", type=float, help="stop after this many minutes even if steps remain (default: no limit)")
-    add("--batch-size", type=int, default=2, help="subjects per step and process (default %(default)s)")
+    add("--batch-size", type=int, default=1, help="subjects per step and process (default %(default)s)")
+    add("--labels-per-subject", type=int, default=4,
+        help="labels taught per subject and step, each decoded only in its box as at inference (default %(default)s)")
+    add("--deformable-share", type=float, default=0.0,
+        help="share of subjects conditioned on the atlas warped onto them by the demons registration of "
+             "--registration deformable (0: the paper's affine prior only; e.g. 0.5 trains for both) (default %(default)s)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (default %(default)s)")
     add("--base-channels", type=int, default=8,
         help="feature channels at full resolution, doubled at each pooling (default %(default)s)")
@@ -442,6 +550,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="normalization after each convolution (default %(default)s)")
     add("--dropout", type=float, default=0.0,
         help="dropout in the decoder (e.g. 0.1): lets lcs relabel and Slicer measure uncertainty (default %(default)s)")
+    add("--prior-weight", type=float, default=0.0,
+        help="w > 0: the network outputs its atlas prior (w * (2 * mask - 1) added to its logits, w learned) and "
+             "learns what to change in it; 0: the paper's network (default %(default)s)")
     add("--condition-levels", default="bottleneck", choices=["bottleneck", "all"],
         help="where the atlas enters the decoder: the paper's bottleneck only, or every scale (default %(default)s)")
     add("--strength", type=float, default=1.0, help="scale of the random subject deformations (default %(default)s)")
@@ -463,8 +574,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "one output channel per label (for lcs evaluate and the experiments)")
 
 
-_MODEL_OPTIONS = ("base_channels", "depth", "norm", "dropout", "condition_levels")
-_SAVED_OPTIONS = ("data", "atlas", "spacing", "labels", "batch_size", "lr", *_MODEL_OPTIONS, "strength", "validate_every",
+_MODEL_OPTIONS = ("base_channels", "depth", "norm", "dropout", "condition_levels", "prior_weight")
+_SAVED_OPTIONS = ("data", "atlas", "spacing", "labels", "batch_size", "labels_per_subject", "deformable_share", "lr", *_MODEL_OPTIONS, "strength", "validate_every",
                   "validation_subjects", "seed", "init", "name", "baseline")  # what --resume takes from state.pt
 
 
@@ -512,10 +623,11 @@ def run(args: argparse.Namespace) -> None:
         if args.atlas is None:
             raise LCSError("--atlas is required: the name of the case in DATA/images that serves as the atlas")
         config = ModelConfig(base_channels=args.base_channels, depth=args.depth, norm=args.norm,
-                             condition_levels=args.condition_levels, dropout=args.dropout)
+                             condition_levels=args.condition_levels, dropout=args.dropout, prior_weight=args.prior_weight)
         settings = TrainSettings(data=args.data, out=args.out, atlas=args.atlas, spacing=args.spacing, model=config,
                                  labels=_labels(args.labels), steps=args.steps,
-                                 minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, strength=args.strength,
+                                 minutes=args.minutes, batch_size=args.batch_size, labels_per_subject=args.labels_per_subject,
+                                 deformable_share=args.deformable_share, lr=args.lr, strength=args.strength,
                                  validate_every=args.validate_every, validation_subjects=args.validation_subjects,
                                  seed=args.seed, device=args.device, workers=args.workers, overwrite=args.overwrite,
                                  init=args.init, name=args.name, baseline=args.baseline)
