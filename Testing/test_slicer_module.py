@@ -130,7 +130,7 @@ def test_extensions_index_entry_matches_the_extension():
     project = re.search(r"project\((\w+)\)", (ROOT / "CMakeLists.txt").read_text()).group(1)
     path = ROOT / f"{project}.json"
     assert b"\r" not in path.read_bytes()  # the index refuses CR line endings
-    entry = json.loads(path.read_text())
+    entry = json.loads(path.read_text(encoding="utf-8"))
     assert {"$schema", "category", "scm_url"} <= set(entry) <= {
         "$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies", "build_subdirectory",
         "enabled", "tier"}
@@ -145,10 +145,10 @@ def test_extensions_index_entry_matches_the_extension():
 def test_licence_file_readme_and_pyproject_agree():
     """Apache-2.0 everywhere; the README also gives the bundled atlas data's terms (BSD-3-Clause, per Debian's
     copyright file of mricron-data), whose notice a redistribution must carry."""
-    licence = (ROOT / "LICENSE").read_text()
+    licence = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence and "END OF TERMS AND CONDITIONS" in licence
-    assert re.search(r'^license = "Apache-2.0"$', (ROOT / "pyproject.toml").read_text(), re.M)
-    readme = (ROOT / "README.md").read_text()
+    assert re.search(r'^license = "Apache-2.0"$', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("\n## License\n"):]
     for needed in ("Apache-2.0", "LICENSE", "mricron-data", "BSD-3-Clause", "Copyright 2006-2010, Chris Rorden",
                    "Redistributions in binary form must reproduce"):

@@ -264,7 +264,7 @@ def test_torchrun_two_cpu_processes(colin27, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     checkpoint = Checkpoint.load(tmp_path / "best.lcs")
     assert checkpoint.provenance["processes"] == 2
-    assert checkpoint.provenance["batch_size"] == 4
+    assert checkpoint.provenance["batch_size"] == 2  # one subject a step in each process (the default)
     assert checkpoint.provenance["iterations"] == 3
 
 
