@@ -57,6 +57,14 @@ def test_the_committed_test_models_follow_the_recipe_and_learned(tiny, tiny_base
     assert tiny.provenance["validation_dice"] > 0.45
 
 
+def test_a_history_saved_before_the_seconds_column_resumes_in_the_right_columns():
+    """state.pt of an earlier lcs kept (step, loss, val_dice) per step; its loss must not be read as seconds."""
+    from lcs_training.train import _saved_history
+    rows = _saved_history({"history": torch.tensor([[1, 0.9, float("nan")], [2, 0.8, 0.31]], dtype=torch.float64)})
+    assert rows[1] == {"step": 2, "seconds": "", "loss": 0.8, "val_dice": 0.31, "val_affine": "", "val_deformable": ""}
+    assert rows[0]["val_dice"] == "" and rows[0]["loss"] == 0.9
+
+
 def test_targets_are_only_labels_the_case_annotates():
     rng = np.random.default_rng(0)
     picks = [pick_labels(rng, [1, 2, 3, 4], [2, 4, 9], 0.5) for _ in range(400)]

@@ -377,7 +377,7 @@ def train(s: TrainSettings) -> Path:
     subjects = validation_subjects(cases, atlas, s.validation_subjects, strength, s.seed) if rank == 0 else []
     priors = ["affine"] + (["deformable"] if s.deformable_share > 0 and not s.baseline else [])
     warped = [deformable_prior(image, atlas_image, atlas.image) for image, _, _ in subjects] if "deformable" in priors else []
-    elapsed = history[-1]["seconds"] if history else 0.0  # training seconds of the run before this process
+    elapsed = float(history[-1]["seconds"] or 0) if history else 0.0  # training seconds before this process (0: not kept)
     paused = 0.0  # seconds spent validating and saving, left out of the history's training seconds
 
     def save(path: Path, dice: dict[int, float], by_prior: dict[str, float], score: float) -> None:
@@ -486,9 +486,11 @@ def _history_tensor(rows: list[dict]) -> torch.Tensor:
 
 
 def _saved_history(state: dict) -> list[dict]:
-    """The history of the run up to the step of its state.pt, which keeps it (history.csv may lag one checkpoint)."""
-    return [{k: int(v) if k == "step" else "" if math.isnan(v) else v for k, v in zip(HISTORY, row)}
-            for row in state["history"].tolist()]
+    """The history of the run up to the step of its state.pt, which keeps it (history.csv may lag one checkpoint).
+    A state.pt of an lcs before 'seconds' and the per-prior Dice held (step, loss, val_dice): those columns are blank."""
+    columns = HISTORY if state["history"].shape[1] == len(HISTORY) else ("step", "loss", "val_dice")
+    return [{**{k: "" for k in HISTORY}, **{k: int(v) if k == "step" else "" if math.isnan(v) else v
+                                            for k, v in zip(columns, row)}} for row in state["history"].tolist()]
 
 
 def _best_saved(out: Path) -> float:
