@@ -531,7 +531,9 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         reviewing = bool(p and p.proposalSegmentation and self.selectedProposals())
         self.ui.acceptProposalButton.enabled = reviewing and bool(p.relabelSegmentation)
         self.ui.rejectProposalButton.enabled = reviewing
-        self.ui.exportButton.enabled = partial and bool(p.caseName) and bool(self.ui.exportFolderPathLineEdit.currentPath)
+        # no segmentation, or an empty one, exports the scan unlabelled
+        exportable = bool(p and p.inputVolume and p.caseName)
+        self.ui.exportButton.enabled = exportable and bool(self.ui.exportFolderPathLineEdit.currentPath)
 
     def onInstallTorch(self):
         """Ask, then install PyTorch; Cancel is no error. Either way the panel then shows where PyTorch stands."""

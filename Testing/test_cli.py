@@ -217,7 +217,7 @@ def test_messages_name_the_right_package_command_and_provenance(tiny_checkpoint,
     assert code == 0 and "# iterations: 240" in out and "# labels_trained: 6" in out
 
 
-@pytest.mark.parametrize("command", ["train", "relabel", "evaluate", "experiment", "benchmark"])
+@pytest.mark.parametrize("command", ["train", "pretrain", "relabel", "evaluate", "experiment", "benchmark"])
 def test_every_option_of_the_training_commands_is_explained_and_quiet_exists(command):
     from LabelConditionedSegLib.cli import build_parser
     [commands] = [a for a in build_parser(command)._actions if a.dest == "command"]

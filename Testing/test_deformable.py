@@ -37,6 +37,7 @@ def _known_warp(atlas, seed: int = 4):
     return warp, sitk.GetArrayFromImage(field)
 
 
+@pytest.mark.slow  # 2 mm grid; the 4 mm prior tests (reproducible, through the pipeline) stay fast
 def test_a_known_warp_is_recovered_inside_the_brain_within_a_stated_tolerance(atlas_2mm):
     """The atlas warped by a known smooth field is registered back: inside the brain the demons field lies within
     1.5 mm of the known one on average (1.2 mm measured; the known field moves voxels 4.1 mm on average there: the
@@ -78,6 +79,7 @@ def test_the_prior_is_reproducible(colin27):
     assert np.abs(fields[0] - fields[1]).max() < 1e-4
 
 
+@pytest.mark.slow  # needs the 2 mm atlas; with the test above, takes its setup out of the fast tier
 def test_cancelling_the_prior_stops_it_within_a_second(atlas_2mm):
     atlas, image, _ = atlas_2mm
     flag = threading.Event()

@@ -9,6 +9,7 @@ from LabelConditionedSegLib.cli import main
 from lcs_training.metrics import label_metrics
 
 
+@pytest.mark.slow  # 30-50 s on 2 cores (B-spline, deformable, baseline); the metrics test below stays fast
 def test_evaluate_scores_lcs_registration_and_the_baseline(tiny, tiny_baseline, colin27, tmp_path, capsys):
     """Every method, and both priors of a model recorded as trained on them (the tiny model, so relabeled: what is
     checked is that evaluate scores each prior a checkpoint records, and the deformable prior alone beside it)."""
@@ -55,6 +56,7 @@ def test_metrics_match_known_shapes():
     assert empty["dice"] == 0 and np.isnan(empty["hd95_mm"]) and empty["volume_diff_pct"] == -100
 
 
+@pytest.mark.slow  # about 20 s on 2 cores: a speed report, not a check a newcomer needs each run
 def test_benchmark_prints_all_figures(tiny_checkpoint, capsys):
     code = main(["benchmark", "--checkpoint", str(tiny_checkpoint), "--device", "cpu"])
     last = capsys.readouterr().out.strip().splitlines()[-1]

@@ -3,6 +3,7 @@ import csv
 
 import pytest
 
+from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.cli import main
 
 pytestmark = pytest.mark.slow
@@ -81,3 +82,20 @@ def test_second_atlas_trains_on_the_macaque_neuromaps_labels(tmp_path):
     assert int(rows["lcs"]["labels"]) > 200  # hundreds of classes from one single-channel model
     assert float(rows["affine propagation"]["large_third_dice"]) > float(rows["affine propagation"]["small_third_dice"])
     assert (tmp_path / "second-atlas/heldout_dice.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_few_labels_trains_every_recipe_on_the_same_cohort_and_pairs_them_with_plain(colin27, tmp_path):
+    from lcs_training.experiment import FEW_RECIPES
+    assert main(["experiment", "few-labels", "--scale", "tiny", "--data", str(colin27), "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    folder = tmp_path / "few-labels"
+    rows = {r["model"]: r for r in read_rows(folder / "few_labels.csv")}
+    assert list(rows) == list(FEW_RECIPES)
+    for name, r in rows.items():
+        assert 0 <= float(r["heldout_dice"]) <= 1 and int(r["cases"]) == 1
+        provenance = Checkpoint.load(folder / f"seed0/{name}/best.lcs").provenance
+        assert (provenance["init_encoder"] is not None) == (name in ("pretrained", "all"))
+        assert (provenance["adversarial"] is not None) == (name in ("adversarial", "all"))
+        assert provenance["loss"].startswith("dice-bce-schedule") == (name in ("dice-bce", "all"))
+    assert (folder / "seed0/encoder.pt").is_file() and len(list((folder / "unlabelled-data/images").iterdir())) == 1
+    assert (folder / "few_labels.png").read_bytes()[:4] == b"\x89PNG"

@@ -140,6 +140,7 @@ def _digest(folder):
     return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # 20 s; the proposal test above and the Slicer proposeMissing tests keep relabeling in the fast tier
 def test_relabel_adds_true_positives_in_new_files(colin27, tiny_checkpoint, tmp_path):
     data = write_partial_cohort(colin27, tmp_path / "partial", RELABEL_LABELS, 2, 0.5, seed=3, claim_complete=False)
     (data / "annotated/subject1.txt").unlink()  # the README's mixed folder: this case annotates what its map holds

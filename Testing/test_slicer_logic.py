@@ -390,3 +390,38 @@ def test_export_for_training_writes_a_case_that_training_reads(scene, scans, tin
     with pytest.raises(LCSError, match="labels.csv lacks"):
         logic.exportForTraining(volume, segmentation, folder, "case02", tiny_checkpoint)
     assert not logic.caseExists(folder, "case02")
+
+
+def test_export_of_a_scan_without_segments_writes_an_unlabelled_case(scene, scans, colin27, tiny, tiny_checkpoint,
+                                                                    tmp_path):
+    """No segmentation, or an empty one: an all-zero label map on the scan's grid and an empty annotated file,
+    which training reads as an unlabelled case (for pretraining and adversarial training)."""
+    from lcs_training.data import check_training_folder, load_atlas, load_cases
+
+    volume = load_volume(scene, scans[0][0])
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    before = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+    logic = SegmentationLogic(scene)
+    notes = []
+    logic.messages = notes.append
+    folder = tmp_path / "data"
+    scan = volume_to_image(volume)
+    for case, segmentation in (("none", None), ("empty", empty)):
+        path = logic.exportForTraining(volume, segmentation, folder, case, tiny_checkpoint)
+        labels = sitk.ReadImage(str(path))
+        assert labels.GetSize() == scan.GetSize() and not sitk.GetArrayViewFromImage(labels).any()
+        assert np.allclose(labels.GetOrigin(), scan.GetOrigin()) and np.allclose(labels.GetSpacing(), scan.GetSpacing())
+        assert np.allclose(labels.GetDirection(), scan.GetDirection(), atol=1e-6)
+        assert (folder / "annotated" / f"{case}.txt").read_text() == ""
+        assert "written unlabelled" in notes.pop()
+    assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before
+    assert [l.name for l in type(tiny.label_table).read_csv(folder / "labels.csv")] == [l.name for l in tiny.label_table]
+    assert sorted(check_training_folder(folder)) == ["empty", "none"]
+    cases = load_cases(folder, load_atlas(colin27, "colin27", 4.0, 8), registration="none")
+    assert sorted(c.name for c in cases) == ["empty", "none"] and all(c.unlabelled for c in cases)
+
+    mask = np.zeros(slicer.util.arrayFromVolume(volume).shape, bool)
+    mask[10:20, 10:20, 10:20] = True
+    add_segment(scene, empty, "my tumour", mask, volume)  # segments, none an atlas label: the user meant to label
+    with pytest.raises(LCSError, match="exports as unlabelled"):
+        logic.exportForTraining(volume, empty, folder, "tumour", tiny_checkpoint)

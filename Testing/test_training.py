@@ -99,7 +99,8 @@ def test_a_step_teaches_each_label_in_the_box_the_engine_decodes_it_in(colin27, 
         logits = torch.logit(torch.from_numpy(maps[0][region]).clamp(1e-6, 1 - 1e-6))[None, None]
         expected.append(masked_dice_loss(logits, torch.from_numpy(crop.target)[None], torch.from_numpy(crop.weight)[None]))
     with torch.no_grad():
-        loss = CropLoss(model.eval())(torch.from_numpy(image)[None], torch.from_numpy(atlas_image)[None], [crops])
+        loss, logits = CropLoss(model.eval())(torch.from_numpy(image)[None], torch.from_numpy(atlas_image)[None], [crops])
+    assert [l.shape[2:] for l in logits] == [c.target.shape[1:] for c in crops]
     assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), abs=1e-4)
     warped = iter(SubjectStream([atlas], atlas, values, Strength(), 0.5, seed=2, labels_per_subject=3,
                                 deformable_share=1.0, factor=tiny.config.factor))

@@ -298,15 +298,23 @@ TRAINING_COMMANDS = {
               "(any SimpleITK format, same file names), optionally masks/CASE.nii.gz and annotated/CASE.txt (the labels "
               "a partly annotated case annotates; others are ignored there, not taught as background); --atlas names the "
               "atlas case. Several processes: torchrun --nproc_per_node N -m LabelConditionedSegLib.cli train ..."),
+    "pretrain": ("pretrain the encoder without annotations (siamese left/right proxy task)",
+                 "Self-supervised pretraining of the LCS encoder (Dhere and Sivaswamy's siamese proxy task): every scan "
+                 "of DATA (and of --unlabelled) is registered to the atlas; crops around a structure and its counterpart "
+                 "(labels named X_L and X_R in labels.csv, or --pairs), the right-side crop mirrored, teach the encoder "
+                 "to tell whether two crops show the same side (contrastive loss, margin 1), regularized by "
+                 "reconstructing the crops. Only the atlas's label map is read. Writes -o (e.g. encoder.pt) for "
+                 "'lcs train --init-encoder', with the same --base-channels, --depth and --norm."),
     "evaluate": ("Dice of a checkpoint against atlas registration on held-out subjects",
                  "Generate held-out subjects (other seeds, stronger warps, other grids), segment them with the checkpoint "
                  "and with affine atlas-label propagation, and write per-label Dice (CSV) and a plot."),
     "experiment": ("run one of the paper's experiments (table + plot)",
                    "Reproduce an experiment of the LCS paper on Colin27 + AAL: baseline-k (LCS against the multi-channel "
                    "baseline for K labels, paired Dice), memory (peak memory against K), many (116 labels against "
-                   "baselines of <= 10), novel (unseen fine labels), second-atlas (macaque NeuroMaps) or incomplete "
-                   "(missing annotations: naive, SMILE, LCS). --scale tiny runs in a minute; --scale small is what "
-                   "docs/results.md reports."),
+                   "baselines of <= 10), novel (unseen fine labels), second-atlas (macaque NeuroMaps), incomplete "
+                   "(missing annotations: naive, SMILE, LCS), relabel (SMILEr rounds) or few-labels (a few labelled and "
+                   "more unlabelled subjects: siamese pretraining, the Dice/BCE schedule, adversarial training). "
+                   "--scale tiny runs in minutes; --scale small is what docs/results.md reports."),
     "relabel": ("add the labels partly annotated cases miss (SMILEr rounds)",
                 "Propose each label a case does not annotate, keep the least uncertain voxels (a fraction growing over "
                 "the rounds), fine-tune on the augmented data, repeat; writes new folders, never the input."),

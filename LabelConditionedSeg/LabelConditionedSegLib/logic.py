@@ -739,10 +739,10 @@ class SegmentationLogic:
         """Write the scan and its segments as one case of a training folder (layout in training_folder.py); returns
         the label map's path. Each segment named like an atlas label gets that label's value (where segments overlap,
         the later one wins) and annotated/CASE.txt lists those labels, so training treats the case's other labels as
-        unknown rather than background. Other segments are left out and named through `messages`."""
+        unknown rather than background. Other segments are left out and named through `messages`. A scan with no
+        segments (`segmentationNode` None or empty) is written unlabelled: an all-zero label map and an empty
+        annotated/CASE.txt, a scan for pretraining and adversarial training that supervised training skips."""
         _require_image(inputVolume)
-        if segmentationNode is None:
-            raise LCSError("select the segmentation to export")
         if not str(folder).strip():
             raise LCSError("choose the training folder to export the case into")
         if not CASE_NAME.fullmatch(caseName or ""):
@@ -752,10 +752,11 @@ class SegmentationLogic:
             raise LCSError(f"case {caseName!r} exists in {folder} already; choose another name or allow overwriting")
         table = self._table(checkpointPath)
         by_name = {l.name.lower(): l for l in table}
-        segments = segmentationNode.GetSegmentation()
+        segments = segmentationNode.GetSegmentation() if segmentationNode is not None else None
+        count = segments.GetNumberOfSegments() if segments is not None else 0
         labels = np.zeros(slicer.util.arrayFromVolume(inputVolume).shape, np.int32)
         written, skipped = {}, []
-        for i in range(segments.GetNumberOfSegments()):
+        for i in range(count):
             segmentId, name = segments.GetNthSegmentID(i), segments.GetNthSegment(i).GetName()
             label = by_name.get(name.lower())
             mask = _segment_array(segmentationNode, segmentId, inputVolume) if label else None
@@ -764,9 +765,10 @@ class SegmentationLogic:
                 continue
             labels[mask] = label.value
             written[label.value] = label
-        if not written:
+        if count and not written:  # segments drawn but none kept: the user meant to label, not to export unlabelled
             raise LCSError(f"no segment of {segmentationNode.GetName()} is named like an atlas label (or they are "
-                           "empty); name segments as in the atlas label list")
+                           "empty); name segments as in the atlas label list (a scan with no segments exports as "
+                           "unlabelled)")
         _check_table(folder / "labels.csv", written.values())
         image = volume_to_image(inputVolume)
         labelmap = sitk.GetImageFromArray(labels)
@@ -777,6 +779,9 @@ class SegmentationLogic:
             table.write_csv(folder / "labels.csv")
         if skipped:
             self.messages(f"Not exported (no atlas label of that name, or empty): {', '.join(skipped)}.")
+        if not count:
+            self.messages(f"Case {caseName} has no segments, so it was written unlabelled: lcs pretrain and "
+                          "lcs train --adversarial use it; supervised training skips it.")
         return folder / "labels" / f"{caseName}.nii.gz"
 
     # ---- the encoded-volume cache ----------------------------------------------------------

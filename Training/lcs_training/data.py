@@ -52,6 +52,12 @@ class Case:
     present: list[int]
     annotated: list[int]
 
+    @property
+    def unlabelled(self) -> bool:
+        """A scan without any label (an empty label map, e.g. Slicer's export of a scan with no segments): it
+        teaches nothing supervised, but self-supervised pretraining and adversarial training use it."""
+        return not self.present and not self.annotated
+
 
 LAYOUT = "see 'lcs train --help' for the layout (labels.csv, images/CASE.nii.gz, labels/CASE.nii.gz)"
 
@@ -308,6 +314,42 @@ def load_cases(folder: Path, atlas: Case, registration: str = "affine") -> list[
                           None if mask is None else sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), atlas.image,
                                                                   transform, sitk.sitkNearestNeighbor, 0),
                           present, annotated))
+    return cases
+
+
+def scan_files(folder: Path) -> dict[str, Path]:
+    """Case name -> image path of a folder of unlabelled scans: FOLDER/images/ when it exists, else FOLDER itself."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LCSError(f"unlabelled folder {folder} " + ("is a file, not a folder" if folder.exists() else "does not exist")
+                       + "; give a folder of scans (or one with an images/ subfolder)")
+    where = folder / "images" if (folder / "images").is_dir() else folder
+    found = sorted(where.iterdir())
+    names = {p.name for p in found}
+    scans: dict[str, Path] = {}
+    for path in found:
+        if path.name.startswith(".") or _companion(path.name, names) or not (
+                path.is_dir() or path.name.lower().endswith(SUFFIXES)):
+            continue
+        stem = _stem(path.name)
+        if stem in scans:
+            raise LCSError(f"scan {stem} has two images in {where} ({scans[stem].name} and {path.name}); keep one")
+        scans[stem] = path
+    if not scans:
+        raise LCSError(f"{where} holds no scans (NIfTI, NRRD, MHA, Analyze or DICOM folders); add some or fix the path")
+    return scans
+
+
+def load_unlabelled(folder: Path, atlas: Case, registration: str = "affine") -> list[Case]:
+    """Every scan of an unlabelled folder (scan_files) registered to the atlas and resampled onto its grid, as a case
+    without labels (Case.unlabelled)."""
+    cases = []
+    for name, path in scan_files(folder).items():
+        image = read_volume(path)
+        empty = sitk.Image(atlas.labels.GetSize(), sitk.sitkInt32)
+        empty.CopyInformation(atlas.labels)
+        transform = register(image, atlas.image, registration, fixed_mask=atlas.mask)
+        cases.append(Case(name, to_model_grid(image, atlas.image, transform), empty, None, [], []))
     return cases
 
 

@@ -14,6 +14,9 @@
     relabel       SMILEr on the alpha = 50% cohort, other atlas labels kept: an LCS model with dropout proposes the
                   removed organs over three rounds; precision and TP/FP of the added voxels, and held-out Dice after
                   each round against the same extra training without relabeling.
+    few-labels    a few labelled subjects and more unlabelled ones: LCS plain, with siamese pretraining, with the
+                  Dice/BCE schedule, with adversarial training on the unlabelled scans, and all together (2 seeds):
+                  validation Dice against steps and seconds, held-out Dice with paired tests against plain.
 
 All train with what learns in a few hundred CPU steps (lr 3e-3, 0.6x deformations) and test on held-out subjects
 (1.5x deformations, other grids). `--scale tiny` runs in about a minute each (the test suite uses it); `--scale small`
@@ -39,7 +42,7 @@ from monai.losses import DiceLoss
 
 from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.engine import Condition, Engine, resolve_device
-from LabelConditionedSegLib.files import atomic_path, write_csv, write_text
+from LabelConditionedSegLib.files import atomic_path, write_csv, write_image, write_text
 from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
 
@@ -50,7 +53,8 @@ from LabelConditionedSegLib.training_folder import write_case
 from .data import case_files, load_atlas, mask_from_labels, write_colin27_aal, write_inia19_neuromaps, write_merged
 from .evaluate import evaluate
 from .novel import AAL_GROUPS, score_fine_labels
-from .plots import plot_fine_labels, plot_incomplete, plot_memory, plot_method_dice, plot_paired_dice, plot_relabel
+from .plots import (plot_few_labels, plot_fine_labels, plot_incomplete, plot_memory, plot_method_dice, plot_paired_dice,
+                    plot_relabel)
 from .relabel import relabel, summary
 from .synth import Strength, SubjectGenerator
 from .train import TrainSettings, train
@@ -73,14 +77,19 @@ class Scale:
     macaque_spacing: float
     cohort: int  # incomplete and relabel: training subjects besides the atlas
     incomplete_steps: int  # per model in incomplete: a partial cohort needs longer than a complete one
+    labelled: int = 1  # few-labels: labelled subjects besides the atlas ...
+    unlabelled: int = 2  # ... and unlabelled scans
+    few_steps: int = 8  # per model in few-labels
+    pretrain_steps: int = 4
+    seeds: tuple[int, ...] = (0, 1)
 
 
 SCALES = {
     "tiny": Scale(spacing=4.0, depth=3, steps=20, subjects=1, ks=(2, 4), memory_ks=(1, 4), labels=12, long_steps=20,
-                  macaque_spacing=3.0, cohort=2, incomplete_steps=20),
+                  macaque_spacing=3.0, cohort=2, incomplete_steps=20, labelled=1, unlabelled=1, seeds=(0,)),
     "small": Scale(spacing=4.0, depth=3, steps=240, subjects=4, ks=(2, 4, 6, 8, 10),
                    memory_ks=(1, 2, 4, 8, 16, 32, 64, 116), labels=None, long_steps=1920, macaque_spacing=2.0, cohort=8,
-                   incomplete_steps=720),
+                   incomplete_steps=720, labelled=2, unlabelled=8, few_steps=240, pretrain_steps=400),
 }
 BASELINE_MAX_LABELS = 10  # the paper's many-class baseline: several models of at most 10 labels each
 
@@ -401,8 +410,81 @@ def _proc_status_mb(field: str) -> float:
     return float(next(line.split()[1] for line in lines if line.startswith(field + ":"))) / 1024.0
 
 
+# ---- Learning from fewer labels: siamese pretraining, the Dice/BCE schedule, adversarial training ---------------
+FEW_LABELS = [f"{name}_{side}" for name in ("Frontal_Sup", "Temporal_Mid", "Precuneus", "Caudate", "Thalamus",
+                                            "Hippocampus") for side in "LR"]  # left/right pairs: pretraining's proxy
+FEW_RECIPES = {  # what each model adds to plain LCS training
+    "plain": {}, "pretrained": {"pretrain": True}, "dice-bce": {"loss": "dice-bce-schedule"},
+    "adversarial": {"adversarial": True}, "all": {"pretrain": True, "loss": "dice-bce-schedule", "adversarial": True}}
+
+
+def few_labels(data: Path, out: Path, scale: Scale, device: str) -> list[dict]:
+    """A few labelled subjects and more unlabelled scans, all other settings equal: each recipe of FEW_RECIPES for
+    each seed, then held-out Dice paired against plain over (seed, held-out case). The models use GroupNorm, as
+    the pretraining paper does, so that the pretrained encoder fits every model alike."""
+    from scipy.stats import ttest_rel, wilcoxon
+    from LabelConditionedSegLib.cli import main
+    cohort = write_partial_cohort(data, out / "labelled-data", FEW_LABELS, scale.labelled, 0.0, seed=2,
+                                  claim_complete=True)
+    scans = out / "unlabelled-data" / "images"
+    image_path, label_path, mask_path = case_files(data)["colin27"]
+    generator = SubjectGenerator(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)),
+                                 sitk.ReadImage(str(mask_path)))
+    rng = np.random.default_rng([3, 0])  # other subjects than the labelled ones (seed 2) and held-out ones
+    scans.mkdir(parents=True, exist_ok=True)
+    for i in range(scale.unlabelled):
+        image, _ = generator.sample(rng, Strength().times(0.6), grid=model_grid(generator.image, 2.0, 1))
+        write_image(image, scans / f"scan{i}.nii.gz", compress=False)
+    config = replace(model_config(scale), norm="group")
+    curves: dict[str, list] = {}
+    per_case: dict[str, list[float]] = {}
+    final: dict[str, list[float]] = {}
+    for seed in scale.seeds:
+        encoder = out / f"seed{seed}" / "encoder.pt"
+        encoder.parent.mkdir(parents=True, exist_ok=True)
+        code = main(["pretrain", str(cohort), "--atlas", "colin27", "--unlabelled", str(scans.parent), "-o", str(encoder),
+                     "--spacing", str(scale.spacing), "--depth", str(scale.depth), "--norm", "group", "--steps",
+                     str(scale.pretrain_steps), "--seed", str(seed), "--device", device, "--overwrite", "--quiet"])
+        if code:
+            raise RuntimeError(f"lcs pretrain failed (exit code {code})")
+        pretrain_seconds = json.loads(torch.load(encoder, weights_only=True)["provenance"])["seconds"]
+        for name, recipe in FEW_RECIPES.items():
+            folder = out / f"seed{seed}" / name
+            options = {k: v for k, v in recipe.items() if k != "pretrain"}
+            if recipe.get("pretrain"):
+                options["init_encoder"] = encoder
+            if recipe.get("adversarial"):
+                options["unlabelled"] = scans.parent
+                options["unlabelled_after"] = scale.few_steps // 4
+            model = train(_settings(cohort, folder, scale, device, f"{name}, seed {seed}", FEW_LABELS, scale.few_steps,
+                                    model=config, seed=seed, validate_every=max(1, scale.few_steps // 6),
+                                    validation_subjects=2, **options))
+            offset = pretrain_seconds if recipe.get("pretrain") else 0.0
+            curves.setdefault(name, []).append(
+                [(int(r["step"]), float(r["seconds"]) + offset, float(r["val_dice"]))
+                 for r in csv.DictReader(open(folder / "history.csv")) if r["val_dice"]])
+            final.setdefault(name, []).append(curves[name][-1][-1][2])
+            evaluate(model, data, "colin27", scale.subjects, 1.5, 7, folder / "evaluate", device)
+            per_case.setdefault(name, []).extend(_per_case_dice(folder / "evaluate" / "heldout_metrics.csv")["lcs"])
+    table = []
+    plain = np.array(per_case["plain"])
+    for name in FEW_RECIPES:
+        mine = np.array(per_case[name])
+        paired = name != "plain" and len(mine) > 1 and np.any(mine != plain)
+        table.append({"model": name, "seeds": len(scale.seeds), "cases": len(mine),
+                      "heldout_dice": round(float(mine.mean()), 4), "sd": round(float(mine.std()), 4),
+                      "vs_plain": round(float((mine - plain).mean()), 4), "better_pairs": int((mine > plain).sum()),
+                      "wilcoxon_p": round(float(wilcoxon(mine, plain).pvalue), 4) if paired else "",
+                      "t_test_p": round(float(ttest_rel(mine, plain).pvalue), 4) if paired else "",
+                      "final_val_dice": round(float(np.mean(final[name])), 4),
+                      "train_seconds": round(float(np.mean([run[-1][1] for run in curves[name]])), 1),
+                      "case_dice": mine.round(4).tolist()})
+    plot_few_labels(curves, table, out / "few_labels.png")
+    return table
+
+
 EXPERIMENTS = {"baseline-k": baseline_k, "memory": memory, "many": many_classes, "novel": novel_labels,
-               "second-atlas": second_atlas, "incomplete": incomplete, "relabel": relabeling}
+               "second-atlas": second_atlas, "incomplete": incomplete, "relabel": relabeling, "few-labels": few_labels}
 
 
 def write_table(rows: list[dict], out: Path, name: str) -> None:

@@ -172,3 +172,29 @@ def plot_relabel(table: list[dict], png: Path) -> None:
     right.set_ylabel("Dice on complete held-out subjects")
     right.legend(fontsize=8)
     _save(fig, png)
+
+
+def plot_few_labels(curves: dict[str, list[list[tuple[float, float, float]]]], table: list[dict], png: Path) -> None:
+    """The few-labels experiment in one figure: validation Dice against steps and against training seconds (mean over
+    seeds; pretraining's seconds counted), and each model's held-out Dice per (seed, case) joined to plain's."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for (name, runs), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        length = min(len(run) for run in runs)
+        mean = np.mean([[point for point in run[:length]] for run in runs], axis=0)  # (points, (step, seconds, dice))
+        axes[0].plot(mean[:, 0], mean[:, 2], "-o", ms=3, color=color, label=name)
+        axes[1].plot(mean[:, 1], mean[:, 2], "-o", ms=3, color=color, label=name)
+    axes[0].set_xlabel("training step")
+    axes[1].set_xlabel("training seconds (pretraining included)")
+    for ax in axes[:2]:
+        ax.set_ylabel(f"validation Dice (mean of {len(next(iter(curves.values())))} seeds)")
+        ax.legend(fontsize=8)
+    plain = table[0]["case_dice"]
+    for i, row in enumerate(table):
+        for a, b in zip(plain, row["case_dice"]):
+            axes[2].plot([0, i], [a, b], color="0.85", lw=0.6) if i else None
+        axes[2].plot([i] * len(row["case_dice"]), row["case_dice"], "o", ms=4)
+    axes[2].set_xticks(range(len(table)), [f"{r['model']}\np={r['wilcoxon_p']}" if i else r["model"]
+                                           for i, r in enumerate(table)], fontsize=8)
+    axes[2].set_ylabel("held-out Dice per (seed, case), mean over labels")
+    _save(fig, png)

@@ -22,3 +22,9 @@ def masked_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.T
     dice = DiceLoss(reduction="none")(torch.sigmoid(logits) * weight, target * weight).flatten(1)
     used = weight.flatten(2).amax(2) > 0
     return dice[used].mean() if used.any() else (logits * 0).sum()
+
+
+def masked_bce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy averaged over the voxels of weight 1 (0 when there are none)."""
+    total = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+    return total / weight.sum().clamp(min=1)

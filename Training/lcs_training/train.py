@@ -6,6 +6,10 @@ soft-Dice loss sees only the conditioned label, and, where the case does not ann
 completely, only the voxels SMILE's weight map keeps (smile.py). Runs on CPU or CUDA (mixed precision), and
 on several processes under `torchrun` (DistributedDataParallel).
 
+Learning from fewer labels (issue 13): `init_encoder` starts from `lcs pretrain`'s siamese encoder (pretrain.py),
+`loss="dice-bce-schedule"` moves the loss from BCE to soft Dice, and `adversarial` trains against a discriminator
+that also lets unlabelled scans teach (adversarial.py).
+
 An output folder holds one run: a new run refuses a folder that holds one (unless `overwrite`), and a resumed run
 (`resume`) takes every setting from OUT/state.pt; only steps, minutes, device and workers may change.
 """
@@ -36,10 +40,11 @@ from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
 from LabelConditionedSegLib.progress import progress_bar
 
+from .adversarial import Discriminator, DiscriminatorLoss, generator_loss
 from .baseline import segment_multichannel
-from .data import Case, load_atlas, load_cases, normalized
+from .data import Case, load_atlas, load_cases, load_unlabelled, normalized
 from .metrics import dice_per_label
-from .smile import masked_dice_loss, smile_weight
+from .smile import masked_bce_loss, masked_dice_loss, smile_weight
 from .synth import Strength, SubjectGenerator
 
 
@@ -67,11 +72,22 @@ class TrainSettings:
     resume: bool = False  # continue the run saved in out/state.pt, with its settings (see `resumed`)
     overwrite: bool = False  # replace the run that out holds (else a folder holding one is refused)
     init: Path | None = None  # start from this checkpoint's weights (same architecture)
+    init_encoder: Path | None = None  # start the encoder from `lcs pretrain`'s encoder.pt
+    loss: str = "dice"  # or "dice-bce-schedule": (1 - b) soft Dice + b BCE, b going from bce_start to bce_end
+    bce_start: float = 0.6
+    bce_end: float = 0.0
+    adversarial: bool = False  # train against a discriminator (adversarial.py), on unlabelled scans too
+    unlabelled: Path | None = None  # a folder of scans without labels, for adversarial training
+    lambda_adv: float = 0.01  # the segmenter's adversarial BCE on labelled crops (Hung et al.'s lambda_adv)
+    lambda_unlabelled: float = 0.001  # ... on unlabelled crops, its only loss there (Hung et al.'s lambda_semi_adv)
+    unlabelled_after: int = 100  # steps of labelled training (the discriminator learning) before unlabelled crops
+    self_training: float = 0.0  # > 0: Hung et al.'s self-training on unlabelled voxels the discriminator trusts above this
     baseline: bool = False  # train the paper's multi-channel baseline (no atlas input, one channel per label)
     name: str = "LCS model"
 
 
 PRIORS = ("affine", "deformable")
+LOSSES = ("dice", "dice-bce-schedule")
 
 
 @dataclass
@@ -81,8 +97,8 @@ class LabelCrop:
 
     start: tuple[int, int, int]
     condition: np.ndarray  # the (possibly warped) atlas mask, float32 (1, d, h, w)
-    target: np.ndarray
-    weight: np.ndarray
+    target: np.ndarray | None  # None on an unlabelled scan: nothing supervised comes from it
+    weight: np.ndarray | None
 
 
 class SubjectStream(IterableDataset):
@@ -90,13 +106,16 @@ class SubjectStream(IterableDataset):
     with `labels_per_subject` random target labels, each cropped to the box the engine decodes it in. The encoder
     runs once per subject and each label decodes only its box, so a step teaches several labels for the cost of about
     one whole-grid pass. With the deformable prior, a share of the subjects is conditioned on the atlas warped onto
-    them by the same demons registration that inference runs (`--registration deformable`)."""
+    them by the same demons registration that inference runs (`--registration deformable`). Subjects of unlabelled
+    cases (Case.unlabelled) get any trained labels as conditions and crops without target or weight."""
 
     def __init__(self, cases: list[Case], atlas: Case, labels: list[int], strength: Strength, merge_probability: float,
-                 seed: int, labels_per_subject: int = 4, deformable_share: float = 0.0, factor: int = 16):
+                 seed: int, labels_per_subject: int = 4, deformable_share: float = 0.0, factor: int = 16,
+                 region_invariant: bool = True):
         self.cases, self.atlas, self.labels = cases, atlas, labels
         self.strength, self.merge_probability, self.seed = strength, merge_probability, seed
         self.labels_per_subject, self.deformable_share, self.factor = labels_per_subject, deformable_share, factor
+        self.region_invariant = region_invariant  # else (group or instance norm) the engine decodes the whole grid
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -107,7 +126,7 @@ class SubjectStream(IterableDataset):
         while True:
             k = int(rng.integers(len(self.cases)))
             case = self.cases[k]
-            labelled = sorted(set(case.present) | set(case.annotated))
+            labelled = self.labels if case.unlabelled else sorted(set(case.present) | set(case.annotated))
             chosen = [c for c in (pick_labels(rng, self.labels, labelled, self.merge_probability)
                                   for _ in range(self.labels_per_subject)) if c]
             if not chosen:
@@ -121,11 +140,13 @@ class SubjectStream(IterableDataset):
             for parts in chosen:
                 condition = Condition.of("", 0, np.isin(atlas_labels, parts))
                 condition = condition if prior is None else prior.warp(condition)
-                start, size = decode_box(condition.offset, condition.mask.shape, image.shape, MARGIN, self.factor)
+                start, size = (decode_box(condition.offset, condition.mask.shape, image.shape, MARGIN, self.factor)
+                               if self.region_invariant else ((0, 0, 0), image.shape))
                 region = tuple(slice(a, a + n) for a, n in zip(start, size))
+                truth = None if case.unlabelled else values[region]
                 crops.append(LabelCrop(start, condition.within(start, size)[None].astype(np.float32),
-                                       np.isin(values[region], parts)[None].astype(np.float32),
-                                       smile_weight(values[region], set(parts) <= set(case.annotated))[None]))
+                                       None if truth is None else np.isin(truth, parts)[None].astype(np.float32),
+                                       None if truth is None else smile_weight(truth, set(parts) <= set(case.annotated))[None]))
             yield image[None], (atlas_image if prior is None else prior.atlas_image)[None], crops
 
 
@@ -151,33 +172,87 @@ class BaselineStream(IterableDataset):
 
 class CropLoss(torch.nn.Module):
     """The LCS network's training loss on label crops: encode each subject once, decode each label in its box (the
-    crop of every feature map, as the engine decodes), soft Dice over SMILE's weights. A module, so that
-    DistributedDataParallel wraps the whole step."""
+    crop of every feature map, as the engine decodes), soft Dice over SMILE's weights, or (1 - bce) soft Dice + bce
+    BCE. Returns the loss and every crop's logits (the adversarial losses judge them); crops without a target
+    (unlabelled scans) add nothing to the loss. A module, so that DistributedDataParallel wraps the whole step."""
 
     def __init__(self, model: LCSNet):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, atlas_images: torch.Tensor, crops: list[list[LabelCrop]]) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, atlas_images: torch.Tensor, crops: list[list[LabelCrop]],
+                bce: float = 0.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
         features = self.model.encode(images)
-        losses = []
+        losses, outputs = [], []
         for b, subject in enumerate(crops):
             for crop in subject:
-                size = crop.target.shape[1:]
-                boxes = [tuple(slice(a // 2**level, (a + n) // 2**level) for a, n in zip(crop.start, size))
-                         for level in range(len(features))]
-                cropped = [f[(slice(b, b + 1), slice(None), *box)] for f, box in zip(features, boxes)]
+                box = crop_box(crop)
+                boxes = [tuple(slice(r.start // 2**level, r.stop // 2**level) for r in box) for level in range(len(features))]
+                cropped = [f[(slice(b, b + 1), slice(None), *region)] for f, region in zip(features, boxes)]
                 condition = torch.as_tensor(crop.condition, device=images.device)[None]
-                logits = self.model.decode(cropped, atlas_images[(slice(b, b + 1), slice(None), *boxes[0])], condition)
-                losses.append(masked_dice_loss(logits.float(), torch.as_tensor(crop.target, device=images.device)[None],
-                                               torch.as_tensor(crop.weight, device=images.device)[None]))
-        return torch.stack(losses).mean()
+                logits = self.model.decode(cropped, atlas_images[(slice(b, b + 1), slice(None), *box)], condition).float()
+                outputs.append(logits)
+                if crop.target is not None:
+                    target, weight = (torch.as_tensor(a, device=images.device)[None] for a in (crop.target, crop.weight))
+                    loss = masked_dice_loss(logits, target, weight)
+                    losses.append((1 - bce) * loss + bce * masked_bce_loss(logits, target, weight) if bce else loss)
+        loss = torch.stack(losses).mean() if losses else sum(o.sum() for o in outputs) * 0
+        return loss, outputs
+
+
+def crop_box(crop: LabelCrop) -> tuple[slice, slice, slice]:
+    """The crop's region of the model grid."""
+    return tuple(slice(a, a + n) for a, n in zip(crop.start, crop.condition.shape[1:]))
+
+
+def bce_share(settings: TrainSettings, step: int) -> float:
+    """The BCE weight of step `step` (0 for the paper's soft Dice): from bce_start at step 0 to bce_end at the last
+    step, linearly (the self-supervised kidney paper's schedule: 0.6 BCE + 0.4 Dice at the start, the BCE weight
+    handed to Dice as training goes)."""
+    if settings.loss == "dice":
+        return 0.0
+    progress = min(1.0, step / max(1, settings.steps - 1))
+    return settings.bce_start + (settings.bce_end - settings.bce_start) * progress
 
 
 def _collate(samples: list) -> tuple:
     """Subjects stacked, their label crops kept as lists (their boxes differ in size)."""
     images, atlases, crops = zip(*samples)
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(atlases)), list(crops)
+
+
+@dataclass
+class Judged:
+    """A step's crops as the discriminator sees them, each a list over crops: (image crops, logits, conditions,
+    weights) of the labelled and of the unlabelled crops, and (image crops, logits, targets, conditions, weights) of
+    the labelled ones for the discriminator's own loss."""
+
+    labelled: tuple
+    unlabelled: tuple | None
+    for_discriminator: tuple
+
+
+def _judged(images: torch.Tensor, crops: list[list[LabelCrop]], logits: list[torch.Tensor], device) -> Judged:
+    parts: dict[bool, list] = {True: [], False: []}
+    flat = [(b, crop) for b, subject in enumerate(crops) for crop in subject]
+    for (b, crop), logit in zip(flat, logits):
+        image = images[(slice(b, b + 1), slice(None), *crop_box(crop))]
+        condition = torch.as_tensor(crop.condition, device=device)[None]
+        labelled = crop.target is not None
+        target = torch.as_tensor(crop.target, device=device)[None] if labelled else None
+        weight = torch.as_tensor(crop.weight, device=device)[None] if labelled else torch.ones_like(condition)
+        parts[labelled].append((image, logit, condition, weight, target))
+    columns = {k: [list(c) for c in zip(*v)] if v else None for k, v in parts.items()}
+    labelled, unlabelled = columns[True], columns[False]
+    return Judged(tuple(labelled[:4]), tuple(unlabelled[:4]) if unlabelled else None,
+                  (labelled[0], labelled[1], labelled[4], labelled[2], labelled[3]))
+
+
+def _joined(labelled: tuple, unlabelled: tuple | None) -> tuple:
+    """One batch of labelled then unlabelled subjects, so that one forward (one DDP step) decodes them all."""
+    if unlabelled is None:
+        return labelled
+    return (torch.cat([labelled[0], unlabelled[0]]), torch.cat([labelled[1], unlabelled[1]]), labelled[2] + unlabelled[2])
 
 
 def pick_labels(rng: np.random.Generator, trained: list[int], labelled: list[int], merge_probability: float) -> list[int]:
@@ -229,7 +304,9 @@ def validate(model: LCSNet, atlas_image: np.ndarray, atlas_labels: np.ndarray, t
 RUN_FILES = ("best.lcs", "last.lcs", "state.pt", "history.csv")  # a folder holding any of these holds a run
 SAVED = ("data", "atlas", "spacing", "model", "labels", "steps", "batch_size", "labels_per_subject", "deformable_share",
          "lr", "merge_probability", "strength",
-         "validate_every", "validation_subjects", "seed", "baseline", "name", "init")  # in state.pt, with the weights
+         "validate_every", "validation_subjects", "seed", "baseline", "name", "init", "init_encoder", "loss", "bce_start",
+         "bce_end", "adversarial", "unlabelled", "lambda_adv", "lambda_unlabelled", "unlabelled_after",
+         "self_training")  # in state.pt, with the weights
 CHANGEABLE = ("steps", "minutes", "device", "workers")  # what a resumed run may change
 
 
@@ -239,13 +316,14 @@ def _settings_json(s: TrainSettings) -> str:
 
 def _comparable(name: str, value):
     """A setting as JSON keeps it: paths absolute, the model a dict, labels a list of strings."""
-    if name in ("data", "init"):
+    if name in ("data", "init", "init_encoder", "unlabelled"):
         return None if value is None else str(Path(value).resolve())
     if name == "model":
         return value.to_dict()
     if name == "labels":
         return [str(x).strip() for x in value] if value else None
-    if name in ("spacing", "lr", "merge_probability", "strength", "deformable_share"):
+    if name in ("spacing", "lr", "merge_probability", "strength", "deformable_share", "bce_start", "bce_end", "lambda_adv",
+                "lambda_unlabelled", "self_training"):
         return float(value)
     return value
 
@@ -274,7 +352,8 @@ def saved_settings(out: Path) -> TrainSettings:
         values = {name: saved[name] for name in SAVED if name in saved}
         values["data"] = Path(values["data"])
         values["model"] = ModelConfig(**values["model"])
-        values["init"] = None if values.get("init") is None else Path(values["init"])
+        for name in ("init", "init_encoder", "unlabelled"):
+            values[name] = None if values.get(name) is None else Path(values[name])
         return TrainSettings(out=out, resume=True, **values)
     except (ValueError, KeyError, TypeError) as error:
         raise LCSError(f"{out / 'state.pt'} holds settings this lcs cannot read ({error}); start a new run with "
@@ -304,6 +383,23 @@ def _shown(value) -> str:
     return "(not set)" if value is None else ",".join(value) if isinstance(value, list) else str(value)
 
 
+def _check_recipe(s: TrainSettings) -> None:
+    """Options that cannot go together, refused in one line before any work."""
+    if s.loss not in LOSSES:
+        raise LCSError(f"--loss {s.loss} is not one of {', '.join(LOSSES)}")
+    if not (0 <= s.bce_start <= 1 and 0 <= s.bce_end <= 1):
+        raise LCSError("--bce-start and --bce-end are BCE weights between 0 and 1 (Dice gets the rest)")
+    if s.unlabelled is not None and not s.adversarial:
+        raise LCSError("--unlabelled scans teach only through the discriminator; add --adversarial")
+    if s.baseline and (s.adversarial or s.init_encoder is not None):
+        raise LCSError("--baseline trains the paper's multi-channel baseline; --adversarial and --init-encoder are for "
+                       "LCS models")
+    if s.init is not None and s.init_encoder is not None:
+        raise LCSError("--init starts from a whole checkpoint and --init-encoder from a pretrained encoder; pass only one")
+    if s.lambda_adv < 0 or s.lambda_unlabelled < 0 or not 0 <= s.self_training < 1:
+        raise LCSError("--lambda-adv and --lambda-unlabelled must not be negative, --self-training is a threshold in [0, 1)")
+
+
 def _check_out(s: TrainSettings) -> None:
     """Before any work: a new run refuses a folder holding a run (unless overwrite); the folder must be writable."""
     if s.out.exists() and not s.out.is_dir():
@@ -323,6 +419,7 @@ def train(s: TrainSettings) -> Path:
     and the run it would replace intact."""
     if s.resume:
         s = resumed(s)
+    _check_recipe(s)
     _check_out(s)
     rank, world, local_rank = distributed.start()
     device = resolve_device(s.device)
@@ -338,6 +435,8 @@ def train(s: TrainSettings) -> Path:
     if s.labels:
         table = LabelTable(table.resolve(x) for x in s.labels)
     cases = load_cases(s.data, atlas)
+    unlabelled = [c for c in cases if c.unlabelled] + (load_unlabelled(s.unlabelled, atlas) if s.unlabelled else [])
+    cases = [c for c in cases if not c.unlabelled]
     atlas_image = normalized(atlas.image, atlas.mask)
     atlas_labels = sitk.GetArrayFromImage(atlas.labels)
     strength = Strength().times(s.strength)
@@ -352,6 +451,11 @@ def train(s: TrainSettings) -> Path:
             raise LCSError(f"--init {s.init} has architecture {initial.config}, not {config}; match the model options")
         model.load_state_dict(initial.weights)
         step = int(initial.provenance.get("iterations", 0))
+    if s.init_encoder is not None and not s.resume:
+        from .pretrain import load_encoder
+        model.load_state_dict(load_encoder(s.init_encoder, config), strict=False)
+    discriminator = DiscriminatorLoss(Discriminator()).to(device) if s.adversarial else None
+    discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), lr=s.lr) if discriminator else None
     state_path = s.out / "state.pt"
     if s.resume:
         state = _read_state(s.out, device)
@@ -359,21 +463,32 @@ def train(s: TrainSettings) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         step, best = int(state["step"]), max(float(state["best"]), _best_saved(s.out))
         history = _saved_history(state)
+        if discriminator is not None:
+            discriminator.load_state_dict(state["discriminator"])
+            discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
         if rank == 0:
             remove_leftovers(s.out)  # temporary files of a run killed while saving
     step_loss = model if s.baseline else CropLoss(model)
     net = torch.nn.parallel.DistributedDataParallel(step_loss) if world > 1 else step_loss
+    judge = torch.nn.parallel.DistributedDataParallel(discriminator) if discriminator and world > 1 else discriminator
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    judge_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     seed = s.seed * 1000 + rank * 100 + step
     if s.baseline:
         stream, collate = BaselineStream(cases, atlas, table.values, strength, seed), None
     else:
         stream, collate = SubjectStream(cases, atlas, table.values, strength, s.merge_probability, seed,
-                                        s.labels_per_subject, s.deformable_share, config.factor), _collate
+                                        s.labels_per_subject, s.deformable_share, config.factor,
+                                        config.region_invariant), _collate
     loader = iter(DataLoader(stream, batch_size=s.batch_size, num_workers=s.workers, persistent_workers=s.workers > 0,
                              collate_fn=collate))
+    unlabelled_loader = iter(DataLoader(
+        SubjectStream(unlabelled, atlas, table.values, strength, s.merge_probability, seed + 50, s.labels_per_subject,
+                      s.deformable_share, config.factor, config.region_invariant),
+        batch_size=s.batch_size, num_workers=s.workers, persistent_workers=s.workers > 0,
+        collate_fn=_collate)) if s.adversarial and unlabelled else None
     subjects = validation_subjects(cases, atlas, s.validation_subjects, strength, s.seed) if rank == 0 else []
     priors = ["affine"] + (["deformable"] if s.deformable_share > 0 and not s.baseline else [])
     warped = [deformable_prior(image, atlas_image, atlas.image) for image, _, _ in subjects] if "deformable" in priors else []
@@ -386,6 +501,11 @@ def train(s: TrainSettings) -> Path:
             "labels_trained": len(table), "iterations": step, "batch_size": s.batch_size * world, "lr": s.lr,
             "spacing_mm": s.spacing, "augmentation_strength": s.strength, "seed": s.seed,
             "labels_per_subject": s.labels_per_subject, "priors": priors, "deformable_share": s.deformable_share,
+            "loss": s.loss if s.loss == "dice" else f"{s.loss} (BCE {s.bce_start} to {s.bce_end})",
+            "init_encoder": None if s.init_encoder is None else str(s.init_encoder),
+            "adversarial": {"lambda_adv": s.lambda_adv, "lambda_unlabelled": s.lambda_unlabelled,
+                            "unlabelled_after": s.unlabelled_after, "self_training": s.self_training,
+                            "unlabelled_scans": [c.name for c in unlabelled]} if s.adversarial else None,
             "validation_dice": score, "validation_dice_by_prior": {k: round(v, 4) for k, v in by_prior.items()},
             "validation_dice_per_label": {str(k): round(v, 4) for k, v in dice.items()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -427,8 +547,10 @@ def train(s: TrainSettings) -> Path:
             best = mean
             save(s.out / "best.lcs", last_dice, by_prior, mean)
         with atomic_path(state_path) as temporary:  # the history rides along: a kill before history.csv loses none
+            adversary = {"discriminator": discriminator.state_dict(),
+                         "discriminator_optimizer": discriminator_optimizer.state_dict()} if discriminator else {}
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
-                        "settings": _settings_json(s), "history": _history_tensor(history)}, temporary)
+                        "settings": _settings_json(s), "history": _history_tensor(history), **adversary}, temporary)
         _write_history(s.out, history)  # after the state: history.csv never runs ahead of it
         written = len(history)
         paused += time.time() - began
@@ -438,16 +560,32 @@ def train(s: TrainSettings) -> Path:
     net.train()
     while step < s.steps and (s.minutes is None or time.time() - start_time < s.minutes * 60):
         batch = next(loader)
+        if unlabelled_loader is not None and step >= s.unlabelled_after:
+            batch = _joined(batch, next(unlabelled_loader))
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             if s.baseline:
                 image, target, weight = (t.to(device, non_blocking=True) for t in batch)
                 loss = masked_dice_loss(net(image).float(), target, weight)
             else:
-                loss = net(batch[0].to(device), batch[1].to(device), batch[2])
+                images = batch[0].to(device)
+                loss, logits = net(images, batch[1].to(device), batch[2], bce_share(s, step))
+                if discriminator is not None:
+                    judged = _judged(images, batch[2], logits, device)
+                    loss = loss + generator_loss(discriminator.discriminator, *judged.labelled, scale=s.lambda_adv)
+                    if judged.unlabelled:
+                        loss = loss + generator_loss(discriminator.discriminator, *judged.unlabelled,
+                                                     scale=s.lambda_unlabelled, self_training=s.self_training)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if discriminator is not None:  # the discriminator learns from the labelled crops only
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                judge_loss = judge(*judged.for_discriminator)
+            discriminator_optimizer.zero_grad(set_to_none=True)
+            judge_scaler.scale(judge_loss).backward()
+            judge_scaler.step(discriminator_optimizer)
+            judge_scaler.update()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", val_dice=f"{last_score:.3f}" if last_score is not None else "-")
@@ -464,8 +602,9 @@ def train(s: TrainSettings) -> Path:
             checkpoint_now()
         if written < len(history):  # resumed at its last step: history.csv may lag behind state.pt
             _write_history(s.out, history)
-        from .plots import plot_history
-        plot_history(s.out / "history.csv", s.out / "history.png")
+        if history:  # --steps 0 (or a run already at its steps) trains nothing to plot
+            from .plots import plot_history
+            plot_history(s.out / "history.csv", s.out / "history.png")
     distributed.finish()
     return s.out / "best.lcs"
 
@@ -570,6 +709,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--overwrite", flag=True, help="replace the run that OUT holds (its checkpoints, state and history)")
     add("--init", type=Path, help="start from the weights and step count of this checkpoint, e.g. to continue the demo "
                                   "model (same model options; default: random weights)")
+    add("--init-encoder", type=Path, help="start the encoder from this encoder.pt of lcs pretrain (same --base-channels, "
+                                          "--depth and --norm); the decoder starts from random weights")
+    add("--loss", default="dice", choices=LOSSES,
+        help="dice: soft Dice (the LCS paper); dice-bce-schedule: (1 - b) soft Dice + b BCE, the BCE weight b going "
+             "linearly from --bce-start to --bce-end over --steps (the self-supervised kidney paper) (default %(default)s)")
+    add("--bce-start", type=float, default=0.6, help="BCE weight at the first step of dice-bce-schedule (default %(default)s)")
+    add("--bce-end", type=float, default=0.0, help="BCE weight at the last step of dice-bce-schedule (default %(default)s)")
+    add("--adversarial", flag=True,
+        help="train against a fully convolutional discriminator of (image, prediction, atlas label): it learns ground "
+             "truth against predictions on labelled crops, and the network adds --lambda-adv x its adversarial loss; "
+             "unlabelled scans (--unlabelled, and cases of DATA whose label map is empty) teach through it alone")
+    add("--unlabelled", type=Path, help="folder of scans without labels (FOLDER/images/ or FOLDER itself), registered to "
+                                        "the atlas like DATA's; needs --adversarial")
+    add("--lambda-adv", type=float, default=0.01, help="weight of the adversarial loss on labelled crops (default %(default)s)")
+    add("--lambda-unlabelled", type=float, default=0.001,
+        help="weight of the adversarial loss on unlabelled crops, their only loss (default %(default)s)")
+    add("--unlabelled-after", type=int, default=100,
+        help="steps in which the discriminator learns on labelled crops before unlabelled ones join (default %(default)s)")
+    add("--self-training", type=float, default=0.0,
+        help="T > 0: on unlabelled crops, also learn the thresholded prediction where the discriminator's confidence "
+             "exceeds T (Hung et al. 2018, who use 0.2); 0: off (default %(default)s)")
     add("--name", default="LCS model", help="model name stored in the checkpoint (default: %(default)s)")
     add("--baseline", flag=True,
         help="train the paper's multi-channel baseline instead: the same U-Net without the atlas, "
@@ -578,7 +738,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _MODEL_OPTIONS = ("base_channels", "depth", "norm", "dropout", "condition_levels", "prior_weight")
 _SAVED_OPTIONS = ("data", "atlas", "spacing", "labels", "batch_size", "labels_per_subject", "deformable_share", "lr", *_MODEL_OPTIONS, "strength", "validate_every",
-                  "validation_subjects", "seed", "init", "name", "baseline")  # what --resume takes from state.pt
+                  "validation_subjects", "seed", "init", "name", "baseline", "init_encoder", "loss", "bce_start", "bce_end",
+                  "adversarial", "unlabelled", "lambda_adv", "lambda_unlabelled", "unlabelled_after",
+                  "self_training")  # what --resume takes from state.pt
 
 
 def _given(args: argparse.Namespace) -> set[str]:
@@ -632,7 +794,11 @@ def run(args: argparse.Namespace) -> None:
                                  deformable_share=args.deformable_share, lr=args.lr, strength=args.strength,
                                  validate_every=args.validate_every, validation_subjects=args.validation_subjects,
                                  seed=args.seed, device=args.device, workers=args.workers, overwrite=args.overwrite,
-                                 init=args.init, name=args.name, baseline=args.baseline)
+                                 init=args.init, name=args.name, baseline=args.baseline, init_encoder=args.init_encoder,
+                                 loss=args.loss, bce_start=args.bce_start, bce_end=args.bce_end,
+                                 adversarial=args.adversarial, unlabelled=args.unlabelled, lambda_adv=args.lambda_adv,
+                                 lambda_unlabelled=args.lambda_unlabelled, unlabelled_after=args.unlabelled_after,
+                                 self_training=args.self_training)
     best = train(settings)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {best}")
