@@ -89,7 +89,7 @@ def test_an_unlabelled_scan_never_contributes_a_supervised_loss(batches, colin27
     joined.backward()
     assert images.grad[0].abs().sum() > 0 and images.grad[1].abs().sum() == 0
     nothing, _ = CropLoss(model)(*free)
-    assert float(nothing) == 0.0
+    assert nothing.item() == 0.0
 
     data = tmp_path / "data"
     shutil.copytree(colin27, data)
