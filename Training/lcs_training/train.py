@@ -482,13 +482,15 @@ def train(s: TrainSettings) -> Path:
         stream, collate = SubjectStream(cases, atlas, table.values, strength, s.merge_probability, seed,
                                         s.labels_per_subject, s.deformable_share, config.factor,
                                         config.region_invariant), _collate
-    loader = iter(DataLoader(stream, batch_size=s.batch_size, num_workers=s.workers, persistent_workers=s.workers > 0,
-                             collate_fn=collate))
-    unlabelled_loader = iter(DataLoader(
-        SubjectStream(unlabelled, atlas, table.values, strength, s.merge_probability, seed + 50, s.labels_per_subject,
-                      s.deformable_share, config.factor, config.region_invariant),
-        batch_size=s.batch_size, num_workers=s.workers, persistent_workers=s.workers > 0,
-        collate_fn=_collate)) if s.adversarial and unlabelled else None
+
+    def batches(stream: IterableDataset, collate):
+        return iter(DataLoader(stream, batch_size=s.batch_size, num_workers=s.workers, persistent_workers=s.workers > 0,
+                               collate_fn=collate))
+
+    loader = batches(stream, collate)
+    unlabelled_loader = batches(SubjectStream(unlabelled, atlas, table.values, strength, s.merge_probability, seed + 50,
+                                              s.labels_per_subject, s.deformable_share, config.factor,
+                                              config.region_invariant), _collate) if s.adversarial and unlabelled else None
     subjects = validation_subjects(cases, atlas, s.validation_subjects, strength, s.seed) if rank == 0 else []
     priors = ["affine"] + (["deformable"] if s.deformable_share > 0 and not s.baseline else [])
     warped = [deformable_prior(image, atlas_image, atlas.image) for image, _, _ in subjects] if "deformable" in priors else []
@@ -737,10 +739,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _MODEL_OPTIONS = ("base_channels", "depth", "norm", "dropout", "condition_levels", "prior_weight")
-_SAVED_OPTIONS = ("data", "atlas", "spacing", "labels", "batch_size", "labels_per_subject", "deformable_share", "lr", *_MODEL_OPTIONS, "strength", "validate_every",
-                  "validation_subjects", "seed", "init", "name", "baseline", "init_encoder", "loss", "bce_start", "bce_end",
-                  "adversarial", "unlabelled", "lambda_adv", "lambda_unlabelled", "unlabelled_after",
-                  "self_training")  # what --resume takes from state.pt
+# what --resume takes from state.pt: every saved setting but those a resumed run may change, the model as its options
+_SAVED_OPTIONS = (*(name for name in SAVED if name not in ("model", *CHANGEABLE)), *_MODEL_OPTIONS)
 
 
 def _given(args: argparse.Namespace) -> set[str]:
@@ -788,17 +788,8 @@ def run(args: argparse.Namespace) -> None:
             raise LCSError("--atlas is required: the name of the case in DATA/images that serves as the atlas")
         config = ModelConfig(base_channels=args.base_channels, depth=args.depth, norm=args.norm,
                              condition_levels=args.condition_levels, dropout=args.dropout, prior_weight=args.prior_weight)
-        settings = TrainSettings(data=args.data, out=args.out, atlas=args.atlas, spacing=args.spacing, model=config,
-                                 labels=_labels(args.labels), steps=args.steps,
-                                 minutes=args.minutes, batch_size=args.batch_size, labels_per_subject=args.labels_per_subject,
-                                 deformable_share=args.deformable_share, lr=args.lr, strength=args.strength,
-                                 validate_every=args.validate_every, validation_subjects=args.validation_subjects,
-                                 seed=args.seed, device=args.device, workers=args.workers, overwrite=args.overwrite,
-                                 init=args.init, name=args.name, baseline=args.baseline, init_encoder=args.init_encoder,
-                                 loss=args.loss, bce_start=args.bce_start, bce_end=args.bce_end,
-                                 adversarial=args.adversarial, unlabelled=args.unlabelled, lambda_adv=args.lambda_adv,
-                                 lambda_unlabelled=args.lambda_unlabelled, unlabelled_after=args.unlabelled_after,
-                                 self_training=args.self_training)
+        options = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if hasattr(args, f.name)}  # same names
+        settings = TrainSettings(**{**options, "labels": _labels(args.labels), "model": config})
     best = train(settings)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {best}")
