@@ -204,6 +204,8 @@ def test_init_encoder_starts_the_encoder_from_lcs_pretrain(colin27, scans, tmp_p
     (["--adversarial", "--baseline"], "are for LCS models"),
     (["--init", "a.lcs", "--init-encoder", "e.pt"], "pass only one"),
     (["--loss", "dice-bce-schedule", "--bce-start", "1.5"], "between 0 and 1"),
+    (["--subject-reuse", "0"], "1 or more"),
+    (["--prior-weight", "6", "--prior-radius", "0"], "prior-radius must be positive"),
 ])
 def test_options_that_cannot_go_together_are_refused_in_one_line(colin27, scans, tmp_path, capsys, extra, message):
     extra = [str(scans) if x == "FOLDER" else x for x in extra]

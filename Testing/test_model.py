@@ -1,4 +1,5 @@
 """The network: shapes, the encode/decode split, and labels decoded in a batch equal to one at a time."""
+import numpy as np
 import pytest
 import torch
 
@@ -82,3 +83,24 @@ def test_with_a_prior_weight_an_untrained_network_outputs_its_prior_and_learns_w
     assert not hasattr(LCSNet(ModelConfig(base_channels=4, depth=3)), "prior_weight")  # the paper's network: none
     with pytest.raises(ValueError):
         ModelConfig(prior_weight=-1.0)
+    with pytest.raises(ValueError):
+        ModelConfig(prior_radius=0)
+
+
+def test_a_graded_prior_is_the_chessboard_distance_to_the_boundary_capped_at_its_radius():
+    """prior_radius r: the logits start as w / r times the signed chessboard distance to the other side of the mask's
+    boundary (+1 on its boundary voxels, -1 just outside, capped at +-r), checked against a brute-force distance;
+    thresholded, it is still the mask."""
+    mask = np.zeros((12, 16, 16), bool)
+    mask[2:10, 3:13, 2:8] = True
+    mask[5:7, 6:8, 8:14] = True  # a thin arm
+    points = np.argwhere(np.ones_like(mask))
+    distance = np.abs(points[:, None] - points[None]).max(-1)  # chessboard, every pair of voxels
+    other = mask.ravel()[:, None] != mask.ravel()[None]
+    nearest = np.where(other, distance, 99).min(1).reshape(mask.shape)
+    expected = 6.0 / 4 * np.where(mask, 1, -1) * np.minimum(nearest, 4)
+    model = LCSNet(ModelConfig(base_channels=4, depth=2, condition_levels="all", prior_weight=6.0, prior_radius=4))
+    tensor = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    logits = model(torch.randn_like(tensor), torch.randn_like(tensor), tensor)[0, 0].detach().numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    assert np.array_equal(logits > 0, mask)

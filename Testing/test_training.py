@@ -17,7 +17,7 @@ from LabelConditionedSegLib.model import ModelConfig
 from lcs_training.data import load_atlas, load_cases
 from lcs_training.data import normalized
 from lcs_training.smile import masked_dice_loss
-from lcs_training.synth import Strength
+from lcs_training.synth import Strength, SubjectGenerator
 from lcs_training.train import CropLoss, SubjectStream, TrainSettings, add_arguments, pick_labels, train
 from LabelConditionedSegLib.engine import Condition, Engine
 
@@ -112,6 +112,32 @@ def test_a_step_teaches_each_label_in_the_box_the_engine_decodes_it_in(colin27, 
         target = _on_grid(plain, plain.target, image.shape[1:])
         assert np.array_equal(target, _on_grid(moved, moved.target, image.shape[1:]))
         assert dice(conditions[1], target) > dice(conditions[0], target)
+
+
+def test_with_subject_reuse_a_subject_is_made_every_r_samples_and_drawn_from_the_last_r(colin27, monkeypatch):
+    """--subject-reuse R: the stream makes a new subject (SimpleITK warp and re-imaging) only every R samples and
+    draws each sample's subject among the last R made, with its own labels; R = 1 makes one per sample."""
+    atlas = load_atlas(colin27, "colin27", 4.0, 16)
+    values = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(atlas.labels)) if v)
+    made = []
+    real_sample = SubjectGenerator.sample
+
+    def counted(self, *args, **kwargs):
+        made.append(real_sample(self, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(SubjectGenerator, "sample", counted)
+    for reuse in (1, 3):
+        made.clear()
+        stream = iter(SubjectStream([atlas], atlas, values, Strength(), 0.0, seed=4, labels_per_subject=2, factor=16,
+                                    reuse=reuse))
+        samples = [next(stream) for _ in range(9)]
+        assert len(made) == 9 // reuse
+        images = [normalized(image, atlas.mask) for image, _ in made]
+        drawn = [next(k for k, image in enumerate(images) if np.array_equal(image, sample[0][0])) for sample in samples]
+        assert all(k <= n // reuse and k > n // reuse - reuse for n, k in enumerate(drawn))  # among the last R made
+        labels = {tuple(c.condition.sum() for c in sample[2]) for sample in samples}
+        assert len(labels) == 9  # every sample teaches its own labels
 
 
 def _on_grid(crop, array: np.ndarray, shape) -> np.ndarray:

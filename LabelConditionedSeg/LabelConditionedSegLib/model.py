@@ -26,9 +26,11 @@ class ModelConfig:
     (eval-mode statistics), which region-restricted decoding relies on.
     baseline_labels: K > 0 builds the paper's multi-channel baseline instead: the
     same U-Net without the atlas input, with K output channels (one per label).
-    prior_weight: w > 0 adds w * (2 * atlas mask - 1) to the logits, w learned from this start and the last
-    convolution starting at zero: an untrained network outputs its atlas prior, and training learns what to
+    prior_weight: w > 0 adds w * signed_depth(atlas mask, r) / r to the logits, w learned from this start and the
+    last convolution starting at zero: an untrained network outputs its atlas prior, and training learns what to
     change in it (0: the paper's network, which learns the prior's role from nothing).
+    prior_radius: r, in voxels: the prior is sure (|logit| = w) r voxels from the mask's boundary and unsure (w / r)
+    next to it, where the network's corrections belong; 1 gives w * (2 * mask - 1), a prior sure everywhere.
     """
 
     base_channels: int = 8
@@ -38,14 +40,17 @@ class ModelConfig:
     dropout: float = 0.0
     baseline_labels: int = 0
     prior_weight: float = 0.0
+    prior_radius: int = 1
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, not {self.norm!r}")
         if self.condition_levels not in CONDITION_LEVELS:
             raise ValueError(f"condition_levels must be one of {CONDITION_LEVELS}")
-        if self.depth < 1 or self.base_channels < 1 or self.baseline_labels < 0 or self.prior_weight < 0:
-            raise ValueError("depth and base_channels must be positive, baseline_labels and prior_weight not negative")
+        if self.depth < 1 or self.base_channels < 1 or self.prior_radius < 1:
+            raise ValueError("depth, base_channels and prior_radius must be positive")
+        if self.baseline_labels < 0 or self.prior_weight < 0:
+            raise ValueError("baseline_labels and prior_weight must not be negative")
 
     @property
     def conditioned(self) -> bool:
@@ -129,7 +134,8 @@ class LCSNet(nn.Module):
                 parts.append(atlas[level])
             x = self.up[level](torch.cat(parts, 1))
         if atlas and self.config.prior_weight > 0:
-            return self.head(x) + self.prior_weight * (2 * atlas_mask - 1)
+            radius = self.config.prior_radius
+            return self.head(x) + self.prior_weight / radius * signed_depth(atlas_mask, radius)
         return self.head(x)
 
     def forward(self, image: torch.Tensor, atlas_image: torch.Tensor | None = None,
@@ -143,3 +149,14 @@ class LCSNet(nn.Module):
             image, mask = F.avg_pool3d(pyramid[-1][:, :1], 2), F.max_pool3d(pyramid[-1][:, 1:], 2)
             pyramid.append(torch.cat([image, mask], 1))
         return pyramid
+
+
+def signed_depth(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """+k on voxels of a binary mask k voxels deep, -k outside k voxels from it (chessboard distance, capped at
+    `radius`); radius 1 gives 2 * mask - 1. Repeated erosions of the mask and of its background (min pooling)."""
+    inside, outside = mask, 1 - mask
+    depth = inside - outside
+    for _ in range(radius - 1):
+        inside, outside = -F.max_pool3d(-inside, 3, 1, 1), -F.max_pool3d(-outside, 3, 1, 1)
+        depth = depth + inside - outside
+    return depth

@@ -61,6 +61,7 @@ class TrainSettings:
     batch_size: int = 1
     labels_per_subject: int = 4  # labels taught per subject and step, each decoded in its own box
     deformable_share: float = 0.0  # share of subjects conditioned on the demons-warped atlas (the deformable prior)
+    subject_reuse: int = 1  # steps each generated subject serves on average (from a pool of this many), new labels each
     lr: float = 1e-4
     merge_probability: float = 0.5
     strength: float = 1.0
@@ -107,15 +108,18 @@ class SubjectStream(IterableDataset):
     runs once per subject and each label decodes only its box, so a step teaches several labels for the cost of about
     one whole-grid pass. With the deformable prior, a share of the subjects is conditioned on the atlas warped onto
     them by the same demons registration that inference runs (`--registration deformable`). Subjects of unlabelled
-    cases (Case.unlabelled) get any trained labels as conditions and crops without target or weight."""
+    cases (Case.unlabelled) get any trained labels as conditions and crops without target or weight. With `reuse`
+    R > 1 the last R subjects made are kept and each sample draws one of them, with new labels: a subject serves R
+    samples on average, and making subjects (a SimpleITK warp, and the demons registration) costs R times less a step."""
 
     def __init__(self, cases: list[Case], atlas: Case, labels: list[int], strength: Strength, merge_probability: float,
                  seed: int, labels_per_subject: int = 4, deformable_share: float = 0.0, factor: int = 16,
-                 region_invariant: bool = True):
+                 region_invariant: bool = True, reuse: int = 1):
         self.cases, self.atlas, self.labels = cases, atlas, labels
         self.strength, self.merge_probability, self.seed = strength, merge_probability, seed
         self.labels_per_subject, self.deformable_share, self.factor = labels_per_subject, deformable_share, factor
         self.region_invariant = region_invariant  # else (group or instance norm) the engine decodes the whole grid
+        self.reuse = reuse
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -123,19 +127,23 @@ class SubjectStream(IterableDataset):
         generators = [SubjectGenerator(c.image, c.labels, c.mask) for c in self.cases]
         atlas_image = normalized(self.atlas.image, self.atlas.mask)
         atlas_labels = sitk.GetArrayFromImage(self.atlas.labels)
+        pool, samples = [], 0
         while True:
-            k = int(rng.integers(len(self.cases)))
+            if samples % self.reuse == 0:  # a new subject, in place of the oldest
+                k = int(rng.integers(len(self.cases)))
+                image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image)
+                image = normalized(image, self.atlas.mask)
+                prior = (deformable_prior(image, atlas_image, self.atlas.image)
+                         if rng.random() < self.deformable_share else None)
+                pool = [*pool, (k, image, sitk.GetArrayFromImage(labels), prior)][-self.reuse:]
+            samples += 1
+            k, image, values, prior = pool[int(rng.integers(len(pool)))]
             case = self.cases[k]
             labelled = self.labels if case.unlabelled else sorted(set(case.present) | set(case.annotated))
             chosen = [c for c in (pick_labels(rng, self.labels, labelled, self.merge_probability)
                                   for _ in range(self.labels_per_subject)) if c]
             if not chosen:
                 continue
-            image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image)
-            image = normalized(image, self.atlas.mask)
-            prior = (deformable_prior(image, atlas_image, self.atlas.image)
-                     if rng.random() < self.deformable_share else None)
-            values = sitk.GetArrayFromImage(labels)
             crops = []
             for parts in chosen:
                 condition = Condition.of("", 0, np.isin(atlas_labels, parts))
@@ -303,7 +311,7 @@ def validate(model: LCSNet, atlas_image: np.ndarray, atlas_labels: np.ndarray, t
 
 RUN_FILES = ("best.lcs", "last.lcs", "state.pt", "history.csv")  # a folder holding any of these holds a run
 SAVED = ("data", "atlas", "spacing", "model", "labels", "steps", "batch_size", "labels_per_subject", "deformable_share",
-         "lr", "merge_probability", "strength",
+         "subject_reuse", "lr", "merge_probability", "strength",
          "validate_every", "validation_subjects", "seed", "baseline", "name", "init", "init_encoder", "loss", "bce_start",
          "bce_end", "adversarial", "unlabelled", "lambda_adv", "lambda_unlabelled", "unlabelled_after",
          "self_training")  # in state.pt, with the weights
@@ -396,6 +404,8 @@ def _check_recipe(s: TrainSettings) -> None:
                        "LCS models")
     if s.init is not None and s.init_encoder is not None:
         raise LCSError("--init starts from a whole checkpoint and --init-encoder from a pretrained encoder; pass only one")
+    if s.subject_reuse < 1:
+        raise LCSError(f"--subject-reuse {s.subject_reuse}: give the number of steps a generated subject serves, 1 or more")
     if s.lambda_adv < 0 or s.lambda_unlabelled < 0 or not 0 <= s.self_training < 1:
         raise LCSError("--lambda-adv and --lambda-unlabelled must not be negative, --self-training is a threshold in [0, 1)")
 
@@ -481,7 +491,7 @@ def train(s: TrainSettings) -> Path:
     else:
         stream, collate = SubjectStream(cases, atlas, table.values, strength, s.merge_probability, seed,
                                         s.labels_per_subject, s.deformable_share, config.factor,
-                                        config.region_invariant), _collate
+                                        config.region_invariant, s.subject_reuse), _collate
 
     def batches(stream: IterableDataset, collate):
         return iter(DataLoader(stream, batch_size=s.batch_size, num_workers=s.workers, persistent_workers=s.workers > 0,
@@ -503,6 +513,7 @@ def train(s: TrainSettings) -> Path:
             "labels_trained": len(table), "iterations": step, "batch_size": s.batch_size * world, "lr": s.lr,
             "spacing_mm": s.spacing, "augmentation_strength": s.strength, "seed": s.seed,
             "labels_per_subject": s.labels_per_subject, "priors": priors, "deformable_share": s.deformable_share,
+            "subject_reuse": s.subject_reuse,
             "loss": s.loss if s.loss == "dice" else f"{s.loss} (BCE {s.bce_start} to {s.bce_end})",
             "init_encoder": None if s.init_encoder is None else str(s.init_encoder),
             "adversarial": {"lambda_adv": s.lambda_adv, "lambda_unlabelled": s.lambda_unlabelled,
@@ -685,6 +696,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--deformable-share", type=float, default=0.0,
         help="share of subjects conditioned on the atlas warped onto them by the demons registration of "
              "--registration deformable (0: the paper's affine prior only; e.g. 0.5 trains for both) (default %(default)s)")
+    add("--subject-reuse", type=int, default=1,
+        help="R > 1: keep the last R generated subjects (with their demons priors) and draw each step's subject among "
+             "them, so each serves R steps on average with other labels: fewer CPU-seconds spent making subjects "
+             "(default %(default)s: a new subject every step)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (default %(default)s)")
     add("--base-channels", type=int, default=8,
         help="feature channels at full resolution, doubled at each pooling (default %(default)s)")
@@ -696,6 +711,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--prior-weight", type=float, default=0.0,
         help="w > 0: the network outputs its atlas prior (w * (2 * mask - 1) added to its logits, w learned) and "
              "learns what to change in it; 0: the paper's network (default %(default)s)")
+    add("--prior-radius", type=int, default=1,
+        help="r > 1 grades the prior by depth: w / r on the atlas mask's boundary voxels up to w at r voxels from it "
+             "(chessboard distance), so the network's corrections flip boundary voxels easily (default %(default)s: "
+             "w everywhere)")
     add("--condition-levels", default="bottleneck", choices=["bottleneck", "all"],
         help="where the atlas enters the decoder: the paper's bottleneck only, or every scale (default %(default)s)")
     add("--strength", type=float, default=1.0, help="scale of the random subject deformations (default %(default)s)")
@@ -738,7 +757,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "one output channel per label (for lcs evaluate and the experiments)")
 
 
-_MODEL_OPTIONS = ("base_channels", "depth", "norm", "dropout", "condition_levels", "prior_weight")
+_MODEL_OPTIONS = ("base_channels", "depth", "norm", "dropout", "condition_levels", "prior_weight", "prior_radius")
 # what --resume takes from state.pt: every saved setting but those a resumed run may change, the model as its options
 _SAVED_OPTIONS = (*(name for name in SAVED if name not in ("model", *CHANGEABLE)), *_MODEL_OPTIONS)
 
@@ -786,8 +805,10 @@ def run(args: argparse.Namespace) -> None:
             raise LCSError("give DATA, the training folder (labels.csv, images/, labels/); see 'lcs train --help'")
         if args.atlas is None:
             raise LCSError("--atlas is required: the name of the case in DATA/images that serves as the atlas")
-        config = ModelConfig(base_channels=args.base_channels, depth=args.depth, norm=args.norm,
-                             condition_levels=args.condition_levels, dropout=args.dropout, prior_weight=args.prior_weight)
+        try:
+            config = ModelConfig(**{name: getattr(args, name) for name in _MODEL_OPTIONS})
+        except ValueError as error:  # its message names fields, which are the options' names
+            raise LCSError(f"model options: {str(error).replace('_', '-')}") from None
         options = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if hasattr(args, f.name)}  # same names
         settings = TrainSettings(**{**options, "labels": _labels(args.labels), "model": config})
     best = train(settings)
