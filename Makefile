@@ -38,13 +38,13 @@ test: data env
 test-slow: data env
 	$(PY) -m pytest -q -m slow Testing
 
-# Re-create Resources/Models/demo.lcs (hours on a 2-core CPU). EXTRA passes more options, e.g.
+# Re-create Resources/Models/demo.lcs (80 training minutes on a 2-core CPU, about 90 with validation). EXTRA passes more options, e.g.
 #   make demo-model EXTRA=--resume                              continue an interrupted run (build/demo-model/state.pt)
 #   make demo-model EXTRA="--init Resources/Models/demo.lcs --overwrite"   continue training the committed model
 demo-model: env data
 	$(LCS) demo-data build/colin27
-	$(LCS) train build/colin27 --atlas colin27 -o build/demo-model --condition-levels all --prior-weight 6 --lr 1e-3 \
-	  --labels-per-subject 4 --deformable-share 0.5 --steps 100000 --minutes $${MINUTES:-110} --validate-every 100 \
+	$(LCS) train build/colin27 --atlas colin27 -o build/demo-model --condition-levels all --prior-weight 6 --prior-radius 4 \
+	  --lr 1e-3 --labels-per-subject 4 --deformable-share 0.5 --subject-reuse 4 --steps 100000 --minutes $${MINUTES:-80} --validate-every 100 \
 	  --validation-subjects 3 --seed 3 --name "Colin27 AAL demo (116 labels, 2 mm)" $(EXTRA)
 	cp build/demo-model/$(KEEP).lcs Resources/Models/demo.lcs
 

@@ -40,9 +40,9 @@ def _known_warp(atlas, seed: int = 4):
 @pytest.mark.slow  # 2 mm grid; the 4 mm prior tests (reproducible, through the pipeline) stay fast
 def test_a_known_warp_is_recovered_inside_the_brain_within_a_stated_tolerance(atlas_2mm):
     """The atlas warped by a known smooth field is registered back: inside the brain the demons field lies within
-    1.5 mm of the known one on average (1.2 mm measured; the known field moves voxels 4.1 mm on average there: the
-    registration stops at 10 iterations on the 2 mm grid, for speed), and the labels it
-    carries overlap the truly warped labels far better than the unwarped atlas does."""
+    1.5 mm of the known one on average (1.0 mm measured; the known field moves voxels 4.1 mm on average there: the
+    registration stops at 30 iterations on the 2 mm grid, for speed), and the labels it carries overlap the truly
+    warped labels far better than the unwarped atlas does (Dice 0.94 against 0.71 for Precentral_L)."""
     atlas, image, labels = atlas_2mm
     warp, truth = _known_warp(atlas)
     source = sitk.GetImageFromArray(image)
