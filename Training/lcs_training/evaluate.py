@@ -1,7 +1,9 @@
 """`lcs evaluate`: a checkpoint against atlas registration (and multi-channel baselines) on held-out subjects.
 
 Held-out subjects come from other seeds, stronger deformations than training, and other
-grids (spacing, axis order, field of view). Every method starts from the same affine
+grids (spacing, axis order, field of view); with `--unlike`, from a second generator whose
+every setting lies outside training's (synth.unlike_subject), to see how far a model
+generalizes. Every method starts from the same affine
 registration, so the comparison isolates what each adds to it. Per label and case: Dice,
 95th-percentile Hausdorff distance (mm) and volume difference (%).
 """
@@ -26,25 +28,30 @@ from .data import case_files, write_colin27_aal
 from .metrics import label_metrics
 from .plots import plot_method_dice
 from .propagation import bspline_propagate
-from .synth import Strength, SubjectGenerator, random_grid
+from .synth import Strength, SubjectGenerator, random_grid, unlike_subject
 
 FIELDS = ["subject", "method", "value", "name", "dice", "hd95_mm", "volume_diff_pct"]
 
 
-def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: int):
-    """(image, truth) pairs on random grids (0.9-1.6x the source spacing), from the data folder's atlas case."""
+def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: int, unlike: bool = False):
+    """(image, truth) pairs on random grids (0.9-1.6x the source spacing), from the data folder's atlas case; or
+    the second generator's, unlike training's in every setting (`strength` is then unused)."""
     image_path, label_path, mask_path = case_files(data)[atlas]
     image, labels = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
     mask = sitk.ReadImage(str(mask_path)) if mask_path else sitk.Cast(labels > 0, sitk.sitkUInt8)
     generator = SubjectGenerator(image, labels, mask)
     for i in range(count):
+        if unlike:
+            yield unlike_subject(generator, np.random.default_rng([seed, 30_000 + i]))
+            continue
         rng = np.random.default_rng([seed, 20_000 + i])
         grid = random_grid(image, rng, spacing_range=(0.9 * min(image.GetSpacing()), 1.6 * min(image.GetSpacing())))
         yield generator.sample(rng, Strength().times(strength), grid=grid)
 
 
 def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength: float, seed: int, out: Path,
-             device: str = "auto", baselines: list[Path] = (), bspline: bool = False) -> dict[str, float]:
+             device: str = "auto", baselines: list[Path] = (), bspline: bool = False, unlike: bool = False
+             ) -> dict[str, float]:
     """Mean Dice per method over labels and subjects (and seconds per case); writes CSV and PNGs to `out`.
 
     Methods: "lcs", "affine propagation", "bspline propagation" (when asked), and "baseline" made of one or
@@ -63,7 +70,7 @@ def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength
             raise SystemExit(f"--baseline wants multi-channel baseline checkpoints (lcs train --baseline), not {b.description}")
     atlas_labels = sitk.ReadImage(str(case_files(data)[atlas][1]))
     rows, seconds = [], {}
-    for i, (image, truth) in enumerate(progress_bar(heldout_subjects(data, atlas, count, strength, seed), total=count, desc="held-out subjects")):
+    for i, (image, truth) in enumerate(progress_bar(heldout_subjects(data, atlas, count, strength, seed, unlike), total=count, desc="held-out subjects")):
         truth_array = sitk.GetArrayFromImage(truth)
         predictions = {}
         start = time.time()
@@ -131,6 +138,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", type=Path, nargs="+", default=[],
                         help="multi-channel baseline checkpoints (lcs train --baseline) to score beside LCS")
     parser.add_argument("--bspline", action="store_true", help="also score affine + B-spline atlas propagation (slower)")
+    parser.add_argument("--unlike", action="store_true",
+                        help="subjects of a second generator unlike training's in every setting (B-spline warps, coarse "
+                             "grids, contrast curves, strong bias, thick slices, Rician noise; --strength unused)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--out", type=Path, default=Path("build/evaluate"),
                         help="folder for heldout_metrics.csv, heldout_dice.png and heldout_hd95.png")
@@ -141,9 +151,10 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or write_colin27_aal(Path(tmp) / "colin27")
         s = evaluate(args.checkpoint, data, args.atlas, args.subjects, args.strength, args.seed, args.out, args.device,
-                     args.baseline, args.bspline)
+                     args.baseline, args.bspline, args.unlike)
     methods = [k for k in s if not k.endswith((" seconds", " hd95"))]
-    print(f"held-out subjects: {args.subjects}, strength {args.strength}; per label and case in "
+    kind = "unlike training's" if args.unlike else f"strength {args.strength}"
+    print(f"held-out subjects: {args.subjects}, {kind}; per label and case in "
           f"{args.out}/heldout_metrics.csv, plots heldout_dice.png and heldout_hd95.png")
     for m in methods:
         print(f"  {m:20s} mean Dice {s[m]:.3f}  HD95 {s[m + ' hd95']:.1f} mm  {s[m + ' seconds']:.1f} s/case")

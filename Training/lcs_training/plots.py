@@ -57,8 +57,8 @@ def plot_training_speed(runs: dict[str, Path], png: Path, reference: dict[str, l
             val = [(float(r["seconds"]) / 60, float(r[column])) for r in rows if r.get(column)]
             if val:
                 ax.plot(*zip(*val), style, ms=4, label=f"{name}, {column[4:]} prior")
-    for name, points in reference.items():
-        ax.plot(*zip(*points), "k^:", ms=5, label=name)
+    for (name, points), marker in zip(reference.items(), "^vDxP*"):
+        ax.plot(*zip(*points), f"k{marker}:", ms=5, label=name)
     if goal is not None:
         ax.axhline(goal, color="grey", lw=0.8)
         ax.axvline(30, color="grey", lw=0.8)
