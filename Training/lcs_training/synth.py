@@ -137,8 +137,8 @@ def unlike_subject(source: SubjectGenerator, rng: np.random.Generator) -> tuple[
     array = sitk.GetArrayFromImage(sitk.Resample(image, grid, transform, sitk.sitkBSpline, 0.0, sitk.sitkFloat32))
     labels = sitk.Resample(source.labels, grid, transform, sitk.sitkNearestNeighbor, 0, source.labels.GetPixelID())
     if rng.random() < 0.5 and source.brain_mask is not None:
-        array *= sitk.GetArrayViewFromImage(sitk.Resample(source.brain_mask, grid, transform, sitk.sitkNearestNeighbor,
-                                                          0, sitk.sitkUInt8))
+        mask = sitk.Resample(source.brain_mask, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        array *= sitk.GetArrayViewFromImage(mask)
     top = float(np.percentile(array, 99.5)) or 1.0
     curve = np.concatenate([[0.0], np.cumsum(rng.dirichlet(np.full(5, 10.0)))])
     x = np.interp(np.clip(array / top, 0, None), np.linspace(0, 1, 6), curve) * _bias_field(array.shape, rng, 8, 0.3)
