@@ -43,10 +43,10 @@ def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: 
     for i in range(count):
         if unlike:
             yield unlike_subject(generator, np.random.default_rng([seed, 30_000 + i]))
-            continue
-        rng = np.random.default_rng([seed, 20_000 + i])
-        grid = random_grid(image, rng, spacing_range=(0.9 * min(image.GetSpacing()), 1.6 * min(image.GetSpacing())))
-        yield generator.sample(rng, Strength().times(strength), grid=grid)
+        else:
+            rng = np.random.default_rng([seed, 20_000 + i])
+            grid = random_grid(image, rng, spacing_range=(0.9 * min(image.GetSpacing()), 1.6 * min(image.GetSpacing())))
+            yield generator.sample(rng, Strength().times(strength), grid=grid)
 
 
 def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength: float, seed: int, out: Path,

@@ -69,16 +69,23 @@ class SubjectGenerator:
         """One random subject (image, label map) on `grid` (default: the source grid)."""
         grid = self.image if grid is None else grid
         transform = self.random_transform(rng, strength)
-        image = sitk.Resample(self.image, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        labels = sitk.Resample(self.labels, grid, transform, sitk.sitkNearestNeighbor, 0, self.labels.GetPixelID())
-        array = sitk.GetArrayFromImage(image)
-        if rng.random() < skull_strip_probability and self.brain_mask is not None:
-            mask = sitk.Resample(self.brain_mask, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-            array *= sitk.GetArrayViewFromImage(mask)
+        array, labels = self.warp(grid, transform, sitk.sitkLinear, rng.random() < skull_strip_probability)
         array = self._reimage(array, rng, np.array(grid.GetSpacing())[::-1])
         if rng.random() < fov_cut_probability:
             _cut_field_of_view(array, rng, (0.05, 0.2))
         return _on_grid(array, grid), labels
+
+    def warp(self, grid: sitk.Image, transform: sitk.Transform, interpolator: int, skull_strip: bool
+             ) -> tuple[np.ndarray, sitk.Image]:
+        """The source image (as an array) and labels pulled onto `grid` through `transform`, the image
+        skull-stripped when asked and a brain mask is known."""
+        image = sitk.Resample(self.image, grid, transform, interpolator, 0.0, sitk.sitkFloat32)
+        labels = sitk.Resample(self.labels, grid, transform, sitk.sitkNearestNeighbor, 0, self.labels.GetPixelID())
+        array = sitk.GetArrayFromImage(image)
+        if skull_strip and self.brain_mask is not None:
+            mask = sitk.Resample(self.brain_mask, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+            array *= sitk.GetArrayViewFromImage(mask)
+        return array, labels
 
     @staticmethod
     def _reimage(array: np.ndarray, rng: np.random.Generator, spacing_zyx: np.ndarray) -> np.ndarray:
@@ -134,17 +141,11 @@ def unlike_subject(source: SubjectGenerator, rng: np.random.Generator) -> tuple[
     warp = sitk.BSplineTransformInitializer(image, [int(n) for n in np.ceil(extent / 25.0)])
     warp.SetParameters(rng.normal(0, 7.0, warp.GetNumberOfParameters()).tolist())
     transform.AddTransform(warp)
-    array = sitk.GetArrayFromImage(sitk.Resample(image, grid, transform, sitk.sitkBSpline, 0.0, sitk.sitkFloat32))
-    labels = sitk.Resample(source.labels, grid, transform, sitk.sitkNearestNeighbor, 0, source.labels.GetPixelID())
-    if rng.random() < 0.5 and source.brain_mask is not None:
-        mask = sitk.Resample(source.brain_mask, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        array *= sitk.GetArrayViewFromImage(mask)
+    array, labels = source.warp(grid, transform, sitk.sitkBSpline, rng.random() < 0.5)
     top = float(np.percentile(array, 99.5)) or 1.0
     curve = np.concatenate([[0.0], np.cumsum(rng.dirichlet(np.full(5, 10.0)))])
     x = np.interp(np.clip(array / top, 0, None), np.linspace(0, 1, 6), curve) * _bias_field(array.shape, rng, 8, 0.3)
-    image_out = sitk.GetImageFromArray(x.astype(np.float32))
-    image_out.SetSpacing(grid.GetSpacing())
-    x = sitk.GetArrayFromImage(_thick_slices(image_out, int(rng.integers(3)), rng.uniform(3.0, 5.0)))
+    x = sitk.GetArrayFromImage(_thick_slices(_on_grid(x, grid), int(rng.integers(3)), rng.uniform(3.0, 5.0)))
     sigma = rng.uniform(0.02, 0.06)
     x = np.hypot(x + rng.normal(0, sigma, x.shape), rng.normal(0, sigma, x.shape)).astype(np.float32)
     _cut_field_of_view(x, rng, (0.05, 0.2))
