@@ -7,8 +7,9 @@ the number of labels.
 """
 from __future__ import annotations
 
+import ctypes
+import sys
 from contextlib import contextmanager
-
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -21,6 +22,16 @@ from .model import LCSNet
 
 Progress = Callable[[float, str], None]
 MARGIN = 16  # voxels of context decoded around a condition's box (training crops the same)
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed since the last call back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    Each label's decoder activations are freed after it, but glibc keeps their pages, and boxes of other sizes
+    fragment them: without this, the peak memory of 116 labels read 1.32x one label's on the benchmark's 1 mm head."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @dataclass
@@ -183,6 +194,7 @@ class Engine:
                     full[region] = p
                     on_probability(condition, full)
             done += len(batch)
+            release_freed_memory()
             if progress is not None:
                 progress(done / len(conditions), f"decoded {done} of {len(conditions)} labels")
         values = np.array([c.value for c in conditions] + [0], np.int32)

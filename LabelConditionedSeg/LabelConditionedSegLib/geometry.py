@@ -84,7 +84,7 @@ def normalize_intensity(image: sitk.Image, mask: np.ndarray | None = None, low: 
 
 def register(moving: sitk.Image, fixed: sitk.Image, mode: str = "affine", fixed_mask: sitk.Image | None = None,
              seed: int = 1, cancel: Callable[[], bool] | None = None) -> sitk.AffineTransform:
-    """Atlas-to-input transform by mutual information: centre of mass, then rigid, then affine.
+    """Atlas-to-input transform by mutual information: centre of mass, then rigid (see _rigid), then affine.
 
     `cancel` is polled every optimizer iteration; when it returns True, Cancelled is raised."""
     if mode not in REGISTRATIONS:
@@ -93,14 +93,32 @@ def register(moving: sitk.Image, fixed: sitk.Image, mode: str = "affine", fixed_
         return sitk.AffineTransform(3)
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = no_finer_than(sitk.Cast(moving, sitk.sitkFloat32), min(fixed.GetSpacing()))
-    transform = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
-    transform = _optimize(fixed, moving, transform, fixed_mask, seed, _shrink_factors(fixed, [8.0, 4.0]), cancel)
+    transform = _rigid(fixed, moving, fixed_mask, seed, cancel)
     if mode in ("affine", "deformable"):
         center = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
-        transform = _optimize(fixed, moving, as_affine(transform, center), fixed_mask, seed,
-                              _shrink_factors(fixed, [4.0, 2.0]), cancel)
+        transform, _ = _optimize(fixed, moving, as_affine(transform, center), fixed_mask, seed,
+                                 _shrink_factors(fixed, [4.0, 2.0]), cancel)
     return as_affine(transform)
+
+
+def _rigid(fixed, moving, fixed_mask, seed, cancel) -> sitk.Transform:
+    """The rigid fit, from the centres of mass and from the best of 125 rotations about them (-30 to 30 degrees in
+    15-degree steps about each axis, scored at 8 mm): the start whose fit matches better wins.
+
+    Why two starts: from the centres of mass alone, the descent stays in a local optimum on a head turned 20 degrees
+    or more (affine propagation Dice 0.17 instead of 0.64 on one such held-out scan)."""
+    start = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
+    levels = _shrink_factors(fixed, [8.0, 4.0])
+    search = _method(fixed_mask, seed, cancel, sampling=0.2)
+    search.SetOptimizerAsExhaustive([2, 2, 2, 0, 0, 0], stepLength=np.radians(15.0))
+    search.SetOptimizerScales([1.0] * 6)
+    search.SetShrinkFactorsPerLevel(levels[:1])
+    search.SetSmoothingSigmasPerLevel([levels[0] / 2])
+    search.SetInitialTransform(start, inPlace=False)
+    turned = _execute(search, fixed, moving, cancel)
+    starts = [start] if np.allclose(turned.GetParameters()[:3], 0) else [start, turned]
+    return min((_optimize(fixed, moving, s, fixed_mask, seed, levels, cancel) for s in starts), key=lambda fit: fit[1])[0]
 
 
 def no_finer_than(image: sitk.Image, spacing: float) -> sitk.Image:
@@ -116,23 +134,34 @@ def _shrink_factors(fixed: sitk.Image, resolutions_mm: list[float]) -> list[int]
     return sorted(set(factors), reverse=True)
 
 
-def _optimize(fixed, moving, initial, fixed_mask, seed, shrink, cancel=None) -> sitk.Transform:
+def _method(fixed_mask, seed, cancel, sampling: float = 0.1) -> sitk.ImageRegistrationMethod:
+    """Mattes mutual information on a random `sampling` share of the atlas voxels (of its mask), polling `cancel`."""
     method = sitk.ImageRegistrationMethod()
     if cancel is not None:
         method.AddCommand(sitk.sitkIterationEvent, lambda: cancel() and method.StopRegistration())
     method.SetMetricAsMattesMutualInformation(32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.1, seed)
+    method.SetMetricSamplingPercentage(sampling, seed)
     if fixed_mask is not None:
         method.SetMetricFixedMask(fixed_mask)
     method.SetInterpolator(sitk.sitkLinear)
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    return method
+
+
+def _optimize(fixed, moving, initial, fixed_mask, seed, shrink, cancel=None) -> tuple[sitk.Transform, float]:
+    """The transform fitted from `initial` over the pyramid levels `shrink`, and its metric at the last level."""
+    method = _method(fixed_mask, seed, cancel)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100,
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel(shrink)
     method.SetSmoothingSigmasPerLevel([s / 2 for s in shrink])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     method.SetInitialTransform(initial, inPlace=False)
+    return _execute(method, fixed, moving, cancel), method.GetMetricValue()
+
+
+def _execute(method: sitk.ImageRegistrationMethod, fixed, moving, cancel) -> sitk.Transform:
     try:
         transform = method.Execute(fixed, moving)
     except RuntimeError as error:
