@@ -27,9 +27,20 @@ def test_model_grid_covers_the_reference_in_multiples_of_the_factor(colin27):
                        image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()]))
 
 
-def test_registration_recovers_a_moved_reoriented_cropped_scan(colin27, tiny):
+@pytest.fixture(scope="module")
+def upright(colin27):
+    """(image, truth): Colin27 moved rigidly and scaled only (no warp), on a random grid."""
+    return heldout_subject(colin27, seed=5, strength=0.0)
+
+
+@pytest.fixture(scope="module")
+def demo() -> Checkpoint:
+    return Checkpoint.load(default_checkpoint())
+
+
+def test_registration_recovers_a_moved_reoriented_cropped_scan(colin27, tiny, upright):
     """The atlas labels pushed through the found transform land on the scan's own labels."""
-    image, truth = heldout_subject(colin27, seed=5, strength=0.0)  # rigid+scale only, on a random grid
+    image, truth = upright
     moved = sitk.Euler3DTransform((0, 0, 18), 0.15, -0.1, 0.2, (6, -8, 5))
     image = sitk.Resample(image, image, moved, sitk.sitkLinear, 0.0)
     truth = sitk.Resample(truth, truth, moved, sitk.sitkNearestNeighbor, 0)
@@ -45,11 +56,11 @@ def test_registration_recovers_a_moved_reoriented_cropped_scan(colin27, tiny):
 
 
 @pytest.mark.parametrize("angles", [(0.45, 0.0, 0.3), (0.0, 0.4, -0.4)])
-def test_registration_recovers_a_head_turned_beyond_the_reach_of_a_descent_from_the_centres_of_mass(colin27, angles):
+def test_registration_recovers_a_head_turned_beyond_the_reach_of_a_descent_from_the_centres_of_mass(colin27, demo,
+                                                                                                   upright, angles):
     """Turned 26 and 17 degrees, or 23 and -23, about two axes: the rigid descent from the centres of mass alone stopped
     in a local optimum (brain Dice 0.75 and 0.78 on the demo atlas); the search over rotations finds the head."""
-    demo = Checkpoint.load(default_checkpoint())
-    image, truth = heldout_subject(colin27, seed=5, strength=0.0)
+    image, truth = upright
     turned = sitk.Euler3DTransform((0, 0, 18), *angles, (6, -8, 5))
     image = sitk.Resample(image, image, turned, sitk.sitkLinear, 0.0)
     truth = sitk.Resample(truth, truth, turned, sitk.sitkNearestNeighbor, 0)
@@ -58,9 +69,8 @@ def test_registration_recovers_a_head_turned_beyond_the_reach_of_a_descent_from_
     assert dice(sitk.GetArrayFromImage(truth) > 0, sitk.GetArrayFromImage(propagated) > 0) > 0.9
 
 
-def test_a_cancelled_registration_stops_at_the_search_over_rotations(colin27):
-    demo = Checkpoint.load(default_checkpoint())
-    image, _ = heldout_subject(colin27, seed=5, strength=0.0)
+def test_a_cancelled_registration_stops_at_the_search_over_rotations(demo, upright):
+    image, _ = upright
     polls = []
     began = time.time()
     with pytest.raises(Cancelled):
