@@ -15,6 +15,12 @@ import SimpleITK as sitk
 from .errors import Cancelled, LCSError
 
 REGISTRATIONS = ("affine", "rigid", "none", "deformable")  # deformable: affine here, then deformable.py
+SAMPLING = 0.1  # share of the atlas voxels (of its mask) that mutual information is computed on
+# The affine fit's last level samples at least this many voxels, about 10 per bin of the 32 x 32 joint histogram.
+# With 12 parameters, scaling among them, a fit on 10 % of a 4 mm atlas's brain mask (about 2,700 voxels) hung on
+# which voxels were drawn (atlas-label Dice 0.23 / 0.86 / 0.08 for three sampling seeds); on a 2 mm atlas 10 % is
+# already more than this.
+AFFINE_SAMPLES = 10_000
 
 
 def bounding_box(array: np.ndarray) -> tuple[list[int], list[int]] | None:
@@ -97,7 +103,7 @@ def register(moving: sitk.Image, fixed: sitk.Image, mode: str = "affine", fixed_
     if mode in ("affine", "deformable"):
         center = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
         transform, _ = _optimize(fixed, moving, as_affine(transform, center), fixed_mask, seed,
-                                 _shrink_factors(fixed, [4.0, 2.0]), cancel)
+                                 _shrink_factors(fixed, [4.0, 2.0]), cancel, final_samples=AFFINE_SAMPLES)
     return as_affine(transform)
 
 
@@ -134,7 +140,7 @@ def _shrink_factors(fixed: sitk.Image, resolutions_mm: list[float]) -> list[int]
     return sorted(set(factors), reverse=True)
 
 
-def _method(fixed_mask, seed, cancel, sampling: float = 0.1) -> sitk.ImageRegistrationMethod:
+def _method(fixed_mask, seed, cancel, sampling: float = SAMPLING) -> sitk.ImageRegistrationMethod:
     """Mattes mutual information on a random `sampling` share of the atlas voxels (of its mask), polling `cancel`."""
     method = sitk.ImageRegistrationMethod()
     if cancel is not None:
@@ -149,9 +155,16 @@ def _method(fixed_mask, seed, cancel, sampling: float = 0.1) -> sitk.ImageRegist
     return method
 
 
-def _optimize(fixed, moving, initial, fixed_mask, seed, shrink, cancel=None) -> tuple[sitk.Transform, float]:
-    """The transform fitted from `initial` over the pyramid levels `shrink`, and its metric at the last level."""
+def _optimize(fixed, moving, initial, fixed_mask, seed, shrink, cancel=None, final_samples: int = 0
+              ) -> tuple[sitk.Transform, float]:
+    """The transform fitted from `initial` over the pyramid levels `shrink`, and its metric at the last level, which
+    samples at least `final_samples` voxels (all of them if there are fewer)."""
     method = _method(fixed_mask, seed, cancel)
+    voxels = (np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask)) if fixed_mask is not None
+              else np.prod(fixed.GetSize())) / shrink[-1] ** 3
+    if final_samples > SAMPLING * voxels:
+        method.SetMetricSamplingPercentagePerLevel([SAMPLING] * (len(shrink) - 1) + [min(1.0, final_samples / voxels)],
+                                                   seed)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100,
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
