@@ -230,6 +230,16 @@ def bench(colin27, tiny_checkpoint, tmp_path_factory):
     p["existing"].write_text("keep me")
     p["existing_csv"] = root / "existing.csv"
     p["existing_csv"].write_text("keep me too")
+    p["scan_link"] = root / "link.seg.nrrd"  # -o spelled as a link to the scan
+    p["scan_link"].symlink_to(p["scan"].name)
+    p["scan_hardlink"] = root / "hard.nii.gz"  # another name of the scan's own bytes
+    os.link(p["scan"], p["scan_hardlink"])
+    p["clash"] = root / "clash"  # a cohort where one scan's label map would be another scan
+    p["clash"].mkdir()
+    write(scan, p["clash"] / "a.nrrd")
+    write(scan, p["clash"] / "a_labels.nii.gz")
+    p["clash_list"] = p["clash"] / "list.csv"  # a list of scans, segmented into the scans' own folder
+    p["clash_list"].write_text("path\na.nrrd\na_labels.nii.gz\n")
     p["folder_out"] = root / "folder.seg.nrrd"
     p["folder_out"].mkdir()
     (p["folder_out"] / "inside.txt").write_text("a folder named like an output")
@@ -333,6 +343,19 @@ CASES = [
     ("output under a file", segment(output="{text}/sub/x.seg.nrrd"), ["not a writable folder"]),
     ("--labelmap under a file", segment("--labelmap", "{text}/l.nii.gz"), ["not a writable folder"]),
     ("wrong output extension", segment(output="{out}/x.png"), [".seg.nrrd"]),
+    # an output that is an input or another output, however spelled: refused even with --overwrite
+    ("--labelmap is the scan", segment("--labelmap", "{scan}", "--overwrite"), ["is the scan", "never replaces"]),
+    ("-o is a link to the scan", segment("--overwrite", output="{scan_link}"), ["is the scan", "scan.nrrd"]),
+    ("--labelmap is a hard link to the scan", segment("--labelmap", "{scan_hardlink}", "--overwrite"), ["is the scan"]),
+    ("--volumes-csv is the checkpoint", segment("--volumes-csv", "{checkpoint}", "--overwrite"), ["is the checkpoint"]),
+    ("--overlay is the painted mask", segment("--condition", "{mask_zero}", "--name", "m", "--overlay", "{mask_zero}",
+                                              "--overwrite"), ["is the --condition mask"]),
+    ("two outputs, one file", segment("--volumes-csv", "{out}/v.csv", "--overlay", "{out}/./sub/../v.csv"),
+     ["--overlay", "is the --volumes-csv output"]),
+    ("-o is the --labelmap", segment("--labelmap", "{out}/o.seg.nrrd"), ["is the -o output"]),
+    ("--probabilities holds the scan", segment("--probabilities", "{root}", "--overwrite"), ["holds the input"]),
+    ("cohort: a scan's output is another scan", ["segment", "{clash_list}", "-o", "{clash}", "--checkpoint",
+                                                 "{checkpoint}", "--labelmap", "--overwrite"], ["output of scan a", "is the scan"]),
     # training folders
     ("train: folder without labels.csv", ["train", "{train_no_csv}", "-o", "{out}", "--atlas", "colin27"], ["labels.csv", "train --help"]),
     ("train: empty folder", ["train", "{train_empty}", "-o", "{out}", "--atlas", "colin27"], ["is empty"]),
@@ -367,7 +390,7 @@ def test_the_battery_is_large_enough():
 @pytest.mark.parametrize("name,argv,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gets_one_clear_line_exit_2_and_changes_nothing(bench, name, argv, words, capsys, monkeypatch):
     root, paths = bench
-    names = {**paths, "readonly": root / "readonly"}
+    names = {**paths, "readonly": root / "readonly", "root": root}
     if "{readonly}" in " ".join(argv):
         names["readonly"].mkdir(exist_ok=True)
         names["readonly"].chmod(0o555)

@@ -10,12 +10,13 @@ import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
 from .checkpoint import default_checkpoint
 from .errors import Cancelled, LCSError
-from .files import check_writable
+from .files import check_writable, file_identity
 from .progress import set_quiet
 
 def _writable(path: Path | None, overwrite: bool, folder: bool = False) -> None:
@@ -27,6 +28,36 @@ def _writable(path: Path | None, overwrite: bool, folder: bool = False) -> None:
     if path.exists() and not overwrite and not (folder and path.is_dir() and not any(path.iterdir())):
         raise LCSError(f"{path} already exists; choose another name or pass --overwrite")
     check_writable(path, path if folder and path.is_dir() else path.parent)
+
+
+def _input_files(args: argparse.Namespace, scans: list[Path]) -> list[tuple[str, Path]]:
+    """Every file the run reads, with what it is: the scans (each file of a DICOM folder), the .csv lists, the
+    checkpoint and the painted masks."""
+    named = [*(("the scan", p) for p in scans), *(("the list", p) for p in args.input if p.suffix.lower() == ".csv"),
+             ("the checkpoint", args.checkpoint), *(("the --condition mask", p) for p in args.condition)]
+    return [(what, f) for what, p in named for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+
+
+def _check_apart(inputs: list[tuple[str, Path]], outputs: list[tuple[str, Path]], folders: list[Path] = ()) -> None:
+    """Refuse, before any work, an output that is an input of the run or another of its outputs, however its path is
+    spelled (links, ./, letter case on disks that ignore it): --overwrite never covers that. `folders` (of
+    probability maps) may hold no input."""
+    seen: dict[tuple, tuple[str, Path]] = {}
+    for what, path in inputs:
+        seen.setdefault(file_identity(path), (what, path))
+    for option, path in outputs:
+        key = file_identity(path)
+        if key in seen:
+            what, other = seen[key]
+            same = "" if str(other) == str(path) else f" {other}"
+            raise LCSError(f"{option} {path} is {what}{same}: an output never replaces an input or another output, "
+                           "not even with --overwrite; give it another name")
+        seen[key] = (f"the {option} output", path)
+    for folder in folders:
+        inside = next((p for _, p in inputs if file_identity(p.parent) == file_identity(folder)), None)
+        if inside is not None:
+            raise LCSError(f"--probabilities {folder} holds the input {inside}; give the probability maps a folder "
+                           "of their own")
 
 
 def _console_progress():
@@ -49,9 +80,11 @@ def _say(line: str) -> None:
 
 
 def _model(args: argparse.Namespace, device: str):
-    """The checkpoint loaded once, its Segmenter on `device`, and the conditions asked for (the same for every scan)."""
+    """The checkpoint loaded once, its Segmenter on `device`, the conditions asked for (the same for every scan) and
+    the settings each result records (record.run_settings)."""
     from .checkpoint import Checkpoint
     from .pipeline import Segmenter
+    from .record import run_settings
     from .volume import read_volume
 
     checkpoint = Checkpoint.load(args.checkpoint)
@@ -62,11 +95,12 @@ def _model(args: argparse.Namespace, device: str):
         raise LCSError(f"--labels {args.labels!r} names no label; give names or values separated by commas, or use --all")
     if args.all or (not names and not masks):
         names = [str(label.value) for label in checkpoint.label_table]
-    return segmenter, segmenter.conditions(names, masks)
+    conditions = segmenter.conditions(names, masks)
+    return segmenter, conditions, run_settings(args.checkpoint, conditions, args.registration, args.threshold)
 
 
-def _segment_scan(segmenter, conditions, image, args: argparse.Namespace, seg: Path, extras: dict[str, Path],
-                  progress) -> str:
+def _segment_scan(segmenter, conditions, settings: dict, image, args: argparse.Namespace, seg: Path,
+                  extras: dict[str, Path], progress) -> str:
     """Segment one image and write its outputs, the .seg.nrrd last: a cohort takes that file as the sign that the
     scan is done. Returns the summary ("segmented 5 of 6 labels (found nowhere: X)")."""
     import SimpleITK as sitk
@@ -97,7 +131,7 @@ def _segment_scan(segmenter, conditions, image, args: argparse.Namespace, seg: P
         write_volumes_csv(result, extras["volumes_csv"])
     if "overlay" in extras:
         write_overlay_png(image, result.labelmap, conditions, extras["overlay"], title=summary)
-    write_seg_nrrd(result, seg)
+    write_seg_nrrd(result, seg, settings)
     return summary
 
 
@@ -115,6 +149,7 @@ def segment(args: argparse.Namespace) -> int:
 def _segment_single(args: argparse.Namespace) -> int:
     """One scan: -o names its .seg.nrrd; an extra given without a file name is named after it."""
     from .cohort import EXTRAS, extra_paths
+    from .files import only_new_files
     from .volume import read_volume
 
     if not str(args.output).endswith((".seg.nrrd", ".nrrd")):
@@ -125,12 +160,16 @@ def _segment_single(args: argparse.Namespace) -> int:
     _writable(args.output, args.overwrite)
     for key, path in extras.items():
         _writable(path, args.overwrite, folder=key == "probabilities")
+    _check_apart(_input_files(args, args.input[:1]),
+                 [("-o", args.output), *((f"--{k.replace('_', '-')}", p) for k, p in extras.items() if k != "probabilities")],
+                 [extras["probabilities"]] if "probabilities" in extras else [])
 
     started = time.time()
-    segmenter, conditions = _model(args, args.device)
+    segmenter, conditions, settings = _model(args, args.device)
     image = read_volume(args.input[0], series=args.series)
     progress, bar = _console_progress()
-    summary = _segment_scan(segmenter, conditions, image, args, args.output, extras, progress)
+    with nullcontext() if args.overwrite else only_new_files():  # another run writing these names meanwhile: lose
+        summary = _segment_scan(segmenter, conditions, settings, image, args, args.output, extras, progress)
     progress(1.0, "done")
     bar.close()
     written = [str(path) for key, path in extras.items() if key != "probabilities"]
@@ -157,15 +196,16 @@ def _segment_cohort(args: argparse.Namespace, scans: list) -> int:
     device = args.device
     if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
-    segmenter, conditions = _model(args, device)
+    segmenter, conditions, settings = _model(args, device)
+    _check_done(args, scans, settings)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    mine = _run_share(args, segmenter, conditions, scans, rank, world)
+    mine = _run_share(args, segmenter, conditions, settings, scans, rank, world)
     distributed.start("gloo", timeout=COHORT_WAIT)  # gloo even beside GPUs: only small Python objects are exchanged
     try:
         everyone = distributed.gather(mine)
         if rank == 0:
-            _report(out, scans, everyone, time.time() - started)
+            _report(out, scans, everyone, time.time() - started, settings)
     except BaseException:
         distributed.finish(wait=False)
         raise
@@ -191,10 +231,39 @@ def _check_cohort(args: argparse.Namespace, scans: list) -> Path:
     if out.resolve() in {p.resolve() for p in args.input if p.is_dir()}:
         raise LCSError(f"-o {out} is the folder of the scans; write the results into another folder")
     _writable(out, overwrite=True, folder=True)
+    outputs = [("the cohort table", out / TABLE)]
+    for scan in scans:
+        named = _cohort_paths(args, scan)
+        outputs += [(f"output of scan {scan.name}", path) for key, path in named.items() if key != "probabilities"]
+    _check_apart(_input_files(args, [scan.path for scan in scans]), outputs,
+                 [out / f"{scan.name}{EXTRAS['probabilities']}" for scan in scans] if args.probabilities else [])
     return out
 
 
-def _run_share(args: argparse.Namespace, segmenter, conditions, scans: list, rank: int, world: int):
+def _cohort_paths(args: argparse.Namespace, scan) -> dict[str, Path]:
+    """A cohort scan's outputs: OUT/NAME.seg.nrrd ("seg"), its volumes CSV and the extras asked for."""
+    from .cohort import extra_paths
+
+    seg = args.output / f"{scan.name}.seg.nrrd"
+    return {"seg": seg, **{key: path for key, path in extra_paths(seg).items() if key == "volumes_csv" or getattr(args, key)}}
+
+
+def _check_done(args: argparse.Namespace, scans: list, settings: dict) -> None:
+    """Refuse, before any work, a rerun into a folder whose done scans were made with other settings (labels, model,
+    registration, threshold): skipping them would give old results, and the table would mix them. --overwrite
+    segments them again."""
+    from .record import difference, recorded
+
+    if args.overwrite:
+        return
+    for scan in scans:
+        seg = args.output / f"{scan.name}.seg.nrrd"
+        if seg.is_file() and (change := difference(recorded(seg), settings)):
+            raise LCSError(f"{seg} was segmented with {change}; segment into another folder, or pass --overwrite "
+                           f"to segment the scans of {args.output} again")
+
+
+def _run_share(args: argparse.Namespace, segmenter, conditions, settings: dict, scans: list, rank: int, world: int):
     """Segment this process's share of the scans, one line each; returns (done names, skipped names,
     [(name, path, reason)] of the failed). A KeyboardInterrupt stops the run (Cancelled)."""
     from .progress import progress_bar
@@ -211,7 +280,7 @@ def _run_share(args: argparse.Namespace, segmenter, conditions, scans: list, ran
                 bar.set_description_str(f"{name}: {message}"[:48].ljust(48))
                 bar.refresh()
             try:
-                summary = _cohort_scan(args, segmenter, conditions, scan, progress)
+                summary = _cohort_scan(args, segmenter, conditions, settings, scan, progress)
             except Exception as error:  # noqa: BLE001 - a failing scan is reported and the cohort goes on
                 failed.append((scan.name, str(scan.path), _reason(error)))
                 _say(f"{head}: failed: {failed[-1][2]}{where}")
@@ -228,32 +297,45 @@ def _run_share(args: argparse.Namespace, segmenter, conditions, scans: list, ran
     return done, skipped, failed
 
 
-def _cohort_scan(args: argparse.Namespace, segmenter, conditions, scan, progress) -> str | None:
+def _cohort_scan(args: argparse.Namespace, segmenter, conditions, settings: dict, scan, progress) -> str | None:
     """One scan of a cohort into OUT/<name>.seg.nrrd and the extras asked for: its summary with the time it took,
-    or None when a previous run did it (the .seg.nrrd is written last, so its presence means done)."""
-    from .cohort import extra_paths
+    or None when a previous run did it with these settings (the .seg.nrrd is written last, so its presence means
+    done). The scan's lock keeps a second run off its files meanwhile."""
+    from .files import claim
+    from .record import difference, recorded
     from .volume import read_volume
 
-    seg = args.output / f"{scan.name}.seg.nrrd"
-    extras = {key: path for key, path in extra_paths(seg).items() if key == "volumes_csv" or getattr(args, key)}
-    if seg.exists() and not args.overwrite:
-        if not extras["volumes_csv"].is_file():
-            raise LCSError(f"{seg} exists but {extras['volumes_csv']} does not; pass --overwrite to segment it again")
-        return None
-    began = time.time()
-    summary = _segment_scan(segmenter, conditions, read_volume(scan.path), args, seg, extras, progress)
+    extras = _cohort_paths(args, scan)
+    seg = extras.pop("seg")
+    with claim(args.output, scan.name) as mine:
+        if not mine:
+            raise LCSError(f"another run is segmenting it into {args.output} now (lock {args.output}/.{scan.name}.lock; "
+                           "delete that file if no run is)")
+        if seg.exists() and not args.overwrite:
+            if change := difference(recorded(seg), settings):  # another run finished it meanwhile
+                raise LCSError(f"{seg} was segmented meanwhile with {change}; pass --overwrite to segment it again")
+            if all(path.exists() for path in extras.values()):
+                return None
+            # done with these settings, but without an output asked for now: segment it again
+        began = time.time()
+        summary = _segment_scan(segmenter, conditions, settings, read_volume(scan.path), args, seg, extras, progress)
     return f"{summary} in {time.time() - began:.1f} s"
 
 
-def _report(out: Path, scans: list, everyone: list, seconds: float) -> None:
-    """Rank 0, once every process is done: the cohort table, a summary line and the failures of all processes."""
+def _report(out: Path, scans: list, everyone: list, seconds: float, settings: dict) -> None:
+    """Rank 0, once every process is done: the cohort table (the scans done with this run's settings only), a
+    summary line and the failures of all processes."""
     from .cohort import TABLE, write_table
+    from .record import difference, recorded
 
     done, skipped, failed = ([x for part in everyone for x in part[i]] for i in range(3))
-    rows = write_table(out, scans)
+    current = [s for s in scans if difference(recorded(out / f"{s.name}.seg.nrrd"), settings) is None]
+    rows = write_table(out, current)
+    older = sum((out / f"{s.name}.seg.nrrd").is_file() for s in scans) - len(current)
+    left_out = f"; {older} scans with results of other settings left out of it" if older else ""
     rate = f" ({60 * len(done) / seconds:.2f} scans per minute)" if done else ""
     print(f"{len(done)} of {len(scans)} scans segmented in {seconds:.1f} s{rate}, {len(skipped)} skipped (done "
-          f"before), {len(failed)} failed; wrote {out / TABLE} ({rows} rows)", flush=True)
+          f"before), {len(failed)} failed; wrote {out / TABLE} ({rows} rows{left_out})", flush=True)
     if failed:
         print(f"lcs: error: {len(failed)} of {len(scans)} scans failed:", file=sys.stderr)
         for name, path, reason in failed:

@@ -5,9 +5,14 @@ destination holds either the old file or the new one. Every file the package wri
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import re
+import socket
+import sys
+import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -17,6 +22,47 @@ from .errors import LCSError
 from .volume import nifti_cut_short
 
 PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.partial(\.[^/]*)?$")  # what atomic_path names its temporary files
+# The files an `only_new_files` block has placed so far (None outside such a block: renames replace).
+_placed: ContextVar[list[Path] | None] = ContextVar("placed", default=None)
+
+
+@contextmanager
+def only_new_files() -> Iterator[None]:
+    """Within the block, atomic_path never replaces a file: a destination that appeared after the run checked its
+    outputs (another run writing the same names) stops it with an LCSError. When the block raises, the files it
+    placed are removed again, so that the run that lost leaves the winner's files alone and none of its own."""
+    placed: list[Path] = []
+    token = _placed.set(placed)
+    try:
+        yield
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        _placed.reset(token)
+
+
+def _place(temporary: Path, path: Path) -> None:
+    """Rename a finished temporary onto `path`: replacing it, or inside only_new_files never."""
+    placed = _placed.get()
+    if placed is None:
+        os.replace(temporary, path)
+        return
+    try:
+        os.link(temporary, path)  # a hard link is created only where no file is: the atomic "rename, never replace"
+    except FileExistsError:
+        raise LCSError(f"{path} appeared while this run was writing it (another run writing the same output?); "
+                       "it was left as it is, and this run's other outputs removed; choose another name, or pass "
+                       "--overwrite") from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():  # a file system without hard links: check, then rename (a window of microseconds)
+            raise LCSError(f"{path} appeared while this run was writing it (another run writing the same output?); "
+                           "it was left as it is; choose another name, or pass --overwrite") from None
+        os.replace(temporary, path)
+    placed.append(path)
 
 
 @contextmanager
@@ -36,7 +82,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield temporary
         with open(temporary, "rb+") as written:  # on disk before the rename: a power cut leaves old or new, too
             os.fsync(written.fileno())
-        os.replace(temporary, path)
+        _place(temporary, path)
     except OSError as error:
         if error.filename in (temporary, str(temporary)):
             error.filename = str(path)  # messages name the file asked for, not its temporary
@@ -55,6 +101,21 @@ def check_writable(path: Path, folder: Path, hint: str = "") -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise LCSError(f"cannot write {path}: {probe} is not a writable folder{hint}")
+
+
+# The default file systems of macOS and Windows ignore letter case: there "A.nii" and "a.nii" are one file.
+CASE_INSENSITIVE = sys.platform in ("darwin", "win32")
+
+
+def file_identity(path: Path) -> tuple:
+    """What tells two spellings of one file apart from two files: the device and inode of an existing path (symbolic
+    and hard links, `./`, `..`, letter case on case-insensitive disks), else its resolved, normalized spelling."""
+    try:
+        status = os.stat(path)
+        return ("inode", status.st_dev, status.st_ino)
+    except OSError:
+        real = os.path.normcase(os.path.realpath(path))
+        return ("path", real.casefold() if CASE_INSENSITIVE else real)
 
 
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> None:
@@ -79,6 +140,37 @@ def write_csv(rows: Iterable[dict], path: str | Path, fieldnames: Sequence[str])
         writer = csv.DictWriter(f, fieldnames=list(fieldnames))
         writer.writeheader()
         writer.writerows(rows)
+
+
+@contextmanager
+def claim(folder: Path, name: str) -> Iterator[bool]:
+    """A lock file FOLDER/.NAME.lock held for the block, so that two runs never write one scan's outputs at once.
+    Yields False (and holds nothing) when another live run holds it; the lock of a process that died on this
+    machine is taken over."""
+    lock = folder / f".{name}.lock"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, _, pid = lock.read_text(errors="replace").strip().partition(" ")
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:  # let go of between the two calls: try again
+                continue
+            if (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))) or (not host and age > 60):
+                lock.unlink(missing_ok=True)  # its run died: take it over
+                continue
+            yield False
+            return
+        with os.fdopen(descriptor, "w") as f:
+            f.write(me)
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
 
 
 def remove_leftovers(folder: str | Path) -> list[Path]:

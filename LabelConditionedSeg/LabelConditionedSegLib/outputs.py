@@ -1,6 +1,7 @@
 """What `lcs segment` writes: Slicer's .seg.nrrd, a volumes CSV and a PNG overlay."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -10,6 +11,7 @@ import SimpleITK as sitk
 from .engine import Condition
 from .files import atomic_path, write_csv, write_image
 from .pipeline import Segmentation
+from .record import FIELD
 
 
 def layers(segmentation: Segmentation) -> tuple[np.ndarray, list[int]]:
@@ -31,15 +33,18 @@ def layers(segmentation: Segmentation) -> tuple[np.ndarray, list[int]]:
     return np.stack(stack) if stack else np.zeros((1, *shape), np.uint16), where
 
 
-def write_seg_nrrd(segmentation: Segmentation, path: str | Path) -> None:
+def write_seg_nrrd(segmentation: Segmentation, path: str | Path, settings: dict | None = None) -> None:
     """Slicer's .seg.nrrd: each label thresholded on its own, named and colored; overlapping labels go to separate
-    layers (a 4D file, as Slicer writes overlapping segments), so none hides another."""
+    layers (a 4D file, as Slicer writes overlapping segments), so none hides another. `settings` (record.run_settings)
+    go into the header field record.FIELD."""
     stack, where = layers(segmentation)
     image = sitk.GetImageFromArray(stack[0]) if len(stack) == 1 else sitk.GetImageFromArray(np.moveaxis(stack, 0, -1), isVector=True)
     image.CopyInformation(segmentation.labelmap)
     image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
     image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    if settings is not None:
+        image.SetMetaData(FIELD, json.dumps(settings))
     for i, (c, box, layer) in enumerate(zip(segmentation.conditions, segmentation.masks, where)):
         extent = "0 -1 0 -1 0 -1" if box is None else " ".join(
             f"{o} {o + n - 1}" for o, n in zip(box.offset[::-1], box.mask.shape[::-1]))
