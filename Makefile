@@ -29,6 +29,7 @@ $(MRICRON):
 # Segment a real brain that is not the atlas (nilearn's MNI152 2009 template) with the bundled model.
 demo: data env
 	$(PY) -m lcs_training.demo $(DEMO_OUT)
+	@echo "The lcs command is $(LCS); 'source $(VENV)/bin/activate' puts it on your PATH (try: lcs labels)."
 
 # The fast tier (a few minutes; tiny models kept in Testing/models) and the slow tier (training from scratch,
 # experiments at tiny scale, torchrun). CI runs both. Testing/make_test_models.py re-creates the tiny models.

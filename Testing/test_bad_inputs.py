@@ -313,6 +313,8 @@ CASES = [
     ("DICOM with a missing slice", segment(input="{dicom_gap}"), ["unevenly spaced"]),
     # label names and unions
     ("unknown label", segment("--labels", "Hippocampus_Q"), ["Hippocampus_Q", "not in the atlas"]),
+    ("misspelled label", segment("--labels", "frontal_sup_ll"), ["frontal_sup_ll", "did you mean Frontal_Sup_L"]),
+    ("$LCS_CHECKPOINT naming no file", segment(checkpoint="{out}/env.lcs"), ["does not exist", "$LCS_CHECKPOINT"]),
     ("union with an unknown label", segment("--labels", "Frontal_Sup_L+Nope"), ["Nope", "not in the atlas"]),
     ("labels naming nothing", segment("--labels", ","), ["names no label"]),
     # painted masks
@@ -325,6 +327,7 @@ CASES = [
     # checkpoints
     ("checkpoint that does not exist", segment(checkpoint="{out}/none.lcs"), ["does not exist"]),
     ("truncated checkpoint", segment(checkpoint="{ck_cut}"), ["not a valid LCS checkpoint"]),
+    ("hostile pickle, reason cut at a word", segment(checkpoint="{ck_hostile}"), ["not a valid LCS checkpoint", " ...)"]),
     ("garbage checkpoint", segment(checkpoint="{ck_garbage}"), ["not a valid LCS checkpoint"]),
     ("hostile pickle", segment(checkpoint="{ck_hostile}"), ["not a valid LCS checkpoint"]),
     ("other format version", segment(checkpoint="{ck_version}"), ["version 2"]),
@@ -396,6 +399,7 @@ def test_bad_input_gets_one_clear_line_exit_2_and_changes_nothing(bench, name, a
         names["readonly"].chmod(0o555)
     argv = [a.format(**{k: str(v) for k, v in names.items()}) if "{" in a else a for a in argv]
     monkeypatch.setenv("LCS_TEMPLATES", str(paths["no_templates"]))
+    monkeypatch.setenv("LCS_CHECKPOINT", str(root / "out" / "env.lcs"))  # only the case naming this path mentions it
     before = snapshot(root)
     code = main(argv)
     out, err = capsys.readouterr()

@@ -72,7 +72,7 @@ def test_a_folder_cohort_segments_each_scan_lists_the_failure_and_writes_one_tab
     assert errors[-2] == "lcs: error: 1 of 4 scans failed:"
     assert errors[-1].startswith(f"lcs:   broken: cannot read {scans / 'broken.nii.gz'}")
     rows = table(out / "volumes.csv")
-    assert list(rows[0]) == ["scan", "value", "name", "voxels", "volume_ml"]
+    assert list(rows[0]) == ["scan", "value", "name", "voxels", "volume_ml", "atlas_ml", "flag"]
     assert [(r["scan"], r["name"]) for r in rows] == [(s, n) for s in ("s1", "s2", "s3") for n in LABELS.split(",")]
     assert all(float(r["volume_ml"]) > 1 for r in rows)
     assert not (out / "broken.seg.nrrd").exists() and not list(out.glob(".*"))  # nothing half-written

@@ -140,6 +140,7 @@ def test_a_file_that_appears_meanwhile_is_never_replaced_and_the_loser_removes_i
     assert first.read_text() == "new"
 
 
+@pytest.mark.slow
 def test_two_runs_writing_the_same_outputs_never_mix_their_files(scans, tiny_checkpoint, tmp_path):
     """Two processes started together, asking for different labels into the same names: one wins, the other exits
     2 and leaves the winner's files whole, so the segmentation and its table come from one run."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,12 @@ BUNDLED = _bundled()
 def default_checkpoint() -> Path:
     """$LCS_CHECKPOINT, else the bundled demo model."""
     return Path(os.environ.get("LCS_CHECKPOINT", BUNDLED))
+
+
+def _first_words(text: str, width: int = 120) -> str:
+    """The first line of an error, cut at a word boundary when long ("... the `weights_only` ...")."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return textwrap.shorten(line, width, placeholder=" ...")
 
 
 @dataclass
@@ -100,11 +107,14 @@ class Checkpoint:
     def load(cls, path: str | Path) -> "Checkpoint":
         path = Path(path)
         if not path.is_file():
-            raise LCSError(f"checkpoint {path} does not exist; give the path of a .lcs file")
+            from_environment = os.environ.get("LCS_CHECKPOINT") and Path(os.environ["LCS_CHECKPOINT"]) == path
+            raise LCSError(f"checkpoint {path} does not exist; give the path of a .lcs file" + (
+                " (this path comes from $LCS_CHECKPOINT: correct it, or unset it to use the bundled model)"
+                if from_environment else ""))
         try:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as error:  # pickle refusals, zip errors, truncation: all mean "not a checkpoint"
-            reason = str(error).strip().splitlines()[0][:100] if str(error).strip() else type(error).__name__
+            reason = _first_words(str(error)) or type(error).__name__
             raise LCSError(f"{path} is not a valid LCS checkpoint and was not loaded ({reason})") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise LCSError(f"{path} is not an LCS checkpoint (no '{FORMAT}' marker)")
@@ -127,7 +137,7 @@ class Checkpoint:
         except LCSError:
             raise
         except Exception as error:
-            raise LCSError(f"{path} is a damaged LCS checkpoint ({type(error).__name__}: {str(error)[:100]})") from None
+            raise LCSError(f"{path} is a damaged LCS checkpoint ({type(error).__name__}: {_first_words(str(error))})") from None
         if any(s % config.factor for s in checkpoint.atlas_image.GetSize()):
             raise LCSError(f"{path} is a damaged LCS checkpoint (grid not a multiple of {config.factor})")
         return checkpoint

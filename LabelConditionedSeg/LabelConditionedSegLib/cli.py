@@ -99,14 +99,15 @@ def _model(args: argparse.Namespace, device: str):
     return segmenter, conditions, run_settings(args.checkpoint, conditions, args.registration, args.threshold)
 
 
-def _segment_scan(segmenter, conditions, settings: dict, image, args: argparse.Namespace, seg: Path,
-                  extras: dict[str, Path], progress) -> str:
+def _segment_scan(segmenter, conditions, settings: dict, image, image_name: str, args: argparse.Namespace,
+                  seg: Path, extras: dict[str, Path], progress) -> str:
     """Segment one image and write its outputs, the .seg.nrrd last: a cohort takes that file as the sign that the
     scan is done. Returns the summary ("segmented 5 of 6 labels (found nowhere: X)")."""
     import SimpleITK as sitk
 
     from .files import write_image
     from .outputs import write_overlay_png, write_seg_nrrd, write_volumes_csv
+    from .quality import describe
 
     prepared = segmenter.prepare(image, args.registration, lambda f, m: progress(0.3 * f, m))
     on_probability = None
@@ -123,6 +124,11 @@ def _segment_scan(segmenter, conditions, settings: dict, image, args: argparse.N
     missing = result.missing
     summary = f"segmented {len(conditions) - len(missing)} of {len(conditions)} labels" + (
         f" (found nowhere: {', '.join(missing)})" if missing else "")
+    if check := describe(result.volumes()):
+        summary += f"; CHECK FAILED: {check}"
+        print(f"lcs: warning: {image_name}: {check}; the registration may have failed, or the scan is not the "
+              "anatomy or contrast this model knows: look at it with --overlay, try another --registration, and do "
+              "not use these volumes unchecked", file=sys.stderr, flush=True)
     seg.parent.mkdir(parents=True, exist_ok=True)
     if "labelmap" in extras:
         pixel = sitk.sitkInt32 if max(c.value for c in conditions) > 32767 else sitk.sitkInt16
@@ -169,7 +175,8 @@ def _segment_single(args: argparse.Namespace) -> int:
     image = read_volume(args.input[0], series=args.series)
     progress, bar = _console_progress()
     with nullcontext() if args.overwrite else only_new_files():  # another run writing these names meanwhile: lose
-        summary = _segment_scan(segmenter, conditions, settings, image, args, args.output, extras, progress)
+        summary = _segment_scan(segmenter, conditions, settings, image, args.input[0].name, args, args.output, extras,
+                                progress)
     progress(1.0, "done")
     bar.close()
     written = [str(path) for key, path in extras.items() if key != "probabilities"]
@@ -318,7 +325,8 @@ def _cohort_scan(args: argparse.Namespace, segmenter, conditions, settings: dict
                 return None
             # done with these settings, but without an output asked for now: segment it again
         began = time.time()
-        summary = _segment_scan(segmenter, conditions, settings, read_volume(scan.path), args, seg, extras, progress)
+        summary = _segment_scan(segmenter, conditions, settings, read_volume(scan.path), scan.name, args, seg, extras,
+                                progress)
     return f"{summary} in {time.time() - began:.1f} s"
 
 
@@ -367,11 +375,33 @@ def labels(args: argparse.Namespace) -> None:
         print(f"{label.value}\t{label.name}")
 
 
+def atlas(args: argparse.Namespace) -> None:
+    from .checkpoint import Checkpoint
+    from .outputs import ATLAS_FILES, write_atlas
+
+    for name in ATLAS_FILES.values():
+        _writable(args.output / name, args.overwrite)
+    written = write_atlas(Checkpoint.load(args.checkpoint), args.output)
+    print("wrote " + ", ".join(str(path) for path in written))
+    print(f"paint a region on {written[0]} (in Slicer: load it with {written[1].name}, add a segment in Segment Editor, "
+          "paint, export it as a label map file), then: lcs segment SCAN -o OUT.seg.nrrd --condition REGION.nii.gz "
+          "--name NAME")
+
+
+def demo(args: argparse.Namespace) -> int:
+    try:
+        import nilearn  # noqa: F401 - the MNI152 template the demo segments
+    except ImportError:
+        raise LCSError("the demo segments nilearn's MNI152 template: pip install nilearn, then run lcs demo again") from None
+    return _training("demo").main(args.output)
+
+
 def _training(module: str):
     try:
         return __import__(f"lcs_training.{module}", fromlist=[module])
     except ImportError as error:
-        raise LCSError(f"this command needs the training extras ({error.name} is missing): pip install 'label-conditioned-seg[train]'") from None
+        raise LCSError(f"this command needs the training extras ({error.name} is missing): pip install monai scipy "
+                       "(or, in a clone of the project, pip install '.[train]')") from None
 
 
 TRAINING_COMMANDS = {
@@ -464,6 +494,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("labels", help="list the atlas labels of a checkpoint")
     p.add_argument("--checkpoint", type=Path, default=default_checkpoint(), help="model (.lcs); default: the bundled demo")
     p.set_defaults(run=labels, parser=p)
+
+    p = sub.add_parser("atlas", help="write a model's atlas (image, labels, mask) to paint new regions on", description=(
+        "Write the model's atlas into the folder -o: atlas.nii.gz (the image the model is conditioned on), "
+        "atlas_labels.seg.nrrd (its labels as named, coloured Slicer segments), atlas_labels.nii.gz (the label map), "
+        "atlas_mask.nii.gz and labels.csv. A region painted on atlas.nii.gz and saved as a mask is a --condition "
+        "for lcs segment."))
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder to write the atlas files into")
+    p.add_argument("--checkpoint", type=Path, default=default_checkpoint(), help="model (.lcs); default: the bundled demo")
+    p.add_argument("--overwrite", action="store_true", help="replace atlas files already in the folder")
+    p.set_defaults(run=atlas, parser=p)
+
+    p = sub.add_parser("demo", help="segment a real brain (nilearn's MNI152 template) with the bundled model",
+                       description="Write nilearn's MNI152 2009 template into the folder and segment every atlas label "
+                                   "on it with the bundled model: a segmentation, a label map, volumes and an overlay "
+                                   "PNG (needs nilearn: pip install nilearn).")
+    p.add_argument("output", type=Path, nargs="?", default=Path("demo-output"), help="folder for the demo's files")
+    p.set_defaults(run=demo, parser=p)
 
     for name, (summary, description) in TRAINING_COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=description, formatter_class=_ShowDefaults)

@@ -20,7 +20,7 @@ LIST_COLUMN = "path"  # the column of a cohort .csv holding the scans; an option
 EXTRAS = {"labelmap": "_labels.nii.gz", "volumes_csv": "_volumes.csv", "overlay": "_overlay.png",
           "probabilities": "_probabilities"}
 TABLE = "volumes.csv"
-TABLE_FIELDS = ["scan", "value", "name", "voxels", "volume_ml"]
+TABLE_FIELDS = ["scan", "value", "name", "voxels", "volume_ml", "atlas_ml", "flag"]
 
 
 @dataclass(frozen=True)

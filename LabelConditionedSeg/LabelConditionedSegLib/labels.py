@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import difflib
 import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,7 +128,9 @@ class LabelTable:
             return self._by_name[key.lower()]
         if key.lstrip("-").isdigit() and int(key) in self._by_value:
             return self._by_value[int(key)]
-        raise LCSError(f"label {key!r} is not in the atlas; run 'lcs labels' to list the {len(self)} labels")
+        close = difflib.get_close_matches(key.lower(), list(self._by_name), n=3, cutoff=0.75)
+        guess = f"did you mean {' or '.join(self._by_name[name].name for name in close)}? " if close else ""
+        raise LCSError(f"label {key!r} is not in the atlas; {guess}run 'lcs labels' to list the {len(self)} labels")
 
     def resolve_union(self, item: str | int) -> list[Label]:
         """The labels of one item: a name or value, or several joined by '+' (their union)."""

@@ -8,7 +8,9 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .checkpoint import Checkpoint
 from .engine import Condition
+from .geometry import Box
 from .files import atomic_path, write_csv, write_image
 from .pipeline import Segmentation
 from .record import FIELD
@@ -56,9 +58,33 @@ def write_seg_nrrd(segmentation: Segmentation, path: str | Path, settings: dict 
     write_image(image, path)
 
 
+ATLAS_FILES = {"image": "atlas.nii.gz", "segments": "atlas_labels.seg.nrrd", "labelmap": "atlas_labels.nii.gz",
+               "mask": "atlas_mask.nii.gz", "table": "labels.csv"}
+
+
+def write_atlas(checkpoint: Checkpoint, folder: Path) -> list[Path]:
+    """A model's atlas, to paint new regions on: its image (normalized, on the model grid), its labels as Slicer
+    segments (named, coloured) and as a label map, its brain mask and its label table. A mask painted on this image
+    and saved on any grid is a `--condition` for lcs segment."""
+    paths = {key: folder / name for key, name in ATLAS_FILES.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = checkpoint.atlas_labels
+    write_image(checkpoint.atlas_image, paths["image"])
+    write_image(sitk.Cast(labels, sitk.sitkInt32 if max(checkpoint.label_table.values) > 32767 else sitk.sitkInt16),
+                paths["labelmap"])
+    write_image(sitk.Cast(checkpoint.atlas_mask, sitk.sitkUInt8), paths["mask"])
+    checkpoint.label_table.write_csv(paths["table"])
+    array = sitk.GetArrayViewFromImage(labels)
+    conditions = [Condition.of(label.name, label.value, array == label.value, label.color) for label in checkpoint.label_table]
+    boxes = [Box.of(c.mask, c.offset) if c.mask.size else None for c in conditions]
+    write_seg_nrrd(Segmentation(conditions, labels, boxes, lambda box: box, [0.0] * len(conditions)), paths["segments"])
+    return list(paths.values())
+
+
 def write_volumes_csv(segmentation: Segmentation, path: str | Path) -> None:
-    """Voxels and mL of each requested label's own mask (the same whatever else was asked)."""
-    write_csv(segmentation.volumes(), path, ["value", "name", "voxels", "volume_ml"])
+    """Voxels and mL of each requested label's own mask (the same whatever else was asked), the atlas region's mL as
+    registration scales it, and a flag where the two are implausibly far apart."""
+    write_csv(segmentation.volumes(), path, ["value", "name", "voxels", "volume_ml", "atlas_ml", "flag"])
 
 
 OVERLAY_VIEWS = (("axial", 0, "R", "L"), ("coronal", 1, "R", "L"), ("sagittal", 2, "A", "P"))  # name, axis, edge letters

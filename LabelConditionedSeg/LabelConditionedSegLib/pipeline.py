@@ -18,6 +18,7 @@ from .deformable import Prior, deformable_prior
 from .engine import Condition, Encoded, Engine, Progress
 from .errors import LCSError
 from .labels import Label, distinct_colors
+from .quality import LOW_VALIDATION_DICE, flag, volume_scale
 from .geometry import Box, box_to_input, labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid
 from .volume import check_extent, check_volume
 
@@ -48,6 +49,7 @@ class Segmentation:
     labelmap: sitk.Image
     model_masks: list[Box | None]  # on the model grid
     to_input: Callable[[Box], Box | None]
+    expected_ml: list[float]  # each condition's atlas region, in mL as registration scales it onto the scan
 
     @cached_property
     def masks(self) -> list[Box | None]:
@@ -55,11 +57,13 @@ class Segmentation:
         return [None if box is None else self.to_input(box) for box in self.model_masks]
 
     def volumes(self) -> list[dict]:
-        """Voxel count and volume (mL) of each requested label's own mask, the empty ones included."""
+        """Voxel count and volume (mL) of each requested label's own mask, the empty ones included, beside its atlas
+        region's (scaled by the registration) and a flag where the two are implausibly far apart (quality.flag)."""
         voxel_ml = float(np.prod(self.labelmap.GetSpacing())) / 1000.0
         counts = [0 if box is None else box.voxels() for box in self.masks]
-        return [{"value": c.value, "name": c.name, "voxels": n, "volume_ml": round(n * voxel_ml, 4)}
-                for c, n in zip(self.conditions, counts)]
+        return [{"value": c.value, "name": c.name, "voxels": n, "volume_ml": round(n * voxel_ml, 4),
+                 "atlas_ml": round(expected, 4), "flag": flag(n * voxel_ml, expected)}
+                for c, n, expected in zip(self.conditions, counts, self.expected_ml)]
 
     @property
     def missing(self) -> list[str]:
@@ -96,6 +100,10 @@ class Segmenter:
                            "lcs evaluate), not an LCS model; segment with an LCS checkpoint")
         self.checkpoint = checkpoint
         self.messages = messages or (lambda text: None)
+        dice = checkpoint.provenance.get("validation_dice")
+        if dice is not None and dice < LOW_VALIDATION_DICE:
+            self.messages(f"{checkpoint.provenance.get('name', 'this model')} reached validation Dice {dice:.2f} only: "
+                          "it is barely trained and its results are unreliable; train it longer")
         self.atlas_labels = sitk.GetArrayFromImage(checkpoint.atlas_labels)
         self.engine = Engine(checkpoint.build_model(), sitk.GetArrayFromImage(checkpoint.atlas_image), device,
                              memory_budget_mb=memory_budget_mb, messages=messages)
@@ -169,8 +177,10 @@ class Segmenter:
         grid = self.checkpoint.atlas_image
         image = sitk.GetImageFromArray(decoded.labels)
         image.CopyInformation(grid)
+        atlas_ml = float(np.prod(grid.GetSpacing())) / 1000.0 * volume_scale(prepared.transform, grid)
         return Segmentation(list(conditions), labels_to_input(image, prepared.reference, prepared.transform),
-                            decoded.masks, lambda box: box_to_input(box, grid, prepared.reference, prepared.transform))
+                            decoded.masks, lambda box: box_to_input(box, grid, prepared.reference, prepared.transform),
+                            [float(c.mask.sum()) * atlas_ml for c in conditions])
 
     def propose(self, prepared: Prepared, conditions: Sequence[Condition], passes: int = 8,
                 progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> list[Proposal]:

@@ -1,0 +1,101 @@
+"""The plausibility check: a result whose label volumes are far from the atlas's is flagged where the user looks
+(stderr, the summary line, the volumes CSV, a cohort's table), and a barely trained model says so when loaded; a
+good result on a real head stays silent."""
+from __future__ import annotations
+
+import csv
+import io
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from LabelConditionedSegLib.checkpoint import Checkpoint
+from LabelConditionedSegLib.cli import main
+from LabelConditionedSegLib.model import LCSNet
+from LabelConditionedSegLib.quality import PLAUSIBLE, alignment, flag, volume_scale
+
+from conftest import heldout_subject
+
+
+def lcs(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny, tmp_path_factory) -> Path:
+    """The tiny model's atlas and settings with freshly initialized weights: what a run stopped after a few steps
+    leaves (its validation Dice 0.02)."""
+    torch.manual_seed(0)
+    model = Checkpoint(tiny.config, LCSNet(tiny.config).state_dict(), tiny.atlas_image, tiny.atlas_labels,
+                       tiny.atlas_mask, tiny.label_table, tiny.normalization,
+                       {**tiny.provenance, "name": "barely trained", "validation_dice": 0.02})
+    path = tmp_path_factory.mktemp("untrained") / "untrained.lcs"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scans(colin27, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("scans")
+    sitk.WriteImage(heldout_subject(colin27, seed=71)[0], str(folder / "head.nrrd"))
+    return folder
+
+
+def test_a_barely_trained_model_says_so_and_its_implausible_volumes_are_flagged(untrained, scans, tmp_path):
+    code, out, err = lcs("segment", scans / "head.nrrd", "-o", tmp_path / "x.seg.nrrd", "--checkpoint", untrained,
+                         "--volumes-csv", tmp_path / "x.csv", "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert "barely trained reached validation Dice 0.02 only" in err
+    assert "CHECK FAILED: 6 label volumes implausible" in out
+    assert "lcs: warning: head.nrrd: 6 label volumes implausible" in err and "--overlay" in err
+    table = rows(tmp_path / "x.csv")
+    assert all(r["flag"].startswith("implausible volume:") for r in table)
+    assert all(float(r["volume_ml"]) > PLAUSIBLE[1] * float(r["atlas_ml"]) for r in table)
+
+
+def test_a_trained_model_on_a_head_is_silent_and_a_cohort_table_carries_the_flag(tiny_checkpoint, untrained, scans,
+                                                                                 tmp_path):
+    code, out, err = lcs("segment", scans / "head.nrrd", "-o", tmp_path / "good.seg.nrrd", "--checkpoint",
+                         tiny_checkpoint, "--volumes-csv", tmp_path / "good.csv", "--device", "cpu", "--quiet")
+    assert code == 0 and "CHECK" not in out and "warning" not in err, (out, err)
+    table = rows(tmp_path / "good.csv")
+    assert [r["flag"] for r in table] == [""] * 6
+    ratios = [float(r["volume_ml"]) / float(r["atlas_ml"]) for r in table]
+    assert all(0.5 < ratio < 2 for ratio in ratios), ratios
+    code, out, err = lcs("segment", scans, "-o", tmp_path / "cohort", "--checkpoint", untrained, "--device", "cpu",
+                         "--quiet")
+    assert code == 0 and "CHECK FAILED" in out, (out, err)
+    assert all(r["flag"] for r in rows(tmp_path / "cohort" / "volumes.csv"))
+
+
+def test_volume_scale_is_the_registration_s_change_of_volume(tiny):
+    grid = tiny.atlas_image
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix([1.2, 0.1, 0, 0, 0.9, 0, 0, 0.2, 1.5])
+    affine.SetCenter(grid.TransformContinuousIndexToPhysicalPoint([10, 10, 10]))
+    affine.SetTranslation([4, -3, 7])
+    assert volume_scale(affine, grid) == pytest.approx(1.2 * 0.9 * 1.5, rel=1e-6)
+    assert volume_scale(sitk.Transform(), grid) == pytest.approx(1.0)
+    assert flag(10, 10) == "" and flag(0, 10) == "" and flag(10 * PLAUSIBLE[1] * 1.01, 10).startswith("implausible")
+
+
+def test_alignment_is_high_for_the_atlas_itself_whatever_its_contrast_and_low_for_noise(tiny):
+    atlas = sitk.GetArrayFromImage(tiny.atlas_image)
+    brain = sitk.GetArrayFromImage(tiny.atlas_mask) > 0
+    itself = alignment(atlas, atlas, brain)
+    inverted = alignment(1 - atlas, atlas, brain)  # the same anatomy in another contrast
+    noise = alignment(np.random.default_rng(0).random(atlas.shape).astype(np.float32), atlas, brain)
+    assert itself == pytest.approx(inverted, abs=0.03) and inverted > 1.9  # bins split a little differently
+    assert noise < 1.05
