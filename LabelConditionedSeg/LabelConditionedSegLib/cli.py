@@ -366,6 +366,9 @@ def labels(args: argparse.Namespace) -> None:
     from .checkpoint import Checkpoint
     checkpoint = Checkpoint.load(args.checkpoint)
     print(f"# {checkpoint.description}")
+    print("# (validation Dice: the mean Dice of every label on the synthetic validation subjects training scored, as "
+          "the generator left them, unregistered; it ranks checkpoints of one run. How a model does on new scans, "
+          "registered as lcs segment does: lcs evaluate, and docs/results.md)")
     print(f"# file: {args.checkpoint}")
     for key, value in checkpoint.provenance.items():
         if key != "validation_dice_per_label":  # one line per label would drown the table
