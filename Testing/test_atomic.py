@@ -22,7 +22,7 @@ from LabelConditionedSegLib.errors import Cancelled
 from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.files import PARTIAL, atomic_path, remove_leftovers
 from LabelConditionedSegLib.model import ModelConfig
-from lcs_training.train import TrainSettings, train
+from lcs_training.train import TrainSettings, _holding_ctrl_c, train
 
 from conftest import TINY_LABELS
 
@@ -431,6 +431,20 @@ def test_ctrl_c_during_an_update_saves_that_step_whole_and_resume_continues(coli
     assert Checkpoint.load(out / "best.lcs").provenance["iterations"] == 2
     _resume(colin27, out, 4)
     assert _complete(out) == 4 and [int(r["step"]) for r in _history(out)] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_waits_for_the_end_of_an_update_and_never_cuts_the_save_it_makes(ctrl_c_interrupts):
+    """Held back during an update, then delivered; during Ctrl-C's own save (where torchrun passes the Ctrl-C on to
+    its processes a second time) dropped, so that the save ends."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _holding_ctrl_c():
+            signal.raise_signal(signal.SIGINT)
+            done.append("update")
+    with _holding_ctrl_c(deliver=False):
+        signal.raise_signal(signal.SIGINT)
+        done.append("save")
+    assert done == ["update", "save"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.slow

@@ -605,7 +605,7 @@ def train(s: TrainSettings) -> Path:
                                                          scale=s.lambda_unlabelled, self_training=s.self_training)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            with _whole_step():
+            with _holding_ctrl_c():
                 scaler.step(optimizer)
                 scaler.update()
                 if discriminator is not None:  # the discriminator learns from the labelled crops only
@@ -628,10 +628,8 @@ def train(s: TrainSettings) -> Path:
     except KeyboardInterrupt:  # Ctrl-C: save the last completed step (without validating it), so --resume loses nothing
         bar.close()
         if rank == 0 and step > begun and saved != step:
-            try:
+            with _holding_ctrl_c(deliver=False):  # a few seconds: no validation
                 write_run(*validated[1:]) if validated[0] == step else write_run({}, {}, None)
-            except KeyboardInterrupt:  # pressed again: every file is whole (atomic), state.pt holds step `saved`
-                raise _cancelled(s.out, step, saved, again=True) from None
         raise _cancelled(s.out, step, saved if rank == 0 else step) from None
     bar.close()
     if rank == 0:
@@ -647,9 +645,10 @@ def train(s: TrainSettings) -> Path:
 
 
 @contextlib.contextmanager
-def _whole_step():
-    """Holds back Ctrl-C (SIGINT) until the block ends, then delivers it: a training step's update (the optimizers, the
-    step count, its history row) is applied whole or not at all, so what Ctrl-C saves is a completed step."""
+def _holding_ctrl_c(deliver: bool = True):
+    """Holds back Ctrl-C (SIGINT) until the block ends, then delivers it (or, `deliver` False, drops it). Around a
+    training step's update (the optimizers, the step count, its history row), so that it is applied whole or not at
+    all; around the save Ctrl-C makes, so that it ends (torchrun passes the Ctrl-C on to its processes a second time)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield  # only the main thread handles signals; None: a handler set outside Python, left alone
         return
@@ -659,16 +658,16 @@ def _whole_step():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if caught:
+        if caught and deliver:
             signal.raise_signal(signal.SIGINT)  # as the previous handler would have had it (KeyboardInterrupt, or ignored)
 
 
-def _cancelled(out: Path, step: int, kept: int | None, again: bool = False) -> Cancelled:
+def _cancelled(out: Path, step: int, kept: int | None) -> Cancelled:
     """Ctrl-C's one line: the step the run stopped at and the one `--resume` continues from (`kept`, None: no run)."""
-    stopped = f"cancelled by the user {'again while saving' if again else 'at'} step {step}"
     if kept is None:
-        return Cancelled(f"{stopped}; nothing was saved in {out}")
-    return Cancelled(f"{stopped}; {out} holds step {kept}: `lcs train -o {out} --resume` continues from step {kept}")
+        return Cancelled(f"cancelled by the user at step {step}; nothing was saved in {out}")
+    return Cancelled(f"cancelled by the user at step {step}; {out} holds step {kept}: `lcs train -o {out} --resume` "
+                     f"continues from step {kept}")
 
 
 HISTORY = ("step", "seconds", "loss", "val_dice", "val_affine", "val_deformable")  # val_dice: the mean of the priors
