@@ -5,19 +5,24 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from LabelConditionedSegLib.checkpoint import Checkpoint
+from LabelConditionedSegLib.errors import Cancelled
+from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.files import PARTIAL, atomic_path, remove_leftovers
 from LabelConditionedSegLib.model import ModelConfig
-from lcs_training.train import TrainSettings, train
+from lcs_training.train import TrainSettings, _holding_ctrl_c, train
 
 from conftest import TINY_LABELS
 
@@ -382,3 +387,102 @@ def test_a_training_run_killed_while_saving_resumes_cleanly(colin27, tmp_path):
     state = torch.load(out / "state.pt", weights_only=True)
     assert Checkpoint.load(out / "best.lcs").provenance["validation_dice"] == pytest.approx(state["best"])
     assert _partials(out) == [] and (out / "history.png").is_file()
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------------------------------
+CTRL_C_RUN = ["--spacing", "8", "--depth", "2", "--base-channels", "4", "--labels", "Frontal_Sup_L,Frontal_Sup_R",
+              "--validate-every", "3", "--validation-subjects", "1", "--device", "cpu"]  # and a data worker, by default
+AS_IN_A_TERMINAL = ("import signal, sys\n"
+                    "from LabelConditionedSegLib import cli, progress\n"
+                    "signal.signal(signal.SIGINT, signal.default_int_handler)  # even when the tests run in the background\n"
+                    "progress.EVERY_SECONDS = 0  # a log line per step: how far the run got\n"
+                    "sys.exit(cli.main(sys.argv[1:]))\n")
+
+
+@pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, even where the tests run in the background (SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_an_update_saves_that_step_whole_and_resume_continues(colin27, tmp_path, ctrl_c_interrupts):
+    """A real SIGINT while the optimizer applies step 3 (from a step hook, after the weights changed and before the
+    step is counted): the step is completed, saved (last.lcs without validation, state.pt with the optimizer's own
+    step count, the history) and the run raises Cancelled naming it; --resume continues at step 4."""
+    out, updates = tmp_path / "run", []
+
+    def ctrl_c_at_update_3(optimizer, args, kwargs):
+        updates.append(1)
+        if len(updates) == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    hook = register_optimizer_step_post_hook(ctrl_c_at_update_3)
+    try:
+        with pytest.raises(Cancelled, match=r"at step 3; .* holds step 3: `lcs train -o .* --resume` continues from step 3"):
+            train(_tiny(colin27, out, steps=100))
+    finally:
+        hook.remove()
+    assert len(updates) == 3 and _complete(out) == 3
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert {int(v["step"]) for v in state["optimizer"]["state"].values()} == {3}  # the weights are those of step 3
+    assert Checkpoint.load(out / "last.lcs").provenance["validation_dice"] is None  # saved at once, not validated
+    assert Checkpoint.load(out / "best.lcs").provenance["iterations"] == 2
+    _resume(colin27, out, 4)
+    assert _complete(out) == 4 and [int(r["step"]) for r in _history(out)] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_waits_for_the_end_of_an_update_and_never_cuts_the_save_it_makes(ctrl_c_interrupts):
+    """Held back during an update, then delivered; during Ctrl-C's own save (where torchrun passes the Ctrl-C on to
+    its processes a second time) dropped, so that the save ends."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _holding_ctrl_c():
+            signal.raise_signal(signal.SIGINT)
+            done.append("update")
+    with _holding_ctrl_c(deliver=False):
+        signal.raise_signal(signal.SIGINT)
+        done.append("save")
+    assert done == ["update", "save"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups (POSIX)")
+def test_ctrl_c_saves_the_last_completed_step_and_resume_continues_from_it(colin27, tmp_path):
+    """Ctrl-C (SIGINT to the process group: the data worker gets it too) two steps past a validation: `lcs train`
+    writes state.pt, last.lcs and the history of its last completed step, exits 130 saying that --resume continues from
+    that step, and `--resume` does so without a gap."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-c", AS_IN_A_TERMINAL, "train", str(colin27), "--atlas", "colin27",
+                                "-o", str(out), "--steps", "10000", *CTRL_C_RUN], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    watchdog = threading.Timer(240, process.kill)
+    watchdog.start()
+    try:
+        seen, log = 0, []
+        for line in process.stderr:
+            log.append(line)
+            if line.startswith("training: "):
+                seen = int(line.split()[1].split("/")[0])
+            if seen >= 5:  # the state.pt of step 3 is written, and two more steps are done
+                os.killpg(process.pid, signal.SIGINT)
+                break
+        log.append(process.stderr.read())
+        code = process.wait(timeout=120)
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.stderr.close()
+    said = "".join(log).strip().splitlines()[-1]
+    assert code == 130 and seen >= 5, "".join(log)[-2000:]
+    match = re.fullmatch(r"lcs: cancelled by the user at step (\d+); .*--resume` continues from step \1", said)
+    assert match, said
+    step = int(match.group(1))
+    assert step >= seen and _complete(out) == step
+    assert [int(r["step"]) for r in _history(out)] == list(range(1, step + 1))
+    assert Checkpoint.load(out / "last.lcs").provenance["iterations"] == step
+    assert _partials(out) == []
+    assert main(["train", "-o", str(out), "--resume", "--steps", str(step + 2), "--device", "cpu", "--workers", "0"]) == 0
+    assert _complete(out) == step + 2 and [int(r["step"]) for r in _history(out)] == list(range(1, step + 3))

@@ -31,19 +31,27 @@ def test_wrapping_an_iterable_and_stopping_early_say_where_it_ended():
     assert log.getvalue().splitlines() == [log.getvalue().splitlines()[0]] and "37/1000 (4 %)" in log.getvalue()
 
 
-def test_a_long_run_far_from_its_next_tenth_still_logs_now_and_then(monkeypatch):
-    """`lcs train --steps 100000 --minutes 60` never reaches a tenth: it logs at least every EVERY_SECONDS."""
-    import time
+def test_a_long_run_far_from_its_next_tenth_logs_about_every_minute():
+    """`lcs train --steps 100000 --minutes 60` never reaches a tenth: in a pipe it still logs a line at least every
+    EVERY_SECONDS, about a minute (a real progress_bar in a process whose stderr is a pipe, the interval set to 0.2 s)."""
     from LabelConditionedSegLib import progress
-    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.2)
-    log = io.StringIO()
-    bar = progress_bar(total=100000, desc="training", file=log)
-    bar.update()
-    assert log.getvalue() == ""
-    time.sleep(0.25)
-    bar.update()
-    bar.update()
-    assert log.getvalue().splitlines()[0].startswith("training: 2/100000 (0 %)") and len(log.getvalue().splitlines()) == 1
+    assert 30 <= progress.EVERY_SECONDS <= 60
+    code = ("import time\n"
+            "from LabelConditionedSegLib import progress\n"
+            "progress.EVERY_SECONDS = 0.2\n"
+            "bar = progress.progress_bar(total=100000, desc='training')\n"
+            "end = time.time() + 1.1\n"
+            "while time.time() < end:\n"
+            "    time.sleep(0.01)\n"
+            "    bar.update()\n"
+            "bar.close()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0 and "\r" not in result.stderr, result.stderr
+    assert 5 <= len(lines) <= 7, lines  # one by time at 0.2, 0.4, ... 1.0 s (+ one late on a loaded machine), one at the end
+    assert all(line.startswith("training: ") and "/100000 (0 %)" in line for line in lines), lines
+    steps = [int(line.split(" ")[1].split("/")[0]) for line in lines]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), lines
 
 
 def test_quiet_prints_nothing():

@@ -1,5 +1,5 @@
 """Progress for people and for logs: a live bar on a terminal; in a log file or a pipe, one plain line per tenth of
-the work, and at least one every ten minutes (a training run bounded by --minutes may never reach a tenth of its
+the work, and at least one about every minute (a training run bounded by --minutes may never reach a tenth of its
 steps), since a live bar there becomes one enormous line of carriage returns; nothing with --quiet."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Iterable, TextIO
 from tqdm import tqdm
 
 QUIET = {"on": False}  # set once per command by `lcs ... --quiet`
-EVERY_SECONDS = 600  # a log line at least this often
+EVERY_SECONDS = 60  # a log line at least this often (at the first update after it)
 
 
 def set_quiet(quiet: bool) -> None:
@@ -29,7 +29,8 @@ def progress_bar(iterable: Iterable | None = None, total: int | None = None, des
 
 
 class LineProgress:
-    """One line each time another tenth of the work is done, and one at the end: readable in a log."""
+    """One line each time another tenth of the work is done or EVERY_SECONDS passed, and one at the end: readable in a
+    log."""
 
     def __init__(self, iterable: Iterable | None, total: int | None, desc: str, initial: int, file: TextIO):
         self.iterable, self.desc, self.n, self.file = iterable, desc, initial, file

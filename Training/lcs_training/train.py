@@ -16,10 +16,13 @@ An output folder holds one run: a new run refuses a folder that holds one (unles
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -34,7 +37,7 @@ from LabelConditionedSegLib import distributed
 from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.deformable import deformable_prior
 from LabelConditionedSegLib.engine import MARGIN, Condition, Engine, decode_box, resolve_device
-from LabelConditionedSegLib.errors import LCSError
+from LabelConditionedSegLib.errors import Cancelled, LCSError
 from LabelConditionedSegLib.files import atomic_path, check_writable, remove_leftovers, write_csv
 from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
@@ -426,7 +429,8 @@ def train(s: TrainSettings) -> Path:
 
     Refuses an output folder that holds a run unless `resume` (continue it, with its saved settings: `resumed`) or
     `overwrite` (replace it). Nothing is written before the first validation: a failed start leaves no folder behind,
-    and the run it would replace intact."""
+    and the run it would replace intact. Ctrl-C saves the last completed step (last.lcs unvalidated, state.pt, the
+    history) and raises Cancelled saying where --resume continues."""
     if s.resume:
         s = resumed(s)
     _check_recipe(s)
@@ -507,7 +511,7 @@ def train(s: TrainSettings) -> Path:
     elapsed = float(history[-1]["seconds"] or 0) if history else 0.0  # training seconds before this process (0: not kept)
     paused = 0.0  # seconds spent validating and saving, left out of the history's training seconds
 
-    def save(path: Path, dice: dict[int, float], by_prior: dict[str, float], score: float) -> None:
+    def save(path: Path, dice: dict[int, float], by_prior: dict[str, float], score: float | None) -> None:
         provenance = {
             "name": s.name, "dataset": str(s.data), "atlas_case": s.atlas, "cases": [c.name for c in cases],
             "labels_trained": len(table), "iterations": step, "batch_size": s.batch_size * world, "lr": s.lr,
@@ -529,86 +533,104 @@ def train(s: TrainSettings) -> Path:
         Checkpoint(config, {k: v.cpu() for k, v in model.state_dict().items()}, image, atlas.labels, atlas.mask,
                    table, provenance=provenance).save(path)
 
-    last_dice: dict[int, float] = {}
     last_score = None
+    validated: tuple = (None, {}, {}, None)  # (step, Dice per label, Dice per prior, mean) of the last validation
+    saved = step if s.resume else None  # the step of the state.pt in s.out
     written = 0  # history rows in history.csv
     first = True  # first checkpoint: make the folder, remove an overwritten run's files and leftover temporary files
 
     def checkpoint_now() -> None:
-        """Validate, write last.lcs (and best.lcs when better), the resume state and the history so far; rank 0 only.
-
-        Each file is replaced atomically (files.atomic_path): the checkpoints, then state.pt with the history, then
-        history.csv. A run killed at any instant resumes from the previous state.pt or this one, with its history."""
-        nonlocal best, last_dice, last_score, written, first, paused
+        """Validate, then write the run (`write_run`); rank 0 only."""
+        nonlocal last_score, validated, paused
         began = time.time()
-        last_dice = validate(model, atlas_image, atlas_labels, table, subjects, device)
-        by_prior = {"affine": float(np.mean(list(last_dice.values())))}
+        dice = validate(model, atlas_image, atlas_labels, table, subjects, device)
+        by_prior = {"affine": float(np.mean(list(dice.values())))}
         if warped:
             by_prior["deformable"] = float(np.mean(list(validate(model, atlas_image, atlas_labels, table, subjects, device,
                                                                  warped).values())))
         mean = last_score = float(np.mean(list(by_prior.values())))  # the checkpoint is chosen on every prior trained
         if history:
             history[-1].update(val_dice=mean, **{f"val_{k}": v for k, v in by_prior.items()})
+        validated = (step, dice, by_prior, mean)
+        write_run(dice, by_prior, mean)
+        paused += time.time() - began
+
+    def write_run(dice: dict[int, float], by_prior: dict[str, float], score: float | None) -> None:
+        """Write last.lcs (and best.lcs when `score` beats it; None: not validated), the resume state and the history
+        so far.
+
+        Each file is replaced atomically (files.atomic_path): the checkpoints, then state.pt with the history, then
+        history.csv. A run killed at any instant resumes from the previous state.pt or this one, with its history."""
+        nonlocal best, written, first, saved
         if first:
             s.out.mkdir(parents=True, exist_ok=True)
             for name in (*RUN_FILES, "history.png") if s.overwrite else ():
                 (s.out / name).unlink(missing_ok=True)
             remove_leftovers(s.out)
             first = False
-        save(s.out / "last.lcs", last_dice, by_prior, mean)
-        if mean > best:
-            best = mean
-            save(s.out / "best.lcs", last_dice, by_prior, mean)
+        save(s.out / "last.lcs", dice, by_prior, score)
+        if score is not None and score > best:
+            save(s.out / "best.lcs", dice, by_prior, score)
+            best = score  # after best.lcs: a save cut short leaves `best` what best.lcs holds
         with atomic_path(state_path) as temporary:  # the history rides along: a kill before history.csv loses none
             adversary = {"discriminator": discriminator.state_dict(),
                          "discriminator_optimizer": discriminator_optimizer.state_dict()} if discriminator else {}
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
                         "settings": _settings_json(s), "history": _history_tensor(history), **adversary}, temporary)
+        saved = step
         _write_history(s.out, history)  # after the state: history.csv never runs ahead of it
         written = len(history)
-        paused += time.time() - began
 
     start_time = time.time()
     bar = progress_bar(total=s.steps, initial=step, desc="training", disable=rank != 0)
     net.train()
-    while step < s.steps and (s.minutes is None or time.time() - start_time < s.minutes * 60):
-        batch = next(loader)
-        if unlabelled_loader is not None and step >= s.unlabelled_after:
-            batch = _joined(batch, next(unlabelled_loader))
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            if s.baseline:
-                image, target, weight = (t.to(device, non_blocking=True) for t in batch)
-                loss = masked_dice_loss(net(image).float(), target, weight)
-            else:
-                images = batch[0].to(device)
-                loss, logits = net(images, batch[1].to(device), batch[2], bce_share(s, step))
-                if discriminator is not None:
-                    judged = _judged(images, batch[2], logits, device)
-                    loss = loss + generator_loss(discriminator.discriminator, *judged.labelled, scale=s.lambda_adv)
-                    if judged.unlabelled:
-                        loss = loss + generator_loss(discriminator.discriminator, *judged.unlabelled,
-                                                     scale=s.lambda_unlabelled, self_training=s.self_training)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if discriminator is not None:  # the discriminator learns from the labelled crops only
+    begun = step
+    try:
+        while step < s.steps and (s.minutes is None or time.time() - start_time < s.minutes * 60):
+            batch = next(loader)
+            if unlabelled_loader is not None and step >= s.unlabelled_after:
+                batch = _joined(batch, next(unlabelled_loader))
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                judge_loss = judge(*judged.for_discriminator)
-            discriminator_optimizer.zero_grad(set_to_none=True)
-            judge_scaler.scale(judge_loss).backward()
-            judge_scaler.step(discriminator_optimizer)
-            judge_scaler.update()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", val_dice=f"{last_score:.3f}" if last_score is not None else "-")
-        history.append({"step": step, "seconds": round(elapsed + time.time() - start_time - paused, 2), "loss": loss.item(),
-                        **{name: "" for name in HISTORY[3:]}})
-        if step % s.validate_every == 0 or step == s.steps:
-            if rank == 0:
-                checkpoint_now()
-            if world > 1:
-                dist.barrier()
+                if s.baseline:
+                    image, target, weight = (t.to(device, non_blocking=True) for t in batch)
+                    loss = masked_dice_loss(net(image).float(), target, weight)
+                else:
+                    images = batch[0].to(device)
+                    loss, logits = net(images, batch[1].to(device), batch[2], bce_share(s, step))
+                    if discriminator is not None:
+                        judged = _judged(images, batch[2], logits, device)
+                        loss = loss + generator_loss(discriminator.discriminator, *judged.labelled, scale=s.lambda_adv)
+                        if judged.unlabelled:
+                            loss = loss + generator_loss(discriminator.discriminator, *judged.unlabelled,
+                                                         scale=s.lambda_unlabelled, self_training=s.self_training)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            with _holding_ctrl_c():
+                scaler.step(optimizer)
+                scaler.update()
+                if discriminator is not None:  # the discriminator learns from the labelled crops only
+                    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                        judge_loss = judge(*judged.for_discriminator)
+                    discriminator_optimizer.zero_grad(set_to_none=True)
+                    judge_scaler.scale(judge_loss).backward()
+                    judge_scaler.step(discriminator_optimizer)
+                    judge_scaler.update()
+                step += 1
+                history.append({"step": step, "seconds": round(elapsed + time.time() - start_time - paused, 2),
+                                "loss": loss.item(), **{name: "" for name in HISTORY[3:]}})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", val_dice=f"{last_score:.3f}" if last_score is not None else "-")
+            if step % s.validate_every == 0 or step == s.steps:
+                if rank == 0:
+                    checkpoint_now()
+                if world > 1:
+                    dist.barrier()
+    except KeyboardInterrupt:  # Ctrl-C: save the last completed step (without validating it), so --resume loses nothing
+        bar.close()
+        if rank == 0 and step > begun and saved != step:
+            with _holding_ctrl_c(deliver=False):  # a few seconds: no validation
+                write_run(*validated[1:]) if validated[0] == step else write_run({}, {}, None)
+        raise _cancelled(s.out, step, saved if rank == 0 else step) from None
     bar.close()
     if rank == 0:
         if not history or history[-1]["val_dice"] == "":  # stopped by --minutes between validations
@@ -620,6 +642,32 @@ def train(s: TrainSettings) -> Path:
             plot_history(s.out / "history.csv", s.out / "history.png")
     distributed.finish()
     return s.out / "best.lcs"
+
+
+@contextlib.contextmanager
+def _holding_ctrl_c(deliver: bool = True):
+    """Holds back Ctrl-C (SIGINT) until the block ends, then delivers it (or, `deliver` False, drops it). Around a
+    training step's update (the optimizers, the step count, its history row), so that it is applied whole or not at
+    all; around the save Ctrl-C makes, so that it ends (torchrun passes the Ctrl-C on to its processes a second time)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # only the main thread handles signals; None: a handler set outside Python, left alone
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and deliver:
+            signal.raise_signal(signal.SIGINT)  # as the previous handler would have had it (KeyboardInterrupt, or ignored)
+
+
+def _cancelled(out: Path, step: int, kept: int | None) -> Cancelled:
+    """Ctrl-C's one line: the step the run stopped at and the one `--resume` continues from (`kept`, None: no run)."""
+    if kept is None:
+        return Cancelled(f"cancelled by the user at step {step}; nothing was saved in {out}")
+    return Cancelled(f"cancelled by the user at step {step}; {out} holds step {kept}: `lcs train -o {out} --resume` "
+                     f"continues from step {kept}")
 
 
 HISTORY = ("step", "seconds", "loss", "val_dice", "val_affine", "val_deformable")  # val_dice: the mean of the priors
