@@ -1,4 +1,5 @@
 """Label colours are visible and distinct (the real AAL table), and the overlay PNG shows the requested labels."""
+import colorsys
 import csv
 import itertools
 import math
@@ -11,7 +12,8 @@ from matplotlib.image import imread
 from PIL import Image
 
 from LabelConditionedSegLib.engine import Condition
-from LabelConditionedSegLib.labels import CROWD_LABELS, MIN_DISTANCE, MIN_LUMINANCE, NEAR_DISTANCE, Label, LabelTable
+from LabelConditionedSegLib.labels import (CROWD_LABELS, MIN_CHROMA, MIN_DISTANCE, MIN_LUMINANCE, NEAR_DISTANCE,
+                                           PARTNER_LUMINANCE, Label, LabelTable, partners, side)
 from LabelConditionedSegLib.outputs import (OVERLAY_IMAGES_RIGHT, OVERLAY_VIEWS, _lps_arrays, _slices_with_most_labels,
                                             _view, write_overlay_png)
 
@@ -22,6 +24,11 @@ HIPPOCAMPI = {"Hippocampus_L": 37, "Hippocampus_R": 38}
 
 def luminance(color):
     return 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+
+
+def visible(color):
+    """Shows on black (luminance) and on a grey brain (chroma: not itself grey)."""
+    return luminance(color) >= MIN_LUMINANCE and max(color) - min(color) >= MIN_CHROMA
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +54,12 @@ def test_raw_aal_palette_has_the_reported_defect(raw_colors):
     assert sum(color == (0, 0, 0) for color in raw_colors.values()) == 16
     assert raw_colors["Insula_L"] == raw_colors["Insula_R"] == (0, 0, 0)
     assert raw_colors["Hippocampus_L"] == raw_colors["Hippocampus_R"]
+    assert raw_colors["Precentral_L"] == (204, 204, 204)  # light grey: invisible on a grey brain
 
 
 def test_aal_colors_are_visible_and_distinct(aal, raw_colors):
     assert len(aal) == 116
-    assert all(luminance(label.color) >= MIN_LUMINANCE for label in aal)
+    assert all(visible(label.color) for label in aal)
     for a, b in itertools.combinations(aal, 2):
         assert math.dist(a.color, b.color) >= NEAR_DISTANCE, (a, b)
         if a.color != raw_colors[a.name] or b.color != raw_colors[b.name]:  # a replacement keeps the wider margin
@@ -59,24 +67,49 @@ def test_aal_colors_are_visible_and_distinct(aal, raw_colors):
     partners = [(label, aal.resolve(label.name[:-2] + "_R")) for label in aal if label.name.endswith("_L")]
     assert len(partners) == 54
     assert all(math.dist(left.color, right.color) >= MIN_DISTANCE for left, right in partners)
+    # one of each pair clearly lighter: told apart also in greyscale and by colour-blind readers
+    assert all(abs(luminance(left.color) - luminance(right.color)) >= PARTNER_LUMINANCE for left, right in partners)
 
 
 def test_aal_keeps_the_source_colors_that_are_visible_and_unique(aal, raw_colors):
     changed = {label.name for label in aal if label.color != raw_colors[label.name]}
-    visible = [name for name in raw_colors if luminance(raw_colors[name]) >= MIN_LUMINANCE]
+    visible_names = [name for name in raw_colors if visible(raw_colors[name])]
     # the first holder of a visible colour that no other (different) visible source colour comes near
-    unique = [name for i, name in enumerate(visible)
+    unique = [name for i, name in enumerate(visible_names)
               if all(raw_colors[other] == raw_colors[name] or math.dist(raw_colors[other], raw_colors[name]) >= NEAR_DISTANCE
-                     for other in visible)
-              and all(raw_colors[other] != raw_colors[name] for other in visible[:i])]
-    assert len(unique) == 21
+                     for other in visible_names)
+              and all(raw_colors[other] != raw_colors[name] for other in visible_names[:i])]
+    assert len(unique) == 16  # 21 visible on black, less Precentral_L, Frontal_Sup_L, Lingual_L, .. (greyish)
     assert not changed & set(unique)
     assert {name for name, color in raw_colors.items() if color == (0, 0, 0)} <= changed  # Insula, Rectus, Vermis_7..
-    assert all(name in changed for name in raw_colors if luminance(raw_colors[name]) < MIN_LUMINANCE)
-    assert len(changed) == 90
-    # a taken colour first becomes a lighter/darker shade of itself: partners stay related
-    assert aal.resolve("Frontal_Sup_R").color == (142, 104, 104)  # (203, 149, 149) * 0.7, Frontal_Sup_L keeps it
-    assert aal.resolve("Frontal_Sup_L").color == (203, 149, 149)
+    assert all(name in changed for name in raw_colors if not visible(raw_colors[name]))  # Precentral_L: grey
+    assert len(changed) == 95
+    # a taken colour first becomes a lighter/darker shade of its partner's: partners stay related
+    assert aal.resolve("Cingulum_Ant_L").color == (203, 203, 108)
+    assert aal.resolve("Cingulum_Ant_R").color == (117, 117, 41)  # the same hue, darker (HLS lightness 0.61 -> 0.31)
+    assert aal.resolve("Precentral_R").color == (255, 102, 102)  # Precentral_L became (255, 0, 0)
+
+
+def test_left_right_partners_are_found_by_name_and_told_apart_by_lightness():
+    assert side("Hippocampus_L") == ("Hippocampus", "L")
+    assert side("Left-Hippocampus") == ("Hippocampus", "L")
+    assert side("ctx-rh-insula") == ("ctx-insula", "R")
+    assert side("Vermis_1_2") is None and side("Hippocampus_L+Hippocampus_R") is None  # no side, or two
+    names = ["Left-Hippocampus", "Right-Hippocampus", "Left-Amygdala", "Brain-Stem", "Right-Amygdala", "Left-Putamen"]
+    assert partners(names) == {0: 1, 1: 0, 2: 4, 4: 2}
+    # FreeSurfer-style names, each pair given one colour, and a greyish blue
+    table = LabelTable([Label(17, "Left-Hippocampus", (220, 216, 20)), Label(53, "Right-Hippocampus", (220, 216, 20)),
+                        Label(18, "Left-Amygdala", (103, 255, 255)), Label(54, "Right-Amygdala", (103, 255, 255)),
+                        Label(16, "Brain-Stem", (119, 159, 176))])
+    colors = {label.name: label.color for label in table}
+    assert all(visible(color) for color in colors.values()) and colors["Brain-Stem"] != (119, 159, 176)
+    for structure in ("Hippocampus", "Amygdala"):
+        left, right = colors[f"Left-{structure}"], colors[f"Right-{structure}"]
+        assert abs(luminance(left) - luminance(right)) >= PARTNER_LUMINANCE, structure
+        hues = [colorsys.rgb_to_hls(*(c / 255 for c in color))[0] for color in (left, right)]
+        assert hues[0] == pytest.approx(hues[1], abs=0.02), structure  # one hue: a lighter or darker shade
+    assert colors["Left-Hippocampus"] == (220, 216, 20)
+    assert LabelTable(table.labels).labels == table.labels
 
 
 def test_colors_are_deterministic_and_survive_saving(aal, tmp_path):
