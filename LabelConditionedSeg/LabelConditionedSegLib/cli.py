@@ -95,8 +95,10 @@ def _segment_scan(segmenter, conditions, image, args: argparse.Namespace, seg: P
         write_image(sitk.Cast(result.labelmap, pixel), extras["labelmap"])
     if "volumes_csv" in extras:
         write_volumes_csv(result, extras["volumes_csv"])
-    if "overlay" in extras:
-        write_overlay_png(image, result.labelmap, conditions, extras["overlay"], title=summary)
+    if "overlay" in extras:  # named after the input file, or in a cohort the scan's name
+        write_overlay_png(image, result.labelmap, conditions, extras["overlay"], title=summary,
+                          scan=args.input[0].name if seg == args.output else seg.name.removesuffix(".seg.nrrd"),
+                          model=segmenter.checkpoint.provenance.get("name"), registration=args.registration)
     write_seg_nrrd(result, seg)
     return summary
 
