@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from PIL import Image
 
 from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.geometry import model_grid
@@ -57,6 +58,8 @@ def test_segment_writes_seg_nrrd_labelmap_csv_png_and_probabilities(tiny_checkpo
         assert own[r["name"]].sum() == int(r["voxels"])
         assert dice(own[r["name"]], p == int(r["value"])) > 0.9, r["name"]
     assert (out / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+    title = Image.open(out / "overlay.png").text["Title"]  # the heading names the scan, the model and the registration
+    assert title.startswith("scan: scan.nrrd  |  model: tiny test model  |  registration: affine; segmented 6 of 6 labels")
     probabilities = sorted((out / "prob").glob("*.nii.gz"))
     assert len(probabilities) == 6
     first = sitk.ReadImage(str(probabilities[0]))

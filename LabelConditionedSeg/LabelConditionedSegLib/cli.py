@@ -136,7 +136,8 @@ def _segment_scan(segmenter, conditions, settings: dict, image, image_name: str,
     if "volumes_csv" in extras:
         write_volumes_csv(result, extras["volumes_csv"])
     if "overlay" in extras:
-        write_overlay_png(image, result.labelmap, conditions, extras["overlay"], title=summary)
+        write_overlay_png(image, result.labelmap, conditions, extras["overlay"], title=summary, scan=image_name,
+                          model=segmenter.checkpoint.provenance.get("name"), registration=args.registration)
     write_seg_nrrd(result, seg, settings)
     return summary
 

@@ -12,6 +12,7 @@ from .checkpoint import Checkpoint
 from .engine import Condition
 from .geometry import Box
 from .files import atomic_path, write_csv, write_image
+from .labels import partners, side
 from .pipeline import Segmentation
 from .record import FIELD
 
@@ -88,14 +89,17 @@ def write_volumes_csv(segmentation: Segmentation, path: str | Path) -> None:
 
 
 OVERLAY_VIEWS = (("axial", 0, "R", "L"), ("coronal", 1, "R", "L"), ("sagittal", 2, "A", "P"))  # name, axis, edge letters
-OVERLAY_FILL = 0.35  # weight of a label's colour inside it; its outline is drawn in full colour
-OVERLAY_LEGEND_ENTRIES = 20  # legend lines at most, then "+N more"
-OVERLAY_IMAGES_RIGHT = 0.8  # figure fraction where the three views end and the legend begins
+OVERLAY_FILL = 0.45  # weight of a label's colour inside it; its outline is drawn in full colour
+OVERLAY_WIDTH = 1800  # px the three views fill at least: each voxel becomes a whole number of pixels (nearest)
+OVERLAY_GAP = 30  # px between and around the views
+OVERLAY_DPI = 100
+OVERLAY_FONT = 11  # pt of the legend and view titles (15 px at OVERLAY_DPI)
 
 
-def _lps_arrays(image: sitk.Image, labelmap: sitk.Image, values: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The image scaled to 0..1 and the label map kept to `values`, both (z, y, x) on an axis-aligned LPS grid
-    of 1 mm or coarser: x runs to the patient's left, y to posterior, z to superior."""
+def _lps_arrays(image: sitk.Image, labelmap: sitk.Image, values: Sequence[int]) -> tuple[np.ndarray, np.ndarray, sitk.Image]:
+    """The image scaled to 0..1 and the label map kept to `values`, both (z, y, x) on a grid of 1 mm or coarser
+    whose axes are the file's, ordered and flipped to run closest to LPS (x to the patient's left, y to posterior,
+    z to superior), and that grid."""
     spacing = max(1.0, min(image.GetSpacing()))
     reference = sitk.DICOMOrient(sitk.Image(image), "LPS")
     grid = sitk.Image([max(2, int(round(sz * sp / spacing))) for sz, sp in zip(reference.GetSize(), reference.GetSpacing())], sitk.sitkFloat32)
@@ -105,7 +109,35 @@ def _lps_arrays(image: sitk.Image, labelmap: sitk.Image, values: Sequence[int]) 
     gray = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     labels = sitk.GetArrayFromImage(sitk.Resample(labelmap, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)).astype(np.int64)
     lo, hi = np.percentile(gray, [1, 99.5])
-    return np.clip((gray - lo) / max(hi - lo, 1e-6), 0, 1), np.where(np.isin(labels, values), labels, 0)
+    return np.clip((gray - lo) / max(hi - lo, 1e-6), 0, 1), np.where(np.isin(labels, values), labels, 0), grid
+
+
+def slice_position(image: sitk.Image, grid: sitk.Image, axis: int, index: int) -> str:
+    """Where slice `index` along `axis` (z, y, x) of `grid` (_lps_arrays) lies, in the terms a viewer shows: the
+    input file's own voxel index along the same axis (i, j or k) and the RAS position in mm as 3D Slicer shows it,
+    both at the slice's centre (e.g. "voxel j = 92, A = -42.0 mm (RAS)")."""
+    world = 2 - axis  # the grid's x, y or z: the file axis that runs closest to LPS x, y or z
+    centre = [(size - 1) / 2 for size in grid.GetSize()]
+    centre[world] = index
+    point = grid.TransformContinuousIndexToPhysicalPoint(centre)
+    normal = np.array(grid.GetDirection()).reshape(3, 3)[:, world]
+    along = int(np.argmax(np.abs(np.array(image.GetDirection()).reshape(3, 3).T @ normal)))
+    voxel = int(np.clip(np.floor(image.TransformPhysicalPointToContinuousIndex(point)[along] + 0.5), 0, image.GetSize()[along] - 1))
+    ras = point[world] if world == 2 else -point[world]
+    return f"voxel {'ijk'[along]} = {voxel}, {'RAS'[world]} = {ras:.1f} mm (RAS)"
+
+
+def legend_entries(conditions: Sequence[Condition]) -> list[tuple[str, list[tuple[int, int, int]]]]:
+    """One legend line per label, left/right partners on one line ("Hippocampus L / R", both colours)."""
+    partner = partners([c.name for c in conditions])
+    entries = []
+    for i, c in enumerate(conditions):
+        if i not in partner:
+            entries.append((c.name, [c.color]))
+        elif i < partner[i]:
+            pair = sorted([c, conditions[partner[i]]], key=lambda x: side(x.name)[1])  # L first
+            entries.append((f"{side(c.name)[0]} L / R", [x.color for x in pair]))
+    return entries
 
 
 def _slices_with_most_labels(labels: np.ndarray, values: Sequence[int]) -> list[int]:
@@ -130,48 +162,87 @@ def _view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return plane if axis == 0 else plane[::-1]
 
 
+def _outlined(gray: np.ndarray, labels: np.ndarray, lut: np.ndarray, scale: int) -> np.ndarray:
+    """RGB of one view, each voxel `scale` x `scale` pixels: labels filled lightly and outlined one pixel wide."""
+    gray, labels = (np.repeat(np.repeat(a, scale, 0), scale, 1) for a in (gray, labels))
+    around = np.pad(labels, 1, mode="edge")
+    edge = (labels > 0) & ((around[:-2, 1:-1] != labels) | (around[2:, 1:-1] != labels)
+                           | (around[1:-1, :-2] != labels) | (around[1:-1, 2:] != labels))
+    rgb = np.repeat(gray[..., None], 3, -1)
+    rgb = np.where(labels[..., None] > 0, (1 - OVERLAY_FILL) * rgb + OVERLAY_FILL * lut[labels], rgb)
+    rgb[edge] = lut[labels[edge]]
+    return rgb
+
+
+def _legend(fig, entries: list[tuple[str, list[tuple[int, int, int]]]], title: str, width: float):
+    """A figure legend of `entries` in as many columns as fit `width` px; its height (px) comes from the renderer."""
+    import matplotlib
+    from matplotlib.legend_handler import HandlerTuple
+    from matplotlib.patches import Patch
+
+    font = matplotlib.font_manager.FontProperties(size=OVERLAY_FONT)
+    renderer = fig.canvas.get_renderer()
+    text = max(renderer.get_text_width_height_descent(name, font, False)[0] for name, _ in entries)
+    column = text + 6 * OVERLAY_FONT * OVERLAY_DPI / 72  # px: the swatches and the gaps beside them
+    handles = [tuple(Patch(facecolor=np.array(color) / 255, edgecolor="black") for color in colors) for _, colors in entries]
+    return fig.legend(handles, [name for name, _ in entries], loc="upper left", frameon=False, fontsize=OVERLAY_FONT,
+                      ncols=max(1, int((width - 2 * OVERLAY_GAP) // column)), handlelength=3, handleheight=1.2,
+                      handletextpad=0.6, columnspacing=1.0, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.2)},
+                      title=title, title_fontsize=OVERLAY_FONT, alignment="left")
+
+
 def write_overlay_png(image: sitk.Image, labelmap: sitk.Image, conditions: Sequence[Condition], path: str | Path,
-                      title: str | None = None) -> None:
-    """Three orthogonal views of the requested labels: each outlined in its colour over a light fill, through the
-    slice that shows the most of them, with orientation letters, a legend of the labels shown, and `title`
-    (default "N labels") on top and in the PNG's Title field."""
+                      title: str | None = None, scan: str | None = None, model: str | None = None,
+                      registration: str | None = None) -> None:
+    """Three orthogonal views of the requested labels, each outlined in its colour over a light fill, through the
+    slice that shows the most of them, at a whole number of pixels per voxel; each view titled with its slice's
+    position in the file (slice_position); a legend of every label shown; a heading naming the scan, the model
+    and the registration above `title` (default "N labels"), also in the PNG's Title field."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     values = [c.value for c in conditions]
-    gray, labels = _lps_arrays(image, labelmap, values)
+    gray, labels, grid = _lps_arrays(image, labelmap, values)
     lut = np.zeros((max(values, default=0) + 1, 3))
     for c in conditions:
         lut[c.value] = np.array(c.color) / 255
     slices = _slices_with_most_labels(labels, values)
-    title = title or f"{len(conditions)} labels"
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
-    shown: set[int] = set()
-    for ax, (name, axis, left, right) in zip(axes, OVERLAY_VIEWS):
-        g, l = _view(gray, axis, slices[axis]), _view(labels, axis, slices[axis])
-        shown.update(np.unique(l).tolist())
-        around = np.pad(l, 1, mode="edge")
-        edge = (l > 0) & ((around[:-2, 1:-1] != l) | (around[2:, 1:-1] != l) | (around[1:-1, :-2] != l) | (around[1:-1, 2:] != l))
-        rgb = np.repeat(g[..., None], 3, -1)
-        rgb = np.where(l[..., None] > 0, (1 - OVERLAY_FILL) * rgb + OVERLAY_FILL * lut[l], rgb)
-        rgb[edge] = lut[l[edge]]
-        ax.imshow(rgb, interpolation="nearest")
-        ax.set_title(f"{name} (slice {slices[axis]})")
-        for x, letter, align in ((0.01, left, "left"), (0.99, right, "right")):
-            ax.text(x, 0.5, letter, transform=ax.transAxes, ha=align, va="center", color="white", fontsize=13, fontweight="bold")
-        ax.axis("off")
-    entries = [Patch(facecolor=np.array(c.color) / 255, edgecolor="black", label=c.name) for c in conditions if c.value in shown]
-    handles = entries[:OVERLAY_LEGEND_ENTRIES]
-    if len(entries) > len(handles):
-        handles.append(Patch(color="none", label=f"+{len(entries) - len(handles)} more"))
-    fig.subplots_adjust(left=0.01, right=OVERLAY_IMAGES_RIGHT, bottom=0.02, top=0.85, wspace=0.04)
-    if handles:
-        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(OVERLAY_IMAGES_RIGHT + 0.01, 0.5), frameon=False, fontsize=8)
-    fig.suptitle(title)
+    views = [(_view(gray, axis, slices[axis]), _view(labels, axis, slices[axis])) for _, axis, _, _ in OVERLAY_VIEWS]
+    scale = -(-OVERLAY_WIDTH // sum(g.shape[1] for g, _ in views))  # the whole factor that reaches OVERLAY_WIDTH
+    about = "  |  ".join(f"{k}: {v}" for k, v in (("scan", scan), ("model", model), ("registration", registration)) if v)
+    heading = [text for text in (about, title or f"{len(conditions)} labels") if text]
+    line = 2 * OVERLAY_FONT * OVERLAY_DPI / 72  # px of a line of text with its spacing
+    top = OVERLAY_GAP + line * (len(heading) + 1.5)  # px above the views: the heading, then the view titles
+    width = sum(g.shape[1] for g, _ in views) * scale + OVERLAY_GAP * (len(views) + 1)
+    bottom = top + max(g.shape[0] for g, _ in views) * scale + OVERLAY_GAP  # px from the top to the legend
+
+    fig = plt.figure(figsize=(width / OVERLAY_DPI, 1), dpi=OVERLAY_DPI)
+    shown = set().union(*(np.unique(l).tolist() for _, l in views))
+    drawn = [c for c in conditions if c.value in shown]
+    entries = legend_entries(drawn)
+    legend = _legend(fig, entries, f"{len(drawn)} of {len(conditions)} labels cross these slices", width) if entries else None
+    height = bottom + (legend.get_window_extent(fig.canvas.get_renderer()).height if legend else 0) + OVERLAY_GAP
+    fig.set_size_inches(width / OVERLAY_DPI, height / OVERLAY_DPI)
+    if legend:
+        legend.set_bbox_to_anchor((OVERLAY_GAP / width, 1 - bottom / height), transform=fig.transFigure)
+    for row, text in enumerate(heading):
+        fig.text(0.5, 1 - (OVERLAY_GAP + row * line) / height, text, ha="center", va="top",
+                 fontsize=OVERLAY_FONT + 3 - row, fontweight="bold" if row == 0 and about else "normal")
+    left = OVERLAY_GAP
+    for (g, l), (name, axis, first, last) in zip(views, OVERLAY_VIEWS):
+        rgb = _outlined(g, l, lut, scale)
+        h, w = rgb.shape[:2]
+        fig.figimage(rgb, xo=left, yo=height - top - h, origin="upper")  # pixel for pixel, no resampling
+        fig.text((left + w / 2) / width, 1 - (top - line / 4) / height,
+                 f"{name}: {slice_position(image, grid, axis, slices[axis])}", ha="center", va="bottom",
+                 fontsize=OVERLAY_FONT + 1)
+        for x, letter, align in ((left + 8, first, "left"), (left + w - 8, last, "right")):
+            fig.text(x / width, 1 - (top + h / 2) / height, letter, ha=align, va="center", color="white",
+                     fontsize=16, fontweight="bold")
+        left += w + OVERLAY_GAP
     try:
         with atomic_path(path) as temporary:
-            fig.savefig(temporary, dpi=90, metadata={"Title": title})
+            fig.savefig(temporary, dpi=OVERLAY_DPI, metadata={"Title": "; ".join(heading)})
     finally:
         plt.close(fig)
