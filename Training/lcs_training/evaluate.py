@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -61,6 +60,11 @@ def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: 
             yield generator.sample(rng, Strength().times(strength), grid=grid)
 
 
+def say(line: str) -> None:
+    """A notice for the user on stderr, as lcs segment gives them."""
+    print(f"lcs: {line}", file=sys.stderr)
+
+
 class Scoring:
     """Every method run on one case after another and scored against its truth: the one path of the synthetic
     subjects and of a folder of test scans.
@@ -75,7 +79,7 @@ class Scoring:
     def __init__(self, checkpoint: Checkpoint, device: str, atlas_labels: sitk.Image, values: list[int],
                  registration: str = "affine", bspline: bool = False, baselines: list[Path] = ()):
         self.checkpoint, self.atlas_labels, self.registration, self.bspline = checkpoint, atlas_labels, registration, bspline
-        self.segmenter = Segmenter(checkpoint, device)
+        self.segmenter = Segmenter(checkpoint, device, messages=say)  # notices lcs segment gives, e.g. on its prior
         self.conditions = self.segmenter.conditions([str(v) for v in values])
         self.baselines = [Checkpoint.load(p) for p in baselines]
         for b in self.baselines:
@@ -176,8 +180,7 @@ def matched_labels(folder_table: LabelTable, model_table: LabelTable) -> tuple[d
 
 
 def evaluate_folder(checkpoint_path: Path, folder: Path, out: Path, device: str = "auto", baselines: list[Path] = (),
-                    bspline: bool = False, registration: str = "affine",
-                    say: Callable[[str], None] = lambda line: print(f"lcs: {line}", file=sys.stderr)) -> dict[str, float]:
+                    bspline: bool = False, registration: str = "affine") -> dict[str, float]:
     """Mean Dice per method (see Scoring) over the labelled test scans of a training-style folder (and seconds per
     case); writes CSV and PNGs to `out`. Each scan is segmented as `lcs segment` does and scored on its own grid
     against its label map, on the labels it annotates (annotated/CASE.txt, else those its map holds) that the model
