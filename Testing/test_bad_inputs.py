@@ -375,6 +375,9 @@ CASES = [
     ("relabel: label values labels.csv lacks", ["relabel", "{train_unknown}", "--checkpoint", "{checkpoint}", "-o", "{out}", "--device", "cpu"], ["200"]),
     ("evaluate: label map off its image's grid", ["evaluate", "--data", "{train_off_grid}", "--checkpoint", "{checkpoint}", "--out", "{out}", "--subjects", "1", "--device", "cpu"], ["another grid"]),
     ("evaluate: empty folder", ["evaluate", "--data", "{train_empty}", "--checkpoint", "{checkpoint}", "--out", "{out}", "--subjects", "1", "--device", "cpu"], ["is empty"]),
+    ("evaluate --folder: image without label map", ["evaluate", "--folder", "{train_no_label}", "--checkpoint", "{checkpoint}", "--out", "{out}", "--device", "cpu"], ["case subject", "no label map"]),
+    ("evaluate --folder: label values labels.csv lacks", ["evaluate", "--folder", "{train_unknown}", "--checkpoint", "{checkpoint}", "--out", "{out}", "--device", "cpu"], ["case subject", "200", "does not list"]),
+    ("evaluate --folder with --unlike", ["evaluate", "--folder", "{train_valid}", "--unlike", "--checkpoint", "{checkpoint}", "--out", "{out}", "--device", "cpu"], ["--folder", "--unlike"]),
     # the Colin27/AAL templates missing (LCS_TEMPLATES pointing to an empty folder)
     ("benchmark without templates", ["benchmark", "--checkpoint", "{checkpoint}", "--device", "cpu"], ["mricron-data", "LCS_TEMPLATES"]),
     ("evaluate without templates", ["evaluate", "--checkpoint", "{checkpoint}", "--out", "{out}", "--subjects", "1", "--device", "cpu"], ["mricron-data", "ch2.nii.gz"]),

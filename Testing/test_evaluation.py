@@ -1,12 +1,18 @@
 """`lcs evaluate` and `lcs benchmark` run end to end (tiny sizes) and print their machine-readable lines."""
 import csv
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from LabelConditionedSegLib.cli import main
+from LabelConditionedSegLib.labels import Label, LabelTable
+from LabelConditionedSegLib.training_folder import write_case
+from conftest import TINY_LABELS, heldout_subject
 from lcs_training.data import case_files
+from lcs_training.evaluate import FIELDS
 from lcs_training.metrics import label_metrics
 from lcs_training.synth import SubjectGenerator, unlike_subject
 
@@ -28,7 +34,7 @@ def test_evaluate_scores_lcs_registration_and_the_baseline(tiny, tiny_baseline, 
     assert all(0.2 < float(figures[f"{m}_dice"]) <= 1 for m in methods), figures
     with open(tmp_path / "heldout_metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["subject", "method", "value", "name", "dice", "hd95_mm", "volume_diff_pct"]
+    assert list(rows[0]) == FIELDS
     assert sorted({r["method"] for r in rows}) == sorted(m.replace("_", " ") for m in methods) and len(rows) == 6 * 6
     for r in rows:
         if float(r["dice"]) > 0.5:  # a fair overlap lies within a few voxels of the truth
@@ -63,7 +69,9 @@ def test_metrics_match_known_shapes():
     prediction[26:29, 26:29, 26:29] = 2  # shrunk by one voxel on each side
     m = label_metrics(prediction, truth, [1, 2, 3], (2.0, 1.0, 1.0))
     assert set(m) == {1, 2}  # label 3 is in neither
-    assert m[1] == {"dice": pytest.approx(0.8), "hd95_mm": pytest.approx(4.0), "volume_diff_pct": 0.0}
+    assert m[1] == {"dice": pytest.approx(0.8), "hd95_mm": pytest.approx(4.0), "truth_ml": 2.0, "predicted_ml": 2.0,
+                    "volume_diff_pct": 0.0}  # 1000 voxels of 2 mm^3
+    assert (m[2]["truth_ml"], m[2]["predicted_ml"]) == (pytest.approx(0.25), pytest.approx(0.054))
     assert m[2]["volume_diff_pct"] == pytest.approx(100 * (27 - 125) / 125)
     largest = sitk.HausdorffDistanceImageFilter()  # SimpleITK's maximum distance, an independent bound
     images = [sitk.GetImageFromArray((a == 2).astype(np.uint8)) for a in (prediction, truth)]
@@ -73,6 +81,63 @@ def test_metrics_match_known_shapes():
     assert 2.0 <= m[2]["hd95_mm"] <= largest.GetHausdorffDistance() + 1e-6  # z faces lie 2 mm apart, corners further
     empty = label_metrics(np.zeros_like(truth), truth, [1], (1.0, 1.0, 1.0))[1]
     assert empty["dice"] == 0 and np.isnan(empty["hd95_mm"]) and empty["volume_diff_pct"] == -100
+
+
+@pytest.fixture(scope="module")
+def test_scans(colin27, tmp_path_factory) -> Path:
+    """Two labelled test scans in the training layout (real Colin27 + AAL on other grids, warped): the AAL table with
+    Frontal_Sup_L renumbered 1003 (labels are matched by name, not value); the second annotates two labels only."""
+    folder = tmp_path_factory.mktemp("test_scans")
+    table = LabelTable.read_csv(colin27 / "labels.csv")
+    LabelTable(Label(1003 if label.name == "Frontal_Sup_L" else label.value, label.name, label.color)
+               for label in table).write_csv(folder / "labels.csv")
+    for i in range(2):
+        image, truth = heldout_subject(colin27, seed=40 + i)
+        truth = sitk.ChangeLabel(sitk.Cast(truth, sitk.sitkInt16), changeMap={3: 1003})
+        write_case(folder, f"scan{i}", image, truth, annotated=["Frontal_Sup_L", "Temporal_Mid_R"] if i else None)
+    return folder
+
+
+def test_evaluate_scores_a_folder_of_labelled_test_scans(tiny_checkpoint, test_scans, tmp_path, capsys):
+    """Each scan segmented as lcs segment does and scored on its own grid, beside affine propagation: one row per case,
+    method and label the model has (by name), only the annotated ones where a case says; the rest reported once."""
+    code = main(["evaluate", "--folder", str(test_scans), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path),
+                 "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert err.count("not in the model") == 1 and "110 labels" in err and "Precentral_L" in err, err
+    figures = dict(item.split("=") for item in out.strip().splitlines()[-1].split())
+    assert figures["cases"] == "2" and float(figures["lcs_dice"]) > 0.5 and float(figures["affine_propagation_dice"]) > 0.5
+    with open(tmp_path / "heldout_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == FIELDS
+    methods = ("lcs", "affine propagation")
+    assert sorted((r["subject"], r["method"], r["name"]) for r in rows) == sorted(
+        [("scan0", m, name) for m in methods for name in TINY_LABELS]
+        + [("scan1", m, name) for m in methods for name in ("Frontal_Sup_L", "Temporal_Mid_R")])
+    assert {r["value"] for r in rows if r["name"] == "Frontal_Sup_L"} == {"3"}  # the model's value
+    truth = sitk.ReadImage(str(test_scans / "labels/scan0.nii.gz"))
+    voxel_ml = np.prod(truth.GetSpacing()) / 1000
+    for r in rows:
+        assert 0.3 < float(r["dice"]) <= 1 and 0 < float(r["hd95_mm"]) < 20 and float(r["seconds"]) > 0, r
+        truth_ml, predicted_ml = float(r["truth_ml"]), float(r["predicted_ml"])
+        assert float(r["volume_diff_pct"]) == pytest.approx(100 * (predicted_ml - truth_ml) / truth_ml, abs=0.01)
+        if r["subject"] == "scan0" and r["name"] == "Frontal_Sup_L":
+            voxels = int((sitk.GetArrayViewFromImage(truth) == 1003).sum())
+            assert truth_ml == pytest.approx(voxels * voxel_ml, abs=1e-3)
+    for png in ("heldout_dice.png", "heldout_hd95.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_refuses_a_folder_whose_labels_the_model_lacks(tiny_checkpoint, test_scans, tmp_path, capsys):
+    folder = Path(shutil.copytree(test_scans, tmp_path / "renamed", ignore=shutil.ignore_patterns("annotated")))
+    table = LabelTable.read_csv(folder / "labels.csv")
+    LabelTable(Label(label.value, f"x_{label.name}", label.color) for label in table).write_csv(folder / "labels.csv")
+    code = main(["evaluate", "--folder", str(folder), "--checkpoint", str(tiny_checkpoint), "--out",
+                 str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "matched by name" in err and "'lcs labels'" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow  # about 20 s on 2 cores: a speed report, not a check a newcomer needs each run

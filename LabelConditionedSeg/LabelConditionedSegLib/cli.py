@@ -421,9 +421,11 @@ TRAINING_COMMANDS = {
                  "to tell whether two crops show the same side (contrastive loss, margin 1), regularized by "
                  "reconstructing the crops. Only the atlas's label map is read. Writes -o (e.g. encoder.pt) for "
                  "'lcs train --init-encoder', with the same --base-channels, --depth and --norm."),
-    "evaluate": ("Dice of a checkpoint against atlas registration on held-out subjects",
-                 "Generate held-out subjects (other seeds, stronger warps, other grids), segment them with the checkpoint "
-                 "and with affine atlas-label propagation, and write per-label Dice (CSV) and a plot."),
+    "evaluate": ("Dice of a checkpoint against atlas registration on held-out subjects or labelled test scans",
+                 "Generate held-out subjects (other seeds, stronger warps, other grids), or with --folder read real "
+                 "labelled test scans (the training layout), segment them with the checkpoint as lcs segment does and "
+                 "with affine atlas-label propagation, and write Dice, HD95 and volumes per label and case (CSV) and "
+                 "plots."),
     "experiment": ("run one of the paper's experiments (table + plot)",
                    "Reproduce an experiment of the LCS paper on Colin27 + AAL: baseline-k (LCS against the multi-channel "
                    "baseline for K labels, paired Dice), memory (peak memory against K), many (116 labels against "

@@ -27,9 +27,10 @@ def dice_per_label(prediction: np.ndarray, truth: np.ndarray, values: Iterable[i
 
 def label_metrics(prediction: np.ndarray, truth: np.ndarray, values: Iterable[int],
                   spacing_zyx: Sequence[float]) -> dict[int, dict[str, float]]:
-    """For each label in the truth: Dice, HD95 in mm (NaN when nothing was predicted) and the predicted volume's
-    difference from the true one in percent."""
+    """For each label in the truth: Dice, HD95 in mm (NaN when nothing was predicted), the true and predicted volumes
+    in mL and the predicted volume's difference from the true one in percent."""
     dice = dice_per_label(prediction, truth, values)
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     out = {}
     for v in values:
         gt = truth == v
@@ -46,6 +47,6 @@ def label_metrics(prediction: np.ndarray, truth: np.ndarray, values: Iterable[in
                 hd95 = float(compute_hausdorff_distance(torch.from_numpy(pred[box])[None, None],
                                                         torch.from_numpy(gt[box])[None, None], include_background=True,
                                                         percentile=95, spacing=list(spacing_zyx)))
-        out[int(v)] = {"dice": dice[int(v)], "hd95_mm": hd95,
-                       "volume_diff_pct": 100.0 * (float(pred.sum()) - float(gt.sum())) / float(gt.sum())}
+        out[int(v)] = {"dice": dice[int(v)], "hd95_mm": hd95, "truth_ml": float(gt.sum()) * voxel_ml,
+                       "predicted_ml": float(pred.sum()) * voxel_ml, "volume_diff_pct": 100.0 * (float(pred.sum()) - float(gt.sum())) / float(gt.sum())}
     return out
