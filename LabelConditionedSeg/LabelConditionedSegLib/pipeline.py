@@ -18,7 +18,7 @@ from .deformable import Prior, deformable_prior
 from .engine import Condition, Encoded, Engine, Progress
 from .errors import LCSError
 from .labels import Label, distinct_colors
-from .quality import LOW_VALIDATION_DICE, flag, volume_scale
+from .quality import LOW_VALIDATION_DICE, alignment, flag, registration_check, volume_scale
 from .geometry import Box, box_to_input, labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid
 from .volume import check_extent, check_volume
 
@@ -32,6 +32,7 @@ class Prepared:
     model_image: np.ndarray  # normalized, on the model grid (z, y, x)
     encoded: Encoded
     prior: Prior | None = None  # the atlas warped onto this volume (registration "deformable")
+    check: str = ""  # what looks wrong with the registration (quality.registration_check), '' when nothing does
 
     def conditions(self, conditions: Sequence[Condition]) -> list[Condition]:
         """The conditions as this volume is decoded with them: warped onto it under a deformable prior."""
@@ -50,6 +51,7 @@ class Segmentation:
     model_masks: list[Box | None]  # on the model grid
     to_input: Callable[[Box], Box | None]
     expected_ml: list[float]  # each condition's atlas region, in mL as registration scales it onto the scan
+    check: str = ""  # what looks wrong with the registration (Prepared.check)
 
     @cached_property
     def masks(self) -> list[Box | None]:
@@ -62,7 +64,7 @@ class Segmentation:
         voxel_ml = float(np.prod(self.labelmap.GetSpacing())) / 1000.0
         counts = [0 if box is None else box.voxels() for box in self.masks]
         return [{"value": c.value, "name": c.name, "voxels": n, "volume_ml": round(n * voxel_ml, 4),
-                 "atlas_ml": round(expected, 4), "flag": flag(n * voxel_ml, expected)}
+                 "atlas_ml": round(expected, 4), "flag": "; ".join(filter(None, (self.check, flag(n * voxel_ml, expected))))}
                 for c, n, expected in zip(self.conditions, counts, self.expected_ml)]
 
     @property
@@ -131,7 +133,11 @@ class Segmenter:
                                      self.checkpoint.atlas_image, cancel)
         step(0.5, f"encoding on {self.device}")
         encoded = self.engine.encode(model_image, None if prior is None else prior.atlas_image)
-        return Prepared(image, transform, model_image, encoded, prior)
+        brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
+        atlas = sitk.GetArrayViewFromImage(self.checkpoint.atlas_image)
+        check = registration_check(alignment(model_image, atlas, brain),
+                                   None if prior is None else alignment(model_image, prior.atlas_image, brain))
+        return Prepared(image, transform, model_image, encoded, prior, check)
 
     def conditions(self, labels: Sequence[str | int] = (), masks: Sequence[tuple] = ()) -> list[Condition]:
         """Atlas labels by name or value ('A+B' for a union) and masks drawn on the atlas, as conditions.
@@ -180,7 +186,7 @@ class Segmenter:
         atlas_ml = float(np.prod(grid.GetSpacing())) / 1000.0 * volume_scale(prepared.transform, grid)
         return Segmentation(list(conditions), labels_to_input(image, prepared.reference, prepared.transform),
                             decoded.masks, lambda box: box_to_input(box, grid, prepared.reference, prepared.transform),
-                            [float(c.mask.sum()) * atlas_ml for c in conditions])
+                            [float(c.mask.sum()) * atlas_ml for c in conditions], prepared.check)
 
     def propose(self, prepared: Prepared, conditions: Sequence[Condition], passes: int = 8,
                 progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> list[Proposal]:
