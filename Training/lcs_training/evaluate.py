@@ -24,7 +24,7 @@ from LabelConditionedSegLib.geometry import labels_to_input, to_input_grid
 from LabelConditionedSegLib.pipeline import Segmenter, model_input
 
 from .baseline import segment_multichannel
-from .data import case_files, write_colin27_aal
+from .data import case_files, mask_from_image, write_colin27_aal
 from .metrics import label_metrics
 from .plots import plot_method_dice
 from .propagation import bspline_propagate
@@ -38,7 +38,7 @@ def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: 
     the second generator's, unlike training's in every setting (`strength` is then unused)."""
     image_path, label_path, mask_path = case_files(data)[atlas]
     image, labels = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
-    mask = sitk.ReadImage(str(mask_path)) if mask_path else sitk.Cast(labels > 0, sitk.sitkUInt8)
+    mask = sitk.ReadImage(str(mask_path)) if mask_path else mask_from_image(image)
     generator = SubjectGenerator(image, labels, mask)
     for i in range(count):
         if unlike:
