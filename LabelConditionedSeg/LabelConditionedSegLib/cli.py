@@ -411,9 +411,10 @@ def _training(module: str):
 TRAINING_COMMANDS = {
     "train": ("train a checkpoint on a folder of labelled scans",
               "Train an LCS model. DATA holds labels.csv (value,name,r,g,b), images/CASE.nii.gz and labels/CASE.nii.gz "
-              "(any SimpleITK format, same file names), optionally masks/CASE.nii.gz and annotated/CASE.txt (the labels "
-              "a partly annotated case annotates; others are ignored there, not taught as background); --atlas names the "
-              "atlas case. Several processes: torchrun --nproc_per_node N -m LabelConditionedSegLib.cli train ..."),
+              "(any SimpleITK format, same file names), optionally masks/CASE.nii.gz (the brain; estimated from the image "
+              "when absent) and annotated/CASE.txt (the labels a partly annotated case annotates; others are ignored "
+              "there, not taught as background); --atlas names the atlas case. Several processes: "
+              "torchrun --nproc_per_node N -m LabelConditionedSegLib.cli train ..."),
     "pretrain": ("pretrain the encoder without annotations (siamese left/right proxy task)",
                  "Self-supervised pretraining of the LCS encoder (Dhere and Sivaswamy's siamese proxy task): every scan "
                  "of DATA (and of --unlabelled) is registered to the atlas; crops around a structure and its counterpart "

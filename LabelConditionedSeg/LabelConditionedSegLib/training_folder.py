@@ -3,7 +3,8 @@
     DATA/labels.csv            value,name,r,g,b[,code]
     DATA/images/CASE.nii.gz    any format SimpleITK reads
     DATA/labels/CASE.nii.gz    same file name as the image
-    DATA/masks/CASE.nii.gz     optional brain (foreground) mask; else derived from the labels
+    DATA/masks/CASE.nii.gz     optional brain mask; else estimated from the image (never from the labels: a few
+                               labelled structures outline a hull that would ruin the atlas registration)
     DATA/annotated/CASE.txt    optional: the labels this case annotates, one name or value per line. A label not
                                listed is unknown in this case, never taught as background (SMILE). Without the file,
                                the case annotates exactly the labels its label map holds.

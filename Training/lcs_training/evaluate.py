@@ -31,7 +31,7 @@ from LabelConditionedSegLib.training_folder import read_annotated
 from LabelConditionedSegLib.volume import label_values, read_image, read_volume
 
 from .baseline import segment_multichannel
-from .data import case_files, check_training_folder, read_table, write_colin27_aal
+from .data import case_files, check_training_folder, mask_from_image, read_table, write_colin27_aal
 from .metrics import label_metrics
 from .plots import plot_method_dice
 from .propagation import bspline_propagate
@@ -49,7 +49,7 @@ def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: 
     the second generator's, unlike training's in every setting (`strength` is then unused)."""
     image_path, label_path, mask_path = case_files(data)[atlas]
     image, labels = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
-    mask = sitk.ReadImage(str(mask_path)) if mask_path else sitk.Cast(labels > 0, sitk.sitkUInt8)
+    mask = sitk.ReadImage(str(mask_path)) if mask_path else mask_from_image(image)
     generator = SubjectGenerator(image, labels, mask)
     for i in range(count):
         if unlike:

@@ -27,7 +27,7 @@ class Strength:
 
 class SubjectGenerator:
     """Makes warped, re-imaged copies of (image, labels, brain mask) on any output grid. Without a brain mask
-    (a partly annotated scan, whose labels do not outline the brain) subjects are never skull-stripped."""
+    subjects are never skull-stripped."""
 
     def __init__(self, image: sitk.Image, labels: sitk.Image, brain_mask: sitk.Image | None):
         self.image = sitk.Cast(image, sitk.sitkFloat32)
