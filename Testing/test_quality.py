@@ -99,3 +99,35 @@ def test_alignment_is_high_for_the_atlas_itself_whatever_its_contrast_and_low_fo
     noise = alignment(np.random.default_rng(0).random(atlas.shape).astype(np.float32), atlas, brain)
     assert itself == pytest.approx(inverted, abs=0.03) and inverted > 1.9  # bins split a little differently
     assert noise < 1.05
+
+
+def write(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_a_head_upside_down_a_phantom_and_a_deformable_prior_gone_astray_are_flagged(tiny_checkpoint, colin27, tmp_path):
+    """The issue's deliberately failed cases: Colin27 turned upside down with --registration none, a cylinder of
+    noise (not a head), and Colin27 with its contrast inverted (T2-like) under the deformable prior, whose demons
+    step assumes the atlas's contrast."""
+    head = sitk.ReadImage(str(colin27 / "images/colin27.nii.gz"))
+    array = sitk.GetArrayFromImage(head).astype(np.float32)
+    upside = sitk.GetImageFromArray(array[::-1].copy())
+    upside.CopyInformation(head)
+    zz, yy, _ = np.mgrid[:96, :96, :96]
+    cylinder = ((zz - 48) ** 2 + (yy - 48) ** 2 < 32 ** 2) * 100.0 + np.random.default_rng(0).normal(0, 5, (96,) * 3)
+    phantom = sitk.GetImageFromArray(cylinder.astype(np.float32))
+    phantom.SetSpacing([2.0] * 3)
+    inverted = sitk.GetImageFromArray(np.where(array > 0, array.max() - array, 0).astype(np.float32))
+    inverted.CopyInformation(head)
+    for name, image, registration, words in (
+            ("upside", upside, "none", "the scan does not match the atlas after registration"),
+            ("phantom", phantom, "affine", "the scan does not match the atlas after registration"),
+            ("t2like", inverted, "deformable", "the deformable prior matches the scan worse than the affine step")):
+        scan = write(image, tmp_path / f"{name}.nii.gz")
+        code, out, err = lcs("segment", scan, "-o", tmp_path / f"{name}.seg.nrrd", "--checkpoint", tiny_checkpoint,
+                             "--registration", registration, "--volumes-csv", tmp_path / f"{name}.csv", "--device",
+                             "cpu", "--quiet")
+        assert code == 0, err
+        assert f"CHECK FAILED: {words}" in out and f"lcs: warning: {name}.nii.gz: {words}" in err, (name, out, err)
+        assert all(r["flag"].startswith(words) for r in rows(tmp_path / f"{name}.csv"))

@@ -15,9 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 
 
-# Found volume / expected volume beyond which a label is implausible. On 3 validation subjects (Colin27 under the
+# Found volume / expected volume beyond which a label is implausible. On validation subjects (Colin27 under the
 # training generator's warps, other seeds and grids; the demo model, all 116 labels) the ratios spanned 0.83-1.08
-# (affine) and 0.57-1.68 (deformable); the limits leave a factor of about 3 beyond them.
+# (3 subjects, affine) and 0.57-1.68 (2 subjects, deformable); the limits leave a factor of about 3 beyond them.
 PLAUSIBLE = (0.2, 5.0)
 # Alignment (normalized mutual information, 1 = unrelated) below which the affine registration failed: the 6
 # validation subjects scored 1.032-1.044 (a heavy augmentation: noise, bias, blur, skull strip), heads turned upside
