@@ -176,7 +176,7 @@ checkpoint = Checkpoint.load(model)
 
 def segmentation(values):
     conditions = [Condition.of(f"label {v}", v, array == v, (200, 40, 40)) for v in values]
-    return Segmentation(conditions, labels, [Box.of(array == v) for v in values], lambda box: box)
+    return Segmentation(conditions, labels, [Box.of(array == v) for v in values], lambda box: box, [1.0] * len(values))
 
 def renamed(name):
     checkpoint.provenance["name"] = name
