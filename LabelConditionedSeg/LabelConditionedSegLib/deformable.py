@@ -68,9 +68,9 @@ def _place(image: sitk.Image, grid: sitk.Image, offset_zyx) -> None:
 
 
 def skull_stripped(image: np.ndarray, atlas_image: np.ndarray, atlas_mask: np.ndarray, grid: sitk.Image) -> bool:
-    """Whether a scan (normalized and affinely registered on the model grid `grid`) has had its skull removed: nearly all
-    the atlas's head tissue around the brain (scalp, muscle, fat: bright in the atlas, beyond a margin of its brain mask)
-    is dark in it. A whole head read as stripped would lose its scalp's guidance, so the bar is high (thresholds above)."""
+    """Whether a scan (normalized and affinely registered on the model grid `grid`) has had its skull removed:
+    nearly all the atlas's head tissue around the brain (scalp, muscle, fat: bright in the atlas, beyond a margin of
+    its brain mask) is dark in it. A whole head read as stripped would lose its scalp's guidance: the bar is high."""
     mask = sitk.GetImageFromArray(atlas_mask.astype(np.uint8))
     mask.CopyInformation(grid)
     margin = int(np.ceil(STRIP_MARGIN_MM / min(grid.GetSpacing())))
