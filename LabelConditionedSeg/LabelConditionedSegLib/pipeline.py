@@ -130,7 +130,8 @@ class Segmenter:
                               "priors; its results may be worse than with --registration affine")
             step(0.3, "warping the atlas onto the volume (deformable)")
             prior = deformable_prior(model_image, sitk.GetArrayViewFromImage(self.checkpoint.atlas_image),
-                                     self.checkpoint.atlas_image, cancel)
+                                     self.checkpoint.atlas_image, cancel,
+                                     atlas_mask=sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0)
         step(0.5, f"encoding on {self.device}")
         encoded = self.engine.encode(model_image, None if prior is None else prior.atlas_image)
         brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0

@@ -130,13 +130,14 @@ class SubjectStream(IterableDataset):
         generators = [SubjectGenerator(c.image, c.labels, c.mask) for c in self.cases]
         atlas_image = normalized(self.atlas.image, self.atlas.mask)
         atlas_labels = sitk.GetArrayFromImage(self.atlas.labels)
+        atlas_mask = sitk.GetArrayFromImage(self.atlas.mask) > 0
         pool, samples = [], 0
         while True:
             if samples % self.reuse == 0:  # a new subject, in place of the oldest
                 k = int(rng.integers(len(self.cases)))
                 image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image)
                 image = normalized(image, self.atlas.mask)
-                prior = (deformable_prior(image, atlas_image, self.atlas.image)
+                prior = (deformable_prior(image, atlas_image, self.atlas.image, atlas_mask=atlas_mask)
                          if rng.random() < self.deformable_share else None)
                 pool = [*pool, (k, image, sitk.GetArrayFromImage(labels), prior)][-self.reuse:]
             samples += 1
@@ -507,7 +508,9 @@ def train(s: TrainSettings) -> Path:
                                               config.region_invariant), _collate) if s.adversarial and unlabelled else None
     subjects = validation_subjects(cases, atlas, s.validation_subjects, strength, s.seed) if rank == 0 else []
     priors = ["affine"] + (["deformable"] if s.deformable_share > 0 and not s.baseline else [])
-    warped = [deformable_prior(image, atlas_image, atlas.image) for image, _, _ in subjects] if "deformable" in priors else []
+    brain = sitk.GetArrayFromImage(atlas.mask) > 0
+    warped = [deformable_prior(image, atlas_image, atlas.image, atlas_mask=brain) for image, _, _ in subjects
+              if "deformable" in priors]
     elapsed = float(history[-1]["seconds"] or 0) if history else 0.0  # training seconds before this process (0: not kept)
     paused = 0.0  # seconds spent validating and saving, left out of the history's training seconds
 
