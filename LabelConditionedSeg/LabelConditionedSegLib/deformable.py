@@ -74,7 +74,7 @@ def skull_stripped(image: np.ndarray, atlas_image: np.ndarray, atlas_mask: np.nd
     mask = sitk.GetImageFromArray(atlas_mask.astype(np.uint8))
     mask.CopyInformation(grid)
     margin = int(np.ceil(STRIP_MARGIN_MM / min(grid.GetSpacing())))
-    near_brain = sitk.GetArrayViewFromImage(sitk.BinaryDilate(mask, [margin] * 3)) > 0
+    near_brain = sitk.GetArrayFromImage(sitk.BinaryDilate(mask, [margin] * 3)) > 0
     around = (atlas_image > HEAD_TISSUE) & ~near_brain
     return bool(around.any() and np.mean(image[around] < DARK) > STRIPPED_SHARE)
 

@@ -19,10 +19,11 @@ import SimpleITK as sitk
 # training generator's warps, other seeds and grids; the demo model, all 116 labels) the ratios spanned 0.83-1.08
 # (3 subjects, affine) and 0.57-1.68 (2 subjects, deformable); the limits leave a factor of about 3 beyond them.
 PLAUSIBLE = (0.2, 5.0)
-# Alignment (normalized mutual information, 1 = unrelated) below which the affine registration failed: the 6
-# validation subjects scored 1.032-1.044 (a heavy augmentation: noise, bias, blur, skull strip), heads turned upside
-# down or front to back under --registration none 1.008 and 1.012.
-MIN_ALIGNMENT = 1.02
+# Alignment (normalized mutual information, 1 = unrelated) below which the affine registration failed. Validation
+# subjects (the training generator, 6 seeds at 1x and 6 at 1.5x its deformation; noise, bias, blur, skull strip)
+# scored 1.019-1.044; heads turned upside down or front to back under --registration none, a cylinder of noise and a
+# 12-slice slab 1.004-1.013: the limit lies between. A thin margin: see docs/results.md, "Plausibility check".
+MIN_ALIGNMENT = 1.015
 LOW_VALIDATION_DICE = 0.1  # a model whose own validation Dice is below this is barely trained
 
 
