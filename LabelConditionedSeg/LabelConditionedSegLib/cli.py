@@ -124,7 +124,7 @@ def _segment_scan(segmenter, conditions, settings: dict, image, image_name: str,
     missing = result.missing
     summary = f"segmented {len(conditions) - len(missing)} of {len(conditions)} labels" + (
         f" (found nowhere: {', '.join(missing)})" if missing else "")
-    if check := describe(result.volumes()):
+    if check := describe(result.check, result.volumes()):
         summary += f"; CHECK FAILED: {check}"
         print(f"lcs: warning: {image_name}: {check}; the registration may have failed, or the scan is not the "
               "anatomy or contrast this model knows: look at it with --overlay, try another --registration, and do "

@@ -45,8 +45,8 @@ def flag(found_ml: float, expected_ml: float) -> str:
 
 def registration_check(affine: float, deformable: float | None = None) -> str:
     """What looks wrong with a registration, from its alignment after the affine step and with the deformable prior;
-    '' when nothing does. On validation subjects the deformable prior always matched better (1.16-1.22 against
-    1.03-1.04); one that matches worse than the affine step has gone astray."""
+    '' when nothing does. On every validation subject the deformable prior matched better (1.16-1.22 against
+    1.03-1.04 after the affine step); one that matches worse has gone astray."""
     if affine < MIN_ALIGNMENT:
         return (f"the scan does not match the atlas after registration (alignment {affine:.3f}, heads score "
                 f">= {MIN_ALIGNMENT}): the registration failed, or this is not a head")
@@ -56,15 +56,14 @@ def registration_check(affine: float, deformable: float | None = None) -> str:
     return ""
 
 
-def describe(rows: Sequence[dict], shown: int = 3) -> str:
-    """What Segmentation.check and the flagged volumes say, in words: "2 label volumes implausible (Hippocampus_L 12x,
-    Amygdala_R 0.05x the atlas's)"; '' when nothing is flagged."""
+def describe(check: str, rows: Sequence[dict], shown: int = 3) -> str:
+    """A registration check (registration_check) and the flagged rows of Segmentation.volumes() in words: "...; 2
+    label volumes implausible (Hippocampus_L 12x, Amygdala_R 0.05x the atlas's)"; '' when nothing is flagged."""
     flagged = sorted((r for r in rows if "implausible volume" in r["flag"]),
                      key=lambda r: -abs(np.log(max(r["volume_ml"], 1e-6) / r["atlas_ml"])))
     listed = ", ".join(f"{r['name']} {r['volume_ml'] / r['atlas_ml']:.2g}x" for r in flagged[:shown])
     volumes = f"{len(flagged)} label volumes implausible ({listed}{', ...' if len(flagged) > shown else ''} the atlas's)"
-    scan = next((r["flag"].split("; ")[0] for r in rows if r["flag"] and "implausible volume" not in r["flag"].split("; ")[0]), "")
-    return "; ".join(filter(None, (scan, volumes if flagged else "")))
+    return "; ".join(filter(None, (check, volumes if flagged else "")))
 
 
 def alignment(image: np.ndarray, atlas_image: np.ndarray, mask: np.ndarray, bins: int = 32) -> float:
