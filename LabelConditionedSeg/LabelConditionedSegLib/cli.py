@@ -265,7 +265,7 @@ def _check_done(args: argparse.Namespace, scans: list, settings: dict) -> None:
     if args.overwrite:
         return
     for scan in scans:
-        seg = args.output / f"{scan.name}.seg.nrrd"
+        seg = _cohort_paths(args, scan)["seg"]
         if seg.is_file() and (change := difference(recorded(seg), settings)):
             raise LCSError(f"{seg} was segmented with {change}; segment into another folder, or pass --overwrite "
                            f"to segment the scans of {args.output} again")
