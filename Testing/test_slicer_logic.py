@@ -425,3 +425,24 @@ def test_export_of_a_scan_without_segments_writes_an_unlabelled_case(scene, scan
     add_segment(scene, empty, "my tumour", mask, volume)  # segments, none an atlas label: the user meant to label
     with pytest.raises(LCSError, match="exports as unlabelled"):
         logic.exportForTraining(volume, empty, folder, "tumour", tiny_checkpoint)
+
+
+def test_the_plausibility_check_reaches_the_panel_and_stays_on_the_segmentation(scene, scans, colin27, tiny_checkpoint,
+                                                                                tmp_path):
+    """A head turned upside down under registration "none" is flagged in a message and in the output's LCS.check
+    attribute (saved with the scene); a held-out head is not."""
+    from LabelConditionedSegLib.logic import CHECK
+
+    logic = SegmentationLogic(scene)
+    notices = []
+    logic.messages = notices.append
+    good = logic.process(load_volume(scene, scans[0][0]), TINY_LABELS[:2], checkpointPath=tiny_checkpoint, device="cpu")
+    assert good.GetAttribute(CHECK) == "" and not [n for n in notices if "Check failed" in n]
+    head = sitk.ReadImage(str(colin27 / "images/colin27.nii.gz"))
+    upside = sitk.GetImageFromArray(sitk.GetArrayFromImage(head)[::-1].copy())
+    upside.CopyInformation(head)
+    sitk.WriteImage(upside, str(tmp_path / "upside.nii.gz"))
+    volume = load_volume(scene, tmp_path / "upside.nii.gz")
+    bad = logic.process(volume, TINY_LABELS[:2], checkpointPath=tiny_checkpoint, device="cpu", registration="none")
+    assert bad.GetAttribute(CHECK).startswith("the scan does not match the atlas after registration")
+    assert any(n.startswith("Check failed on upside: the scan does not match the atlas") for n in notices), notices

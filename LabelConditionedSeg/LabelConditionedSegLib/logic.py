@@ -31,6 +31,7 @@ from .errors import Cancelled, LCSError
 from .geometry import Box, keep_highest
 from .labels import LabelTable
 from .pipeline import Prepared, Segmentation, Segmenter
+from .quality import describe
 from .training_folder import write_case
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -41,6 +42,7 @@ BUNDLED_MODEL = "bundled"  # what scenes store for the bundled model, so they su
 CACHE_ENTRIES = 2  # encoded volumes kept; each holds the scan and its encoder features (on the GPU when there is one)
 ATLAS_OF = "LCS.atlasOf"  # attribute of atlas nodes: the content hash of the checkpoint they came from
 ATLAS_MODEL = "LCS.atlasModel"  # attribute of atlas nodes: that checkpoint's name, for messages
+CHECK = "LCS.check"  # attribute of an output segmentation: what its last run's plausibility check found ('' nothing)
 BINARY = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
 GEOMETRY = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
 # Segment list changes; not Source/RepresentationModified, which fire on every paint stroke.
@@ -554,6 +556,11 @@ class SegmentationLogic:
                 change.created.append(self._volume(probability, name, inputVolume).GetID())
         if job.result.missing:
             self.messages(f"Found nowhere: {', '.join(job.result.missing)}.")
+        check = describe(job.result.check, job.result.volumes())
+        outputSegmentation.SetAttribute(CHECK, check)
+        if check:
+            self.messages(f"Check failed on {inputVolume.GetName()}: {check}. Look at the segments over the scan "
+                          "before using them.")
         self._place_beside(outputSegmentation, inputVolume)
         return outputSegmentation
 
