@@ -3,7 +3,15 @@ import io
 import subprocess
 import sys
 
+import pytest
+
 from LabelConditionedSegLib.progress import LineProgress, progress_bar, set_quiet
+
+
+@pytest.fixture(autouse=True)
+def not_quiet():
+    """An `lcs ... --quiet` run earlier in this process leaves progress off; these tests need it on."""
+    set_quiet(False)
 
 
 def test_a_log_gets_a_line_per_tenth_and_no_carriage_returns():
