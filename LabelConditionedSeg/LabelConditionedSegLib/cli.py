@@ -103,10 +103,8 @@ def _segment_scan(segmenter, conditions, settings: dict, image, image_name: str,
                   seg: Path, extras: dict[str, Path], progress) -> str:
     """Segment one image and write its outputs, the .seg.nrrd last: a cohort takes that file as the sign that the
     scan is done. Returns the summary ("segmented 5 of 6 labels (found nowhere: X)")."""
-    import SimpleITK as sitk
-
     from .files import write_image
-    from .outputs import write_overlay_png, write_seg_nrrd, write_volumes_csv
+    from .outputs import write_labelmap, write_overlay_png, write_seg_nrrd, write_volumes_csv
     from .quality import describe
 
     prepared = segmenter.prepare(image, args.registration, lambda f, m: progress(0.3 * f, m))
@@ -131,8 +129,7 @@ def _segment_scan(segmenter, conditions, settings: dict, image, image_name: str,
               "not use these volumes unchecked", file=sys.stderr, flush=True)
     seg.parent.mkdir(parents=True, exist_ok=True)
     if "labelmap" in extras:
-        pixel = sitk.sitkInt32 if max(c.value for c in conditions) > 32767 else sitk.sitkInt16
-        write_image(sitk.Cast(result.labelmap, pixel), extras["labelmap"])
+        write_labelmap(result.labelmap, max(c.value for c in conditions), extras["labelmap"])
     if "volumes_csv" in extras:
         write_volumes_csv(result, extras["volumes_csv"])
     if "overlay" in extras:

@@ -49,18 +49,17 @@ def _place(temporary: Path, path: Path) -> None:
     if placed is None:
         os.replace(temporary, path)
         return
+    appeared = LCSError(f"{path} appeared while this run was writing it (another run writing the same output?); it "
+                        "was left as it is, and this run's other outputs removed; choose another name, or pass --overwrite")
     try:
         os.link(temporary, path)  # a hard link is created only where no file is: the atomic "rename, never replace"
     except FileExistsError:
-        raise LCSError(f"{path} appeared while this run was writing it (another run writing the same output?); "
-                       "it was left as it is, and this run's other outputs removed; choose another name, or pass "
-                       "--overwrite") from None
+        raise appeared from None
     except OSError as error:
         if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
         if path.exists():  # a file system without hard links: check, then rename (a window of microseconds)
-            raise LCSError(f"{path} appeared while this run was writing it (another run writing the same output?); "
-                           "it was left as it is; choose another name, or pass --overwrite") from None
+            raise appeared from None
         os.replace(temporary, path)
     placed.append(path)
 

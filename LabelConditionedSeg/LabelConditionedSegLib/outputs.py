@@ -59,6 +59,11 @@ def write_seg_nrrd(segmentation: Segmentation, path: str | Path, settings: dict 
     write_image(image, path)
 
 
+def write_labelmap(labelmap: sitk.Image, top: int, path: str | Path) -> None:
+    """A label map as 16-bit integers, or 32-bit when a value (`top` the largest) needs them."""
+    write_image(sitk.Cast(labelmap, sitk.sitkInt32 if top > 32767 else sitk.sitkInt16), path)
+
+
 ATLAS_FILES = {"image": "atlas.nii.gz", "segments": "atlas_labels.seg.nrrd", "labelmap": "atlas_labels.nii.gz",
                "mask": "atlas_mask.nii.gz", "table": "labels.csv"}
 
@@ -71,13 +76,12 @@ def write_atlas(checkpoint: Checkpoint, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     labels = checkpoint.atlas_labels
     write_image(checkpoint.atlas_image, paths["image"])
-    write_image(sitk.Cast(labels, sitk.sitkInt32 if max(checkpoint.label_table.values) > 32767 else sitk.sitkInt16),
-                paths["labelmap"])
+    write_labelmap(labels, max(checkpoint.label_table.values), paths["labelmap"])
     write_image(sitk.Cast(checkpoint.atlas_mask, sitk.sitkUInt8), paths["mask"])
     checkpoint.label_table.write_csv(paths["table"])
     array = sitk.GetArrayViewFromImage(labels)
     conditions = [Condition.of(label.name, label.value, array == label.value, label.color) for label in checkpoint.label_table]
-    boxes = [Box.of(c.mask, c.offset) if c.mask.size else None for c in conditions]
+    boxes = [Box(c.offset, c.mask) if c.mask.size else None for c in conditions]  # a condition is its box
     write_seg_nrrd(Segmentation(conditions, labels, boxes, lambda box: box, [0.0] * len(conditions)), paths["segments"])
     return list(paths.values())
 

@@ -123,19 +123,17 @@ class Segmenter:
         transform = register(image, self.checkpoint.atlas_image, registration, fixed_mask=self.checkpoint.atlas_mask,
                              cancel=cancel)
         model_image = model_input(self.checkpoint, image, transform)
+        brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
+        atlas = sitk.GetArrayViewFromImage(self.checkpoint.atlas_image)
         prior = None
         if registration == "deformable":
             if "deformable" not in self.checkpoint.priors:
                 self.messages(f"{self.checkpoint.provenance.get('name', 'this model')} was not trained on deformable "
                               "priors; its results may be worse than with --registration affine")
             step(0.3, "warping the atlas onto the volume (deformable)")
-            prior = deformable_prior(model_image, sitk.GetArrayViewFromImage(self.checkpoint.atlas_image),
-                                     self.checkpoint.atlas_image, cancel,
-                                     atlas_mask=sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0)
+            prior = deformable_prior(model_image, atlas, self.checkpoint.atlas_image, cancel, atlas_mask=brain)
         step(0.5, f"encoding on {self.device}")
         encoded = self.engine.encode(model_image, None if prior is None else prior.atlas_image)
-        brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
-        atlas = sitk.GetArrayViewFromImage(self.checkpoint.atlas_image)
         check = registration_check(alignment(model_image, atlas, brain),
                                    None if prior is None else alignment(model_image, prior.atlas_image, brain))
         return Prepared(image, transform, model_image, encoded, prior, check)
