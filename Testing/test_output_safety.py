@@ -43,7 +43,7 @@ def table_names(path: Path) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def scans(colin27, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("scans")
+    folder = tmp_path_factory.mktemp("safety_scans")
     for seed in (61, 62):
         sitk.WriteImage(heldout_subject(colin27, seed=seed)[0], str(folder / f"s{seed}.nii.gz"))
     return folder

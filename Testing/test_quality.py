@@ -48,7 +48,7 @@ def untrained(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def scans(colin27, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("scans")
+    folder = tmp_path_factory.mktemp("quality_scans")
     sitk.WriteImage(heldout_subject(colin27, seed=71)[0], str(folder / "head.nrrd"))
     return folder
 
