@@ -14,6 +14,8 @@ from conftest import TINY_LABELS, heldout_subject
 from lcs_training.data import case_files
 from lcs_training.evaluate import FIELDS
 from lcs_training.metrics import label_metrics
+from lcs_training import propagation
+from lcs_training.propagation import bspline_propagate
 from lcs_training.synth import SubjectGenerator, unlike_subject
 
 
@@ -81,6 +83,36 @@ def test_metrics_match_known_shapes():
     assert 2.0 <= m[2]["hd95_mm"] <= largest.GetHausdorffDistance() + 1e-6  # z faces lie 2 mm apart, corners further
     empty = label_metrics(np.zeros_like(truth), truth, [1], (1.0, 1.0, 1.0))[1]
     assert empty["dice"] == 0 and np.isnan(empty["hd95_mm"]) and empty["volume_diff_pct"] == -100
+
+
+@pytest.mark.slow  # two B-spline fits, 20-60 s on 2 cores
+def test_bspline_propagation_moves_labels_within_its_bound(tiny, monkeypatch):
+    """The B-spline moves some labels beyond the affine's; bounded near zero, it moves (almost) none: the bound that
+    keeps the warp fold-free reaches the optimiser."""
+    told = []
+    shift = sitk.TranslationTransform(3, (4.3, -2.6, 1.7))  # off half-voxel ties of nearest neighbour
+    affine = sitk.GetArrayFromImage(sitk.Resample(tiny.atlas_labels, tiny.atlas_image, shift.GetInverse(),
+                                                  sitk.sitkNearestNeighbor, 0))
+
+    def changed() -> float:
+        warped = bspline_propagate(tiny.atlas_image, tiny.atlas_image, tiny.atlas_labels, shift, tiny.atlas_mask,
+                                   say=told.append)
+        return float((sitk.GetArrayViewFromImage(warped) != affine).mean())
+
+    free = changed()
+    monkeypatch.setattr(propagation, "FOLD_FREE", 1e-4)
+    bounded = changed()
+    assert not told and 0.005 < free < 0.1 and bounded < 0.001, (free, bounded)
+
+
+def test_bspline_propagation_falls_back_to_the_affine_when_itk_gives_up(tiny):
+    """A registration ITK cannot start (the affine sends every sample outside the atlas, as a runaway optimiser step
+    did once on CI) gives the affine's labels and says so, instead of ending an hour of evaluation."""
+    told = []
+    far = sitk.TranslationTransform(3, (1000.0, 0.0, 0.0))
+    labels = bspline_propagate(tiny.atlas_image, tiny.atlas_image, tiny.atlas_labels, far, tiny.atlas_mask, say=told.append)
+    assert len(told) == 1 and "B-spline registration failed" in told[0] and "affine" in told[0], told
+    assert labels.GetSize() == tiny.atlas_image.GetSize() and not sitk.GetArrayViewFromImage(labels).any()
 
 
 @pytest.fixture(scope="module")

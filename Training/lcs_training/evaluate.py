@@ -131,7 +131,7 @@ class Scoring:
         if self.bspline:
             start = time.time()
             predictions["bspline propagation"] = bspline_propagate(image, self.checkpoint.atlas_image, self.atlas_labels,
-                                                                   prepared.transform, self.checkpoint.atlas_mask)
+                                                                   prepared.transform, self.checkpoint.atlas_mask, say=say)
             seconds["bspline propagation"] = time.time() - start + registered
         if self.baselines:
             start = time.time()

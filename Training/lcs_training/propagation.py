@@ -1,32 +1,46 @@
 """Atlas propagation with a deformable refinement: the registration baseline LCS is compared with."""
 from __future__ import annotations
 
+from typing import Callable
+
 import SimpleITK as sitk
 
 from LabelConditionedSegLib.geometry import no_finer_than
 
+FOLD_FREE = 0.4  # B-spline coefficients below this share of the control-point spacing keep the warp free of folds
+
 
 def bspline_propagate(subject: sitk.Image, atlas_image: sitk.Image, atlas_labels: sitk.Image, affine: sitk.Transform,
-                      atlas_mask: sitk.Image, mesh_mm: float = 40.0) -> sitk.Image:
+                      atlas_mask: sitk.Image, mesh_mm: float = 40.0, say: Callable[[str], None] = print) -> sitk.Image:
     """Atlas labels warped onto the subject's grid by the affine (atlas -> subject) plus a B-spline.
 
     The B-spline is fitted on the subject's side (Mattes mutual information, L-BFGS-B, two levels, control
-    points every `mesh_mm`), so the labels are pulled through it directly, without inverting a deformation."""
+    points every `mesh_mm`), so the labels are pulled through it directly, without inverting a deformation. Its
+    coefficients are bounded to keep the warp fold-free; where ITK gives up all the same (the optimiser stepped out
+    of the atlas), the labels are the affine's, as a user would keep them, and `say` tells."""
     fixed = no_finer_than(sitk.Cast(subject, sitk.sitkFloat32), min(atlas_image.GetSpacing()))
     to_atlas = affine.GetInverse()
     mask = sitk.Resample(atlas_mask, fixed, to_atlas, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     extent = [size * spacing for size, spacing in zip(fixed.GetSize(), fixed.GetSpacing())]
-    bspline = sitk.BSplineTransformInitializer(fixed, [max(1, int(round(e / mesh_mm))) for e in extent], order=3)
+    mesh = [max(1, int(round(e / mesh_mm))) for e in extent]
+    bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
+    bound = FOLD_FREE * min(e / m for e, m in zip(extent, mesh))
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(32)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(0.2, 1)
     method.SetMetricFixedMask(mask)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=60)
+    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=60, lowerBound=-bound,
+                                upperBound=bound)
     method.SetShrinkFactorsPerLevel([2, 1])
     method.SetSmoothingSigmasPerLevel([1, 0])
     method.SetMovingInitialTransform(to_atlas)
     method.SetInitialTransform(bspline, inPlace=True)
-    method.Execute(fixed, sitk.Cast(atlas_image, sitk.sitkFloat32))
-    return sitk.Resample(atlas_labels, subject, sitk.CompositeTransform([to_atlas, bspline]), sitk.sitkNearestNeighbor, 0)
+    try:
+        method.Execute(fixed, sitk.Cast(atlas_image, sitk.sitkFloat32))
+        transform = sitk.CompositeTransform([to_atlas, bspline])
+    except RuntimeError as error:
+        say(f"B-spline registration failed ({str(error).strip().splitlines()[-1][:120]}); its labels are the affine's")
+        transform = to_atlas
+    return sitk.Resample(atlas_labels, subject, transform, sitk.sitkNearestNeighbor, 0)
