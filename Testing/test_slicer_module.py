@@ -20,6 +20,7 @@ MODULE = ROOT / "LabelConditionedSeg"
 MODULE_FILE = MODULE / "LabelConditionedSeg.py"
 UI_FILE = ROOT / "Resources" / "UI" / "LabelConditionedSeg.ui"
 LOGIC_FILE = MODULE / "LabelConditionedSegLib" / "logic.py"
+SEGMENTERS_FILE = MODULE / "LabelConditionedSegLib" / "segmenters.py"  # where the logic names the bundled model
 
 # The class each widget that the module file touches must have in the .ui.
 EXPECTED_WIDGETS = {
@@ -289,8 +290,8 @@ def test_torch_is_installed_only_when_asked_and_never_in_a_test():
 
 def test_the_bundled_model_is_stored_by_name():
     """The parameter node's default names the bundled model as the logic does, not by a path on this machine."""
-    logic = ast.parse(LOGIC_FILE.read_text())
-    (value,) = [n.value.value for n in logic.body if isinstance(n, ast.Assign)
+    segmenters = ast.parse(SEGMENTERS_FILE.read_text())
+    (value,) = [n.value.value for n in segmenters.body if isinstance(n, ast.Assign)
                 and [getattr(t, "id", None) for t in n.targets] == ["BUNDLED_MODEL"]]
     assert module_constant("BUNDLED_MODEL") == value
     assert ast.unparse(parameter_fields()["checkpointPath"].value) == "Path(BUNDLED_MODEL)"
