@@ -24,7 +24,7 @@ from slicer.util import VTKObservationMixin
 
 HERE = Path(__file__).resolve().parent
 HOMEPAGE = "https://github.com/label-conditioned-segmentation/SlicerLabelConditionedSeg"
-# LabelConditionedSegLib.logic.BUNDLED_MODEL, which this file cannot import: it loads before PyTorch is installed.
+# LabelConditionedSegLib.segmenters.BUNDLED_MODEL, which this file cannot import: it loads before PyTorch is installed.
 # Scenes store the bundled model by this name, so that they open after an upgrade and on other machines.
 BUNDLED_MODEL = "bundled"
 TORCH_REQUIREMENT = ">=2.4"  # as in pyproject.toml
@@ -222,7 +222,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._notices = []
         self._cancel = threading.Event()
 
-    # ---- set-up -------------------------------------------------------------------------
+    # ---- set-up and the parameter node -----------------------------------------------------------
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(str(resource("UI/LabelConditionedSeg.ui")))
@@ -328,6 +328,49 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.refreshLabels()
         self.refreshRelabel()
 
+    def refreshPanel(self):
+        """Everything the panel shows, from the parameter node, the model and the scene."""
+        self.refreshLabels()
+        self.onParameterNodeModified()
+
+    def updateButtons(self, *unused):
+        if self._worker is not None:
+            return
+        p = self._parameterNode
+        if torchProblem():
+            self.ui.applyButton.text = "Install PyTorch" if torchMissing() else "Apply"
+            self.ui.applyButton.enabled = torchMissing()
+            self.ui.applyButton.toolTip = torchProblem()
+            for button in (self.ui.undoButton, self.ui.proposeButton, self.ui.acceptProposalButton,
+                           self.ui.rejectProposalButton, self.ui.exportButton):
+                button.enabled = False
+            return
+        ready = bool(p and p.inputVolume and self.selectedLabels())
+        self.ui.applyButton.text = "Apply"
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = "Segment the selected labels" if ready else "Select an input volume and atlas labels"
+        self.ui.undoButton.enabled = self.logic.core.canUndo()
+        partial = bool(p and p.inputVolume and p.relabelSegmentation)
+        self.ui.proposeButton.text = "Propose missing labels"
+        self.ui.proposeButton.enabled = partial and self.ui.missingLabelListWidget.count > 0
+        reviewing = bool(p and p.proposalSegmentation and self.selectedProposals())
+        self.ui.acceptProposalButton.enabled = reviewing and bool(p.relabelSegmentation)
+        self.ui.rejectProposalButton.enabled = reviewing
+        # no segmentation, or an empty one, exports the scan unlabelled
+        exportable = bool(p and p.inputVolume and p.caseName)
+        self.ui.exportButton.enabled = exportable and bool(self.ui.exportFolderPathLineEdit.currentPath)
+
+    def onInstallTorch(self):
+        """Ask, then install PyTorch; Cancel is no error. Either way the panel then shows where PyTorch stands."""
+        if slicer.util.confirmOkCancelDisplay(
+                "Label Conditioned Segmentation needs PyTorch, which is not installed yet.\n\n"
+                "Install it now? The PyTorch extension picks a build that fits this computer's GPU (or the CPU). "
+                "The download can take several minutes.", windowTitle="Install PyTorch"):
+            with showErrors("PyTorch could not be installed; see the Python console, or use the PyTorch Utils module."):
+                self.logic.installTorch()
+        self.refreshPanel()
+
+    # ---- model and atlas (Lib: segmenters.py, atlas.py) ------------------------------------------
     def checkpoint(self) -> str:
         """The chosen model as the logic takes it: "bundled" or a path."""
         return str(self._parameterNode.checkpointPath) if self._parameterNode else BUNDLED_MODEL
@@ -361,31 +404,6 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.deviceInfoLabel.text = devices
         self.refreshPanel()
 
-    def followSegments(self):
-        """While the panel is shown, observe the segments of the segmentations it lists (the one to complete, the
-        proposals, the chosen model's atlas once that model is loaded) and no others, so that their lists follow."""
-        core, p = self.logic.core, self._parameterNode
-        core.stopObservingSegments()
-        if p is None or not self.parent.isEntered:
-            return
-        nodes = [p.relabelSegmentation, p.proposalSegmentation]
-        if self._models.get(self.checkpoint()) == "":
-            nodes.append(core.atlasFor(self.checkpoint()))
-        for node in nodes:
-            if node is not None:
-                core.observeSegments(node, self.refreshLists)
-
-    def refreshPanel(self):
-        """Everything the panel shows, from the parameter node, the model and the scene."""
-        self.refreshLabels()
-        self.onParameterNodeModified()
-
-    def refreshLists(self, *unused):
-        """The label lists, after their segments changed."""
-        self.refreshLabels()
-        self.refreshRelabel()
-
-    # ---- the atlas label list ---------------------------------------------------------------
     def refreshLabels(self):
         """Trained labels of the checkpoint, then regions painted on the atlas; keeps the selection."""
         widget = self.ui.labelListWidget
@@ -441,7 +459,29 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             editor.setActiveEffectByName("Paint")
             slicer.util.showStatusMessage("Paint the new region on the atlas, rename it, then come back and Apply.", 8000)
 
-    # ---- relabel missing organs -------------------------------------------------------------
+    # ---- segmentation (Lib: apply.py) ------------------------------------------------------------
+    def onApplyOrCancel(self):
+        if torchMissing():
+            self.onInstallTorch()
+            return
+        p = self._parameterNode
+        self.runInBackground(self.ui.applyButton, lambda core, device: core.start(
+            p.inputVolume, self.selectedLabels(), self.checkpoint(), device, p.registration, p.threshold,
+            p.keepProbabilities), self.finishSegmentation)
+
+    def finishSegmentation(self, job) -> str:
+        p = self._parameterNode
+        p.outputSegmentation = self.logic.core.finish(job, p.outputSegmentation, p.replaceExisting)
+        return f"Done: {len(job.conditions)} label(s)"
+
+    # ---- undo (Lib: undo.py) ---------------------------------------------------------------------
+    def onUndo(self):
+        """Take back the last Apply, Propose, Accept or Reject (Slicer's own Undo does not cover them)."""
+        with showErrors("Nothing was undone."):
+            self.ui.statusLabel.text = self.logic.core.undoLastRun()
+        self.refreshLists()
+
+    # ---- relabel missing organs (Lib: proposals.py) ----------------------------------------------
     def refreshRelabel(self):
         """The labels missing from the chosen segmentation and the proposals under review."""
         p = self._parameterNode
@@ -476,6 +516,18 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def selectedProposals(self) -> list:
         return [item.data(qt.Qt.UserRole) for item in self.ui.proposalListWidget.selectedItems()]
 
+    def onProposeOrCancel(self):
+        """Propose the missing labels selected in the list (all of them when none is selected)."""
+        p = self._parameterNode
+        picked = self.pickedMissingLabels()
+        self.runInBackground(self.ui.proposeButton, lambda core, device: core.startProposals(
+            p.inputVolume, p.relabelSegmentation, self.checkpoint(), device, p.proposalPasses, p.registration,
+            p.keepUncertainty, picked or None), self.finishProposals)
+
+    def finishProposals(self, job) -> str:
+        self._parameterNode.proposalSegmentation = self.logic.core.finishProposals(job)
+        return f"Proposed {len(job.meanUncertainty)} of {len(job.conditions)} missing label(s); accept or reject them"
+
     def onReview(self, accept: bool):
         """Accept the selected proposals into the user's segmentation, or reject them; refusals are listed at the end."""
         p, core = self._parameterNode, self.logic.core
@@ -493,6 +545,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if refused:
             slicer.util.errorDisplay("\n".join(refused), windowTitle="Some proposals were not accepted")
 
+    # ---- export for training (Lib: export.py) ----------------------------------------------------
     def onExport(self):
         """Write the scan and the segmentation as a training case; asks before replacing a case of that name."""
         p, core = self._parameterNode, self.logic.core
@@ -507,76 +560,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.exportFolderPathLineEdit.addCurrentPathToHistory()
             self.ui.statusLabel.text = "  ".join([f"Exported case {p.caseName} to {folder}."] + self._notices)
 
-    # ---- running ----------------------------------------------------------------------------
-    def updateButtons(self, *unused):
-        if self._worker is not None:
-            return
-        p = self._parameterNode
-        if torchProblem():
-            self.ui.applyButton.text = "Install PyTorch" if torchMissing() else "Apply"
-            self.ui.applyButton.enabled = torchMissing()
-            self.ui.applyButton.toolTip = torchProblem()
-            for button in (self.ui.undoButton, self.ui.proposeButton, self.ui.acceptProposalButton,
-                           self.ui.rejectProposalButton, self.ui.exportButton):
-                button.enabled = False
-            return
-        ready = bool(p and p.inputVolume and self.selectedLabels())
-        self.ui.applyButton.text = "Apply"
-        self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = "Segment the selected labels" if ready else "Select an input volume and atlas labels"
-        self.ui.undoButton.enabled = self.logic.core.canUndo()
-        partial = bool(p and p.inputVolume and p.relabelSegmentation)
-        self.ui.proposeButton.text = "Propose missing labels"
-        self.ui.proposeButton.enabled = partial and self.ui.missingLabelListWidget.count > 0
-        reviewing = bool(p and p.proposalSegmentation and self.selectedProposals())
-        self.ui.acceptProposalButton.enabled = reviewing and bool(p.relabelSegmentation)
-        self.ui.rejectProposalButton.enabled = reviewing
-        # no segmentation, or an empty one, exports the scan unlabelled
-        exportable = bool(p and p.inputVolume and p.caseName)
-        self.ui.exportButton.enabled = exportable and bool(self.ui.exportFolderPathLineEdit.currentPath)
-
-    def onInstallTorch(self):
-        """Ask, then install PyTorch; Cancel is no error. Either way the panel then shows where PyTorch stands."""
-        if slicer.util.confirmOkCancelDisplay(
-                "Label Conditioned Segmentation needs PyTorch, which is not installed yet.\n\n"
-                "Install it now? The PyTorch extension picks a build that fits this computer's GPU (or the CPU). "
-                "The download can take several minutes.", windowTitle="Install PyTorch"):
-            with showErrors("PyTorch could not be installed; see the Python console, or use the PyTorch Utils module."):
-                self.logic.installTorch()
-        self.refreshPanel()
-
-    def onUndo(self):
-        """Take back the last Apply, Propose, Accept or Reject (Slicer's own Undo does not cover them)."""
-        with showErrors("Nothing was undone."):
-            self.ui.statusLabel.text = self.logic.core.undoLastRun()
-        self.refreshLists()
-
-    def onApplyOrCancel(self):
-        if torchMissing():
-            self.onInstallTorch()
-            return
-        p = self._parameterNode
-        self.runInBackground(self.ui.applyButton, lambda core, device: core.start(
-            p.inputVolume, self.selectedLabels(), self.checkpoint(), device, p.registration, p.threshold,
-            p.keepProbabilities), self.finishSegmentation)
-
-    def finishSegmentation(self, job) -> str:
-        p = self._parameterNode
-        p.outputSegmentation = self.logic.core.finish(job, p.outputSegmentation, p.replaceExisting)
-        return f"Done: {len(job.conditions)} label(s)"
-
-    def onProposeOrCancel(self):
-        """Propose the missing labels selected in the list (all of them when none is selected)."""
-        p = self._parameterNode
-        picked = self.pickedMissingLabels()
-        self.runInBackground(self.ui.proposeButton, lambda core, device: core.startProposals(
-            p.inputVolume, p.relabelSegmentation, self.checkpoint(), device, p.proposalPasses, p.registration,
-            p.keepUncertainty, picked or None), self.finishProposals)
-
-    def finishProposals(self, job) -> str:
-        self._parameterNode.proposalSegmentation = self.logic.core.finishProposals(job)
-        return f"Proposed {len(job.meanUncertainty)} of {len(job.conditions)} missing label(s); accept or reject them"
-
+    # ---- jobs in the background (Lib: jobs.py) ---------------------------------------------------
     def runInBackground(self, button, start, finish):
         """Start a job on the main thread (`start(core, device)`), compute it in a worker thread while `button`
         reads Cancel, then write its result with `finish(job)` on the main thread. Pressed again: cancel."""
@@ -632,6 +616,26 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self.ui.deviceInfoLabel.text = (f"{self.logic.describeDevices()} Last run: {job.segmenter.device}. "
                                                 f"{self.logic.core.cacheDescription()}")
         self.updateButtons()
+
+    # ---- segment observers (Lib: observers.py) ---------------------------------------------------
+    def followSegments(self):
+        """While the panel is shown, observe the segments of the segmentations it lists (the one to complete, the
+        proposals, the chosen model's atlas once that model is loaded) and no others, so that their lists follow."""
+        core, p = self.logic.core, self._parameterNode
+        core.stopObservingSegments()
+        if p is None or not self.parent.isEntered:
+            return
+        nodes = [p.relabelSegmentation, p.proposalSegmentation]
+        if self._models.get(self.checkpoint()) == "":
+            nodes.append(core.atlasFor(self.checkpoint()))
+        for node in nodes:
+            if node is not None:
+                core.observeSegments(node, self.refreshLists)
+
+    def refreshLists(self, *unused):
+        """The label lists, after their segments changed."""
+        self.refreshLabels()
+        self.refreshRelabel()
 
 
 def addListItem(widget, text: str, key: str, color, selected: bool = False):
