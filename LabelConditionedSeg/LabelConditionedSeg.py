@@ -172,36 +172,39 @@ class LabelConditionedSegLogic(ScriptedLoadableModuleLogic):
 
 
 class Background:
-    """`work()` in a worker thread, then `done(result, error)` on the main thread, where a QTimer polls it (calling
-    `tick()` meanwhile): Qt and MRML calls stay on the main thread. `error` is (exception, traceback) or None."""
+    """`work()` in a worker thread (LabelConditionedSegLib.jobs.Worker), then `done(result, failure)` on the main
+    thread, where a QTimer polls it (calling `tick()` meanwhile): Qt and MRML calls stay on the main thread. `failure`
+    is a jobs.Failure (text only) or None. When the work ends, or on `stop`, the timer lets go: PythonQt's signal
+    receiver holds a connected callable by a C++ reference the cycle collector cannot see (PythonQtSignalTarget,
+    and PythonQtInstanceWrapper has no tp_traverse; Slicer 5.6 to 5.10), so a connected Background would keep its
+    job, GPU memory included, for good."""
 
     def __init__(self, work, done, tick=None):
-        self.result, self.error = None, None
+        from LabelConditionedSegLib.jobs import Worker
         self._done, self._tick = done, tick
-        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True)
-        self._timer = qt.QTimer()
+        self._worker = Worker(work)
+        self._timer = qt.QTimer(slicer.app)  # a parent: deleted later by Qt, never inside its own timeout signal
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll)
-        self._thread.start()
         self._timer.start()
-
-    def _run(self, work):
-        try:
-            self.result = work()
-        except Exception as error:
-            self.error = (error, traceback.format_exc())
 
     def _poll(self):
         if self._tick:
             self._tick()
-        if self._thread.is_alive():
+        if self._worker.running:
             return
-        self._timer.stop()
-        self._done(self.result, self.error)
+        done, (result, failure) = self._done, self._worker.take()
+        self.stop()
+        done(result, failure)
 
     def stop(self):
-        """No `done` call: the thread finishes on its own (a job once cancelled)."""
-        self._timer.stop()
+        """No `done` call (a job once cancelled: its thread finishes on its own); the timer is disconnected and goes,
+        and the callbacks are dropped."""
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.timeout.disconnect(self._poll)
+            self._timer.deleteLater()
+        self._timer = self._done = self._tick = None
 
 
 class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -399,7 +402,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onModelLoaded(self, checkpoint: str, devices: str, error):
         self._loader = None
-        self._models[checkpoint] = f"Cannot use this model: {error[0]}" if error else ""
+        self._models[checkpoint] = f"Cannot use this model: {error.message}" if error else ""
         if devices:
             self.ui.deviceInfoLabel.text = devices
         self.refreshPanel()
@@ -599,14 +602,13 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onJobDone(self, job, finish, error):
         """Main thread: write the finished job into the scene, or say why nothing was written."""
-        from LabelConditionedSegLib.errors import Cancelled
         self._worker = None
         self.ui.progressBar.hide()
-        if self._cancel.is_set() or (error is not None and isinstance(error[0], Cancelled)):
+        if self._cancel.is_set() or (error is not None and error.cancelled):
             self.ui.statusLabel.text = "Cancelled; the scene is as it was."
         elif error is not None:
-            self.ui.statusLabel.text = f"Failed: {error[0]}"
-            slicer.util.errorDisplay(f"The run failed: {error[0]}", detailedText=error[1])
+            self.ui.statusLabel.text = f"Failed: {error.message}"
+            slicer.util.errorDisplay(f"The run failed: {error.message}", detailedText=error.details)
         else:
             self.ui.statusLabel.text = "Failed: the result could not be added to the scene."
             with showErrors("Could not add the result to the scene."):

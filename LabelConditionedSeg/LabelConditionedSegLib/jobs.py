@@ -1,11 +1,13 @@
-"""Segmentation jobs and the encoded-volume cache.
+"""Segmentation jobs, the worker thread they run in, and the encoded-volume cache.
 
 A job is one run split by thread: the logic reads the scene (main thread), `Job.run` only computes (any thread: a
-GUI runs it in a worker), the logic writes the result (main thread). The encoded volume is cached (CACHE_ENTRIES
+GUI runs it in a `Worker`), the logic writes the result (main thread). The encoded volume is cached (CACHE_ENTRIES
 volumes), so asking for another label of the same volume costs one decode.
 """
 from __future__ import annotations
 
+import threading
+import traceback
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -58,6 +60,42 @@ class Job:
     def encoded(self) -> bool:
         """Whether this job registered and encoded the volume itself (a cache miss)."""
         return self.image is not None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why work failed, as text: an exception would hold the worker's frames, and through them the job."""
+
+    message: str
+    details: str  # the traceback
+    cancelled: bool = False
+
+
+class Worker:
+    """`work()` in a daemon thread; the main thread polls `running`, then takes the outcome once with `take`. From
+    then on the worker holds nothing of the work (result, closure, exception), so whoever still holds the worker
+    (in Slicer, PythonQt holds what a QTimer calls, out of the cycle collector's sight) holds no job."""
+
+    def __init__(self, work: Callable[[], object]):
+        self._result: object = None
+        self._failure: Failure | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True)  # drops `work` when it ends
+        self._thread.start()
+
+    def _run(self, work: Callable[[], object]) -> None:
+        try:
+            self._result = work()
+        except Exception as error:
+            self._failure = Failure(str(error), traceback.format_exc(), isinstance(error, Cancelled))
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def take(self) -> tuple[object, Failure | None]:
+        """(result, None) or (None, failure), once the work is over; the worker lets go of the result."""
+        result, self._result = self._result, None
+        return result, self._failure
 
 
 def _parts(value) -> Iterator:

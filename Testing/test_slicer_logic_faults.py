@@ -1,0 +1,64 @@
+"""Issue 27's faults that live in the Logic, each on a real MRML scene (PyPI's slicer-core) with the tiny model."""
+import time
+import weakref
+from functools import partial
+
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from LabelConditionedSegLib.jobs import Worker  # noqa: E402
+from LabelConditionedSegLib.logic import SegmentationLogic  # noqa: E402
+
+from conftest import TINY_LABELS  # noqa: E402
+from test_slicer_logic import load_volume, scans  # noqa: E402, F401 -- a fixture
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    yield scene
+    scene.Clear(True)
+
+
+def outcome(worker: Worker):
+    while worker.running:
+        time.sleep(0.01)
+    return worker.take()
+
+
+# ---- 1: a finished job is freed -----------------------------------------------------------------------------------
+def _fail(fraction, message):
+    raise RuntimeError("the disk is full")
+
+
+def test_a_finished_failed_or_cancelled_job_is_freed_while_its_worker_is_held(scene, scans, tiny_checkpoint):
+    """In Slicer, PythonQt holds the panel's Background (and so its Worker) by a reference the cycle collector cannot
+    see; a Worker that ran a job must therefore hold nothing of it once its outcome is taken. Freed by reference
+    counting alone, without gc.collect."""
+    volume = load_volume(scene, scans[1][0])
+    logic = SegmentationLogic(scene)
+    job = logic.start(volume, TINY_LABELS, tiny_checkpoint, "cpu", keepProbabilities=True)
+    worker = Worker(job.run)
+    result, failure = outcome(worker)
+    assert result is None and failure is None
+    logic.finish(job)
+    freed = [weakref.ref(o) for o in (job, job.result, job.probabilities[0][1])]
+    del job
+    assert [r() for r in freed] == [None, None, None]
+    assert logic.cacheSize() == 1  # the encoding is the cache's to keep (CACHE_ENTRIES), not the job's
+
+    for kwargs, cancelled, message in (({"cancel": lambda: True}, True, "cancelled by the user; nothing was changed"),
+                                       ({"progress": _fail}, False, "the disk is full")):
+        logic.clearCache()  # the job encodes the volume itself, so its frames hold the scan and the features
+        job = logic.start(volume, TINY_LABELS, tiny_checkpoint, "cpu")
+        worker = Worker(partial(job.run, **kwargs))
+        result, failure = outcome(worker)
+        assert (failure.cancelled, failure.message) == (cancelled, message)
+        assert "Traceback" in failure.details and not isinstance(failure.details, BaseException)
+        freed = weakref.ref(job)
+        del job
+        assert freed() is None, "the worker keeps the failed job alive"
