@@ -3,11 +3,14 @@ import time
 import weakref
 from functools import partial
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
+from LabelConditionedSegLib.errors import LCSError  # noqa: E402
 from LabelConditionedSegLib.jobs import Worker  # noqa: E402
 from LabelConditionedSegLib.logic import SegmentationLogic  # noqa: E402
 
@@ -62,3 +65,49 @@ def test_a_finished_failed_or_cancelled_job_is_freed_while_its_worker_is_held(sc
         freed = weakref.ref(job)
         del job
         assert freed() is None, "the worker keeps the failed job alive"
+
+
+# ---- 2: export of segments imported as closed surfaces (models, STL, RTSTRUCT) -------------------------------------
+def surface_segmentation(scene, name: str, center, radius: float):
+    """A segmentation as a model, STL or RTSTRUCT import leaves it: one sphere, closed surface only."""
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*center)
+    sphere.SetRadius(radius)
+    sphere.SetThetaResolution(48)
+    sphere.SetPhiResolution(48)
+    sphere.Update()
+    assert segmentation.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "Frontal_Sup_L", [1, 0, 0])
+    return segmentation
+
+
+def test_a_segmentation_of_closed_surfaces_exports_its_voxels(scene, scans, tiny, tiny_checkpoint, tmp_path):
+    """Fault 2. Slicer registers its converters when it starts (qSlicerSegmentationsModule::setup); slicer-core does
+    not: a segmentation made before the rule is registered cannot be converted, which must be an error, not an
+    "all segments empty"."""
+    volume = load_volume(scene, scans[0][0])
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    center = [(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)]
+    logic = SegmentationLogic(scene)
+    unconvertible = surface_segmentation(scene, "no converter", center, 15.0)
+    with pytest.raises(LCSError, match=r"segments of no converter \(Closed surface\) could not be converted to a "
+                                       "binary labelmap"):
+        logic.exportForTraining(volume, unconvertible, tmp_path / "data", "case00", tiny_checkpoint)
+
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    rule = slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule()
+    factory.RegisterConverterRule(rule)
+    try:
+        imported = surface_segmentation(scene, "imported", center, 15.0)
+    finally:
+        factory.UnregisterConverterRule(rule)
+    path = logic.exportForTraining(volume, imported, tmp_path / "data", "case01", tiny_checkpoint)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    value = tiny.label_table.resolve("Frontal_Sup_L").value
+    assert set(np.unique(labels)) == {0, value}
+    sphere_ml = 4 / 3 * np.pi * 15.0 ** 3 / 1000
+    found_ml = (labels == value).sum() * np.prod(volume.GetSpacing()) / 1000
+    assert abs(found_ml - sphere_ml) / sphere_ml < 0.1, (found_ml, sphere_ml)

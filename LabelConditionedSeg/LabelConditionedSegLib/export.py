@@ -11,7 +11,7 @@ import slicer
 
 from .errors import LCSError
 from .labels import LabelTable
-from .mrml import require_image, segment_array, volume_to_image
+from .mrml import require_binary_labelmap, require_image, segment_array, volume_to_image
 from .training_folder import write_case
 
 CASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -52,6 +52,8 @@ def export_case(inputVolume, segmentationNode, folder: str | Path, caseName: str
     if case_exists(folder, caseName) and not overwrite:
         raise LCSError(f"case {caseName!r} exists in {folder} already; choose another name or allow overwriting")
     by_name = {l.name.lower(): l for l in table}
+    if segmentationNode is not None:
+        require_binary_labelmap(segmentationNode, inputVolume)
     segments = segmentationNode.GetSegmentation() if segmentationNode is not None else None
     count = segments.GetNumberOfSegments() if segments is not None else 0
     labels = np.zeros(slicer.util.arrayFromVolume(inputVolume).shape, np.int32)

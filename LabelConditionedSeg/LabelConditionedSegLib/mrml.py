@@ -134,7 +134,28 @@ def segment_array(segmentation, segmentId: str, volume) -> np.ndarray:
     merged = slicer.vtkOrientedImageData()
     slicer.vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
         segmentation, volume, ids, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, merged)
+    # The call returns nothing (void in 5.6 to 5.10). On the reference extent even an empty segment gets voxels
+    # (all 0), so no voxels at all is a failed merge (no binary labelmap), not an empty segment.
+    if merged.GetPointData().GetScalars() is None:
+        name = segmentation.GetSegmentation().GetSegment(segmentId).GetName()
+        raise LCSError(f"segment {name!r} of {segmentation.GetName()} could not be read as voxels on "
+                       f"{volume.GetName()}; open it in Segment Editor once, then try again")
     return labelmap_array(merged, slicer.util.arrayFromVolume(volume).shape)
+
+
+def require_binary_labelmap(segmentation, volume) -> None:
+    """Give `segmentation` a binary labelmap representation if it lacks one (imported from models, STL or
+    RTSTRUCT, its segments are closed surfaces), on `volume`'s grid when it has no reference geometry yet: what
+    Segment Editor and Slicer's own labelmap export do."""
+    segments = segmentation.GetSegmentation()
+    if segments.GetNumberOfSegments() == 0 or segments.ContainsRepresentation(BINARY):
+        return
+    if not segments.GetConversionParameter(GEOMETRY):
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    if not segments.CreateRepresentation(BINARY):
+        raise LCSError(f"the segments of {segmentation.GetName()} ({segments.GetSourceRepresentationName()}) could "
+                       "not be converted to a binary labelmap; convert them in the Segmentations module, then try "
+                       "again")
 
 
 def volume_to_image(volume) -> sitk.Image:
