@@ -1,4 +1,6 @@
 """Issue 27's faults that live in the Logic, each on a real MRML scene (PyPI's slicer-core) with the tiny model."""
+import dataclasses
+import shutil
 import time
 import weakref
 from functools import partial
@@ -6,13 +8,14 @@ from functools import partial
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
 from LabelConditionedSegLib.errors import LCSError  # noqa: E402
 from LabelConditionedSegLib.jobs import Worker  # noqa: E402
-from LabelConditionedSegLib.logic import SegmentationLogic  # noqa: E402
+from LabelConditionedSegLib.logic import ATLAS_MODEL, SegmentationLogic  # noqa: E402
 
 from conftest import TINY_LABELS  # noqa: E402
 from test_slicer_logic import load_volume, scans  # noqa: E402, F401 -- a fixture
@@ -111,3 +114,41 @@ def test_a_segmentation_of_closed_surfaces_exports_its_voxels(scene, scans, tiny
     sphere_ml = 4 / 3 * np.pi * 15.0 ** 3 / 1000
     found_ml = (labels == value).sum() * np.prod(volume.GetSpacing()) / 1000
     assert abs(found_ml - sphere_ml) / sphere_ml < 0.1, (found_ml, sphere_ml)
+
+
+# ---- 4: a rewritten checkpoint is reloaded ------------------------------------------------------------------------
+def test_a_checkpoint_rewritten_at_the_same_path_gives_its_new_weights_and_atlas(scene, scans, tiny, tiny_checkpoint,
+                                                                                 tmp_path):
+    """As after `lcs train` saved best.lcs again (by rename), then after a copy over it (in place)."""
+    path = tmp_path / "best.lcs"
+    shutil.copyfile(tiny_checkpoint, path)
+    volume = load_volume(scene, scans[0][0])
+    logic = SegmentationLogic(scene)
+    first = logic.segmenter(path, "cpu")
+    old_atlas = logic.loadAtlas(path)
+    logic.process(volume, ["Frontal_Sup_L"], checkpointPath=path, device="cpu")
+    assert logic.encodings == 1
+
+    atlas = sitk.GetArrayFromImage(tiny.atlas_image)
+    weights = {k: -v if v.is_floating_point() else v for k, v in tiny.weights.items()}
+    flipped = sitk.GetImageFromArray(np.ascontiguousarray(atlas[:, :, ::-1]))
+    flipped.CopyInformation(tiny.atlas_image)
+    dataclasses.replace(tiny, weights=weights, atlas_image=flipped,
+                        provenance={**tiny.provenance, "name": "retrained"}).save(path)
+    second = logic.segmenter(path, "cpu")
+    assert second is not first and second.checkpoint.provenance["name"] == "retrained"
+    assert all(torch.equal(second.checkpoint.weights[k], weights[k]) for k in weights)
+    assert logic.atlasFor(path) is None  # the old atlas is the old file's
+    new_atlas = logic.loadAtlas(path)
+    assert new_atlas is not old_atlas and new_atlas.GetAttribute(ATLAS_MODEL) == "retrained"
+    image = new_atlas.GetNodeReference(new_atlas.GetReferenceImageGeometryReferenceRole())
+    assert np.allclose(slicer.util.arrayFromVolume(image), atlas[:, :, ::-1], atol=1e-2)  # stored as float16
+    job = logic.start(volume, ["Frontal_Sup_L"], path, "cpu")
+    assert job.segmenter is second and job.encoded  # the old model's encoding of the volume is not reused
+    job.run()
+    logic.finish(job)
+    assert logic.encodings == 2
+
+    shutil.copyfile(tiny_checkpoint, path)  # in place: the same file, another modification time and size
+    assert logic.segmenter(path, "cpu").checkpoint.provenance["name"] == tiny.provenance["name"]
+    assert logic.atlasFor(path) is old_atlas  # the same content as at first

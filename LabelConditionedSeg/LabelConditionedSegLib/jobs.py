@@ -183,8 +183,9 @@ class Encodings:
 
     @staticmethod
     def _key(inputVolume, segmenter: Segmenter, registration: str) -> tuple:
-        """Identifies a volume's voxels and geometry, the model and the registration mode."""
+        """Identifies a volume's voxels and geometry, the model and the registration mode. The model itself, not its
+        id(): a model dropped for a rewritten checkpoint could leave its id to the new one."""
         matrix = vtk.vtkMatrix4x4()
         inputVolume.GetIJKToRASMatrix(matrix)
         return (inputVolume.GetID(), inputVolume.GetImageData().GetMTime(),
-                tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), id(segmenter), registration)
+                tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), segmenter, registration)

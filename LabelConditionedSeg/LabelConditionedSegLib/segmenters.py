@@ -7,6 +7,7 @@ from typing import Callable
 
 from .checkpoint import BUNDLED, Checkpoint
 from .errors import LCSError
+from .files import file_identity
 from .labels import LabelTable
 from .pipeline import Segmenter
 
@@ -27,38 +28,53 @@ def checkpoint_reference(path: str | Path | None) -> str:
     return BUNDLED_MODEL if file.resolve() == BUNDLED.resolve() else str(path)
 
 
-_identities: dict[tuple, str] = {}
-
-
-def checkpoint_identity(reference: str | Path | None) -> str:
-    """The checkpoint file's content hash (16 hex digits): one model whatever its path, another once overwritten."""
+def checkpoint_version(reference: str | Path | None) -> tuple:
+    """Which file a checkpoint reference names and which version of it: the file's identity (files.file_identity:
+    one file whatever its spelling) with its modification time and size, which a rewrite in place changes (a
+    rewrite by rename, as `lcs train` saves, changes the identity itself)."""
     path = checkpoint_file(reference)
     if not path.is_file():
         raise LCSError(f"checkpoint {path} does not exist; give the path of a .lcs file")
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _identities:
+    return file_identity(path), stat.st_mtime_ns, stat.st_size
+
+
+_hashes: dict[tuple, tuple[tuple, str]] = {}  # file identity -> (version, content hash): one entry per file
+
+
+def checkpoint_identity(reference: str | Path | None) -> str:
+    """The checkpoint file's content hash (16 hex digits): one model whatever its path, another once overwritten."""
+    version = checkpoint_version(reference)
+    known = _hashes.get(version[0])
+    if known is None or known[0] != version:
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
+        with open(checkpoint_file(reference), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
-        _identities[key] = digest.hexdigest()[:16]
-    return _identities[key]
+        _hashes[version[0]] = known = (version, digest.hexdigest()[:16])
+    return known[1]
 
 
 class Segmenters:
-    """Each checkpoint's model, loaded once per device; `messages` gets what the models have to say."""
+    """Each checkpoint's model, loaded once per device and again when its file is rewritten; `messages` gets what the
+    models have to say."""
 
     def __init__(self, messages: Callable[[str], None]):
         self._messages = messages
-        self._loaded: dict[tuple, Segmenter] = {}
+        self._loaded: dict[tuple, tuple[tuple, Segmenter]] = {}  # (file identity, device) -> (version, model)
 
     def get(self, checkpointPath: str | Path | None = None, device: str = "auto") -> Segmenter:
-        """The checkpoint's model on `device`, loaded once. checkpointPath: a path, or None / "" / BUNDLED_MODEL."""
-        key = (str(checkpoint_file(checkpointPath)), device)
-        if key not in self._loaded:
-            self._loaded[key] = Segmenter(Checkpoint.load(key[0]), device, messages=self._messages)
-        return self._loaded[key]
+        """The checkpoint's model on `device`, loaded once per version of the file (models of an older version, on
+        any device, are dropped). checkpointPath: a path, or None / "" / BUNDLED_MODEL."""
+        version = checkpoint_version(checkpointPath)
+        known = self._loaded.get((version[0], device))
+        if known is not None and known[0] == version:
+            return known[1]
+        for key in [k for k, (v, _) in self._loaded.items() if k[0] == version[0] and v != version]:
+            del self._loaded[key]
+        segmenter = Segmenter(Checkpoint.load(checkpoint_file(checkpointPath)), device, messages=self._messages)
+        self._loaded[(version[0], device)] = (version, segmenter)
+        return segmenter
 
     def table(self, checkpointPath: str | Path | None = None) -> LabelTable:
         """The checkpoint's atlas labels (its model is loaded on the CPU once, like the atlas)."""
