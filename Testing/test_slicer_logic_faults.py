@@ -144,11 +144,27 @@ def test_a_checkpoint_rewritten_at_the_same_path_gives_its_new_weights_and_atlas
     image = new_atlas.GetNodeReference(new_atlas.GetReferenceImageGeometryReferenceRole())
     assert np.allclose(slicer.util.arrayFromVolume(image), atlas[:, :, ::-1], atol=1e-2)  # stored as float16
     job = logic.start(volume, ["Frontal_Sup_L"], path, "cpu")
-    assert job.segmenter is second and job.encoded  # the old model's encoding of the volume is not reused
+    assert job.encoded  # the old model's encoding of the volume is not reused
     job.run()
     logic.finish(job)
-    assert logic.encodings == 2
+    assert job.segmenter is second and logic.encodings == 2
 
     shutil.copyfile(tiny_checkpoint, path)  # in place: the same file, another modification time and size
     assert logic.segmenter(path, "cpu").checkpoint.provenance["name"] == tiny.provenance["name"]
     assert logic.atlasFor(path) is old_atlas  # the same content as at first
+
+
+# ---- 5: the run's model is built off the main thread -----------------------------------------------------------------
+def test_the_runs_model_is_built_by_the_job_in_its_worker_thread(scene, scans, tiny_checkpoint):
+    """The panel loads the CPU model in the background (labels, atlas); the model for the run's device, whose
+    loading starts CUDA, must come in the worker thread too, not in `start` on the main thread."""
+    volume = load_volume(scene, scans[0][0])
+    logic = SegmentationLogic(scene)
+    listed = logic.segmenter(tiny_checkpoint, "cpu")  # what the panel's loader loads
+    for start in (lambda: logic.start(volume, ["Frontal_Sup_L"], tiny_checkpoint, "auto"),
+                  lambda: logic.startProposals(volume, scene.AddNewNodeByClass("vtkMRMLSegmentationNode"),
+                                               tiny_checkpoint, "auto", passes=1, labels=["Frontal_Sup_L"])):
+        job = start()
+        assert job.segmenter is None  # start, on the main thread, built no model
+        assert outcome(Worker(job.run)) == (None, None)
+        assert job.segmenter is logic.segmenter(tiny_checkpoint, "auto") and job.segmenter is not listed

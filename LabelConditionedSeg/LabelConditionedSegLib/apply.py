@@ -30,10 +30,11 @@ class Apply:
               registration: str = "affine", threshold: float = 0.5, keepProbabilities: bool = False) -> Job:
         """Everything a run needs from the scene, read now (main thread)."""
         require_image(inputVolume)
-        segmenter = self._segmenters.get(checkpointPath, device)
-        conditions = segmenter.conditions(*self._atlases.split(labels, segmenter, checkpointPath))
-        return self._encodings.job(Job, inputVolume, segmenter, conditions, registration, threshold=threshold,
-                                   keepProbabilities=keepProbabilities, codes=self._segmenters.codes(checkpointPath))
+        labelled = self._segmenters.get(checkpointPath, "cpu")  # the labels and atlas; the run's model comes in `run`
+        conditions = labelled.conditions(*self._atlases.split(labels, labelled, checkpointPath))
+        return self._encodings.job(Job, inputVolume, *self._segmenters.builder(checkpointPath, device), conditions,
+                                   registration, threshold=threshold, keepProbabilities=keepProbabilities,
+                                   codes=self._segmenters.codes(checkpointPath))
 
     def finish(self, job: Job, outputSegmentation=None, replaceExisting: bool = False):
         """Write a finished job's segments (and probability volumes) into the scene (main thread), recorded for undo;

@@ -26,13 +26,15 @@ CACHE_ENTRIES = 2  # encoded volumes kept; each holds the scan and its encoder f
 
 @dataclass
 class Job:
-    """One run: what `SegmentationLogic.start` read from the scene, then what `run` computed."""
+    """One run: what `SegmentationLogic.start` read from the scene, then what `run` computed. `run` also gets the
+    run's model (`build`), so that a GUI's worker thread, not its main thread, loads it and starts CUDA."""
 
     volumeId: str
     cacheKey: tuple
-    segmenter: Segmenter
+    build: Callable[[], Segmenter] | None  # None once `run` has the model
     conditions: list[Condition]
     registration: str
+    segmenter: Segmenter | None = None  # set by `run`
     threshold: float = 0.5
     keepProbabilities: bool = False
     image: sitk.Image | None = None  # None when the volume's encoding is cached
@@ -52,7 +54,10 @@ class Job:
             raise Cancelled()
 
     def _prepare(self, report: Callable[[float, str], None], cancel: Callable[[], bool] | None) -> None:
-        """Register and encode the volume (the first 30% of the progress) unless the cache had it."""
+        """Build the model, then register and encode the volume (the first 30% of the progress) unless the cache
+        had it."""
+        if self.segmenter is None:
+            self.segmenter, self.build = self.build(), None
         if self.prepared is None:
             self.prepared = self.segmenter.prepare(self.image, self.registration, lambda f, m: report(0.3 * f, m), cancel)
 
@@ -130,14 +135,15 @@ class Encodings:
         self.encodings = 0  # how many volumes were registered and encoded (the cache's misses)
         self.lastDevice = ""
 
-    def job(self, kind: type[Job], inputVolume, segmenter: Segmenter, conditions: list[Condition], registration: str,
-            **options) -> Job:
-        """A job of `kind` that reuses the volume's cached encoding, or carries the volume's voxels to encode them."""
-        key = self._key(inputVolume, segmenter, registration)
+    def job(self, kind: type[Job], inputVolume, model: tuple, build: Callable[[], Segmenter],
+            conditions: list[Condition], registration: str, **options) -> Job:
+        """A job of `kind` that reuses the volume's cached encoding, or carries the volume's voxels to encode them.
+        `model` names the model `build` gives (the checkpoint file's version and the device)."""
+        key = self._key(inputVolume, model, registration)
         prepared = self._prepared.pop(key, None)
         if prepared is not None:
             self._prepared[key] = prepared  # now the most recently used
-        return kind(inputVolume.GetID(), key, segmenter, conditions, registration,
+        return kind(inputVolume.GetID(), key, build, conditions, registration,
                     image=None if prepared else volume_to_image(inputVolume), prepared=prepared, **options)
 
     def finished(self, job: Job):
@@ -182,10 +188,9 @@ class Encodings:
             torch.mps.empty_cache()
 
     @staticmethod
-    def _key(inputVolume, segmenter: Segmenter, registration: str) -> tuple:
-        """Identifies a volume's voxels and geometry, the model and the registration mode. The model itself, not its
-        id(): a model dropped for a rewritten checkpoint could leave its id to the new one."""
+    def _key(inputVolume, model: tuple, registration: str) -> tuple:
+        """Identifies a volume's voxels and geometry, the model and the registration mode."""
         matrix = vtk.vtkMatrix4x4()
         inputVolume.GetIJKToRASMatrix(matrix)
         return (inputVolume.GetID(), inputVolume.GetImageData().GetMTime(),
-                tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), segmenter, registration)
+                tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4)), model, registration)

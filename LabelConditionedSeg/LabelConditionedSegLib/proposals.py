@@ -107,9 +107,9 @@ class Proposals:
             missing = [absent[str(label).lower()] for label in labels]
         if not missing:
             raise LCSError(f"{segmentationNode.GetName()} has a segment for every atlas label; nothing to propose")
-        segmenter = self._segmenters.get(checkpointPath, device)
-        return self._encodings.job(ProposalJob, inputVolume, segmenter, segmenter.conditions(missing), registration,
-                                   segmentationId=segmentationNode.GetID(), passes=passes,
+        conditions = self._segmenters.get(checkpointPath, "cpu").conditions(missing)  # the run's model comes in `run`
+        return self._encodings.job(ProposalJob, inputVolume, *self._segmenters.builder(checkpointPath, device),
+                                   conditions, registration, segmentationId=segmentationNode.GetID(), passes=passes,
                                    keepUncertainty=keepUncertainty, codes=self._segmenters.codes(checkpointPath))
 
     def finish(self, job: ProposalJob):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -62,19 +64,27 @@ class Segmenters:
     def __init__(self, messages: Callable[[str], None]):
         self._messages = messages
         self._loaded: dict[tuple, tuple[tuple, Segmenter]] = {}  # (file identity, device) -> (version, model)
+        self._lock = threading.Lock()  # jobs build their models in worker threads
 
     def get(self, checkpointPath: str | Path | None = None, device: str = "auto") -> Segmenter:
         """The checkpoint's model on `device`, loaded once per version of the file (models of an older version, on
         any device, are dropped). checkpointPath: a path, or None / "" / BUNDLED_MODEL."""
         version = checkpoint_version(checkpointPath)
-        known = self._loaded.get((version[0], device))
-        if known is not None and known[0] == version:
-            return known[1]
-        for key in [k for k, (v, _) in self._loaded.items() if k[0] == version[0] and v != version]:
-            del self._loaded[key]
+        with self._lock:
+            known = self._loaded.get((version[0], device))
+            if known is not None and known[0] == version:
+                return known[1]
+            for key in [k for k, (v, _) in self._loaded.items() if k[0] == version[0] and v != version]:
+                del self._loaded[key]
         segmenter = Segmenter(Checkpoint.load(checkpoint_file(checkpointPath)), device, messages=self._messages)
-        self._loaded[(version[0], device)] = (version, segmenter)
+        with self._lock:
+            self._loaded[(version[0], device)] = (version, segmenter)
         return segmenter
+
+    def builder(self, checkpointPath: str | Path | None, device: str) -> tuple[tuple, Callable[[], Segmenter]]:
+        """(what names the model: the file's version and the device, a call that gets the model) for a job, which
+        gets it in its own thread."""
+        return (checkpoint_version(checkpointPath), device), partial(self.get, checkpointPath, device)
 
     def table(self, checkpointPath: str | Path | None = None) -> LabelTable:
         """The checkpoint's atlas labels (its model is loaded on the CPU once, like the atlas)."""
