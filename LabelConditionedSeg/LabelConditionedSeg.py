@@ -218,7 +218,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterNodeGuiTag = None
         self._worker = None  # the running job, a Background
         self._loader = None  # the model being loaded, a Background
-        self._models = {}  # checkpoint -> "" once loaded, or why it cannot be used
+        self._models = {}  # (checkpoint, its file's version) -> "" once loaded, or why it cannot be used
         self._listedCheckpoint = None
         self._started = 0.0
         self._progress = (0.0, "")
@@ -386,8 +386,12 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if problem:
             return problem
         checkpoint = self.checkpoint()
-        if checkpoint in self._models:
-            return self._models[checkpoint]
+        try:
+            key = (checkpoint, self.logic.core.checkpointVersion(checkpoint))  # a rewritten file is another model
+        except Exception as error:  # a deleted file: said here, in the panel, not raised in observer or timer callbacks
+            return f"Cannot use this model: {error}"
+        if key in self._models:
+            return self._models[key]
         if self._loader is None:
             core = self.logic.core
 
@@ -397,12 +401,12 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 checkpoint_identity(checkpoint)  # hashes the file once (atlasFor needs it): here, not on the main thread
                 return self.logic.describeDevices()
 
-            self._loader = Background(load, lambda devices, error: self.onModelLoaded(checkpoint, devices, error))
+            self._loader = Background(load, lambda devices, error: self.onModelLoaded(key, devices, error))
         return "Loading the model..."
 
-    def onModelLoaded(self, checkpoint: str, devices: str, error):
+    def onModelLoaded(self, key: tuple, devices: str, error):
         self._loader = None
-        self._models[checkpoint] = f"Cannot use this model: {error.message}" if error else ""
+        self._models[key] = f"Cannot use this model: {error.message}" if error else ""
         if devices:
             self.ui.deviceInfoLabel.text = devices
         self.refreshPanel()
@@ -628,7 +632,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if p is None or not self.parent.isEntered:
             return
         nodes = [p.relabelSegmentation, p.proposalSegmentation]
-        if self._models.get(self.checkpoint()) == "":
+        if not self.modelProblem():
             nodes.append(core.atlasFor(self.checkpoint()))
         for node in nodes:
             if node is not None:

@@ -19,15 +19,7 @@ from LabelConditionedSegLib.logic import ATLAS_MODEL, SegmentationLogic  # noqa:
 
 from conftest import TINY_LABELS  # noqa: E402
 from test_slicer_logic import load_volume, scans  # noqa: E402, F401 -- a fixture
-
-
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    yield scene
-    scene.Clear(True)
+from test_slicer_logic_review import scene  # noqa: E402, F401 -- a fixture
 
 
 def outcome(worker: Worker):
@@ -168,3 +160,34 @@ def test_the_runs_model_is_built_by_the_job_in_its_worker_thread(scene, scans, t
         assert job.segmenter is None  # start, on the main thread, built no model
         assert outcome(Worker(job.run)) == (None, None)
         assert job.segmenter is logic.segmenter(tiny_checkpoint, "auto") and job.segmenter is not listed
+
+
+# ---- 8: a deleted checkpoint file ------------------------------------------------------------------------------------
+def test_a_deleted_checkpoint_is_one_clear_error_everywhere_the_panel_asks(scene, scans, tiny_checkpoint, tmp_path):
+    """Whatever the panel asks about a model whose file was deleted after it was loaded, the answer is the one
+    LCSError that it shows (never a stale model, nor another exception in an observer callback)."""
+    path = tmp_path / "model.lcs"
+    shutil.copyfile(tiny_checkpoint, path)
+    volume = load_volume(scene, scans[0][0])
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = SegmentationLogic(scene)
+    logic.segmenter(path, "cpu")
+    logic.loadAtlas(path)
+    path.unlink()
+    calls = {"checkpointVersion": lambda: logic.checkpointVersion(path),
+             "segmenter": lambda: logic.segmenter(path, "cpu"),
+             "atlasFor": lambda: logic.atlasFor(path),
+             "loadAtlas": lambda: logic.loadAtlas(path),
+             "paintedSegmentIds": lambda: logic.paintedSegmentIds(path),
+             "missingLabels": lambda: logic.missingLabels(segmentation, path),
+             "start": lambda: logic.start(volume, ["Frontal_Sup_L"], path, "cpu"),
+             "startProposals": lambda: logic.startProposals(volume, segmentation, path, "cpu"),
+             "exportForTraining": lambda: logic.exportForTraining(volume, segmentation, tmp_path, "case01", path)}
+    said = {}
+    for name, call in calls.items():
+        with pytest.raises(LCSError) as error:
+            call()
+        said[name] = str(error.value)
+    assert set(said.values()) == {f"checkpoint {path} does not exist; give the path of a .lcs file"}, said
+    shutil.copyfile(tiny_checkpoint, path)  # put back: loaded again
+    assert len(logic.missingLabels(segmentation, path)) == len(logic.segmenter(path, "cpu").checkpoint.label_table)

@@ -26,7 +26,8 @@ from .mrml import image_to_volume, volume_to_image
 from .observers import SegmentObservers, weakly
 from .pipeline import Segmenter
 from .proposals import UNCERTAINTY_TAG, ProposalJob, Proposals
-from .segmenters import BUNDLED_MODEL, Segmenters, checkpoint_file, checkpoint_identity, checkpoint_reference
+from .segmenters import (BUNDLED_MODEL, Segmenters, checkpoint_file, checkpoint_identity, checkpoint_reference,
+                         checkpoint_version)
 from .undo import UndoRecord
 
 __all__ = ["ATLAS_MODEL", "ATLAS_OF", "BUNDLED_MODEL", "CACHE_ENTRIES", "CHECK", "UNCERTAINTY_TAG", "Job",
@@ -56,6 +57,12 @@ class SegmentationLogic:
     def checkpointReference(path: str | Path | None) -> str:
         """What to store for a checkpoint: BUNDLED_MODEL for the bundled model, other paths unchanged."""
         return checkpoint_reference(path)
+
+    @staticmethod
+    def checkpointVersion(checkpointPath: str | Path | None) -> tuple:
+        """Which file the checkpoint is and which version of it (LCSError when there is no such file): what a panel
+        keys what it knows of a model by, so that a rewritten or deleted file is noticed."""
+        return checkpoint_version(checkpointPath)
 
     def segmenter(self, checkpointPath: str | Path | None = None, device: str = "auto") -> Segmenter:
         """The checkpoint's model on `device`, loaded once. checkpointPath: a path, or None / "" / BUNDLED_MODEL."""
