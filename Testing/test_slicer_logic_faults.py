@@ -18,7 +18,7 @@ from LabelConditionedSegLib.jobs import Worker  # noqa: E402
 from LabelConditionedSegLib.logic import ATLAS_MODEL, SegmentationLogic  # noqa: E402
 
 from conftest import TINY_LABELS  # noqa: E402
-from test_slicer_logic import load_volume, scans  # noqa: E402, F401 -- a fixture
+from test_slicer_logic import add_segment, load_volume, names, partial_segmentation, scans  # noqa: E402, F401
 from test_slicer_logic_review import scene  # noqa: E402, F401 -- a fixture
 
 
@@ -191,3 +191,25 @@ def test_a_deleted_checkpoint_is_one_clear_error_everywhere_the_panel_asks(scene
     assert set(said.values()) == {f"checkpoint {path} does not exist; give the path of a .lcs file"}, said
     shutil.copyfile(tiny_checkpoint, path)  # put back: loaded again
     assert len(logic.missingLabels(segmentation, path)) == len(logic.segmenter(path, "cpu").checkpoint.label_table)
+
+
+# ---- 7: undo takes back only what the run added ------------------------------------------------------------------
+def test_undo_keeps_a_new_segmentation_that_holds_segments_added_since(scene, scans, tiny, tiny_checkpoint):
+    """Undo last run took away the whole segmentation an Apply (or a proposal run) had created, with the segments the
+    user had added to it since; now it takes the run's segments only."""
+    volume = load_volume(scene, scans[0][0])
+    tumour = np.zeros(slicer.util.arrayFromVolume(volume).shape, bool)
+    tumour[10:20, 10:20, 10:20] = True
+    logic = SegmentationLogic(scene)
+    output = logic.process(volume, ["Frontal_Sup_L", "Temporal_Mid_L"], checkpointPath=tiny_checkpoint, device="cpu")
+    add_segment(scene, output, "my tumour", tumour, volume)
+    assert logic.undoLastRun() == (f"Undid segmenting Frontal_Sup_L, Temporal_Mid_L on {volume.GetName()}. "
+                                   f"Kept {output.GetName()}: it holds segments added since.")
+    assert scene.IsNodePresent(output) and names(output) == ["my tumour"]
+
+    partial, _ = partial_segmentation(scene, volume, scans[0][1], tiny, ["Frontal_Sup_L"])
+    proposals = logic.proposeMissing(volume, partial, tiny_checkpoint, device="cpu", passes=1,
+                                     labels=["Temporal_Mid_L", "Cerebelum_6_L"])
+    add_segment(scene, proposals, "noted", tumour, volume)
+    assert logic.undoLastRun().endswith(f"Kept {proposals.GetName()}: it holds segments added since.")
+    assert scene.IsNodePresent(proposals) and names(proposals) == ["noted"]

@@ -134,8 +134,9 @@ class Proposals:
             import_labelmap(job.labelmap, found, inputVolume, proposals, job.codes)
             segments = proposals.GetSegmentation()
             for c in found:
-                segment = segments.GetSegment(segments.GetSegmentIdBySegmentName(c.name))
-                segment.SetTag(UNCERTAINTY_TAG, f"{job.meanUncertainty[c.name]:.4f}")
+                segmentId = segments.GetSegmentIdBySegmentName(c.name)
+                segments.GetSegment(segmentId).SetTag(UNCERTAINTY_TAG, f"{job.meanUncertainty[c.name]:.4f}")
+                change.added.append((proposals.GetID(), segmentId))
             for name, image in job.uncertainty.items():
                 change.created.append(volume_beside(self.scene, image, f"{name} uncertainty", inputVolume).GetID())
         place_beside(self.scene, proposals, inputVolume)

@@ -51,8 +51,9 @@ class Change:
         segments.RemoveSegment(segmentId)  # one sharing a layer gets its own voxels first (SeparateSegmentLabelmap)
         return segment
 
-    def undo(self, scene) -> None:
-        """Take the change back as far as its nodes are still in the scene."""
+    def undo(self, scene) -> list[str]:
+        """Take the change back as far as its nodes are still in the scene. A segmentation it created that holds
+        segments added since (the user's) stays, without the change's segments; returns the names of those."""
         for nodeId, segmentId in self.added:
             node = scene.GetNodeByID(nodeId)
             if node is not None and node.GetSegmentation().GetSegment(segmentId) is not None:
@@ -69,15 +70,19 @@ class Change:
                 node.SetAndObserveTransformNodeID(transformId)
                 node.GetSegmentation().SetConversionParameter(GEOMETRY, geometry)
                 node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), referenceId)
+        kept = []
         for nodeId in reversed(self.created):
             node = scene.GetNodeByID(nodeId)
-            if node is not None:
+            if node is not None and node.IsA("vtkMRMLSegmentationNode") and node.GetSegmentation().GetNumberOfSegments():
+                kept.append(node.GetName())
+            elif node is not None:
                 helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
                 helpers.append(node.GetStorageNode())
                 scene.RemoveNode(node)
                 for helper in helpers:  # Slicer may have removed them with the node
                     if helper is not None and scene.IsNodePresent(helper):
                         scene.RemoveNode(helper)
+        return kept
 
 
 class UndoRecord:
@@ -101,8 +106,8 @@ class UndoRecord:
         if change is None or not any(self.scene.GetNodeByID(i) is not None for i in change.nodeIds()):
             raise LCSError("there is nothing to undo: the last run, accept or reject was undone already, or its "
                            "nodes were deleted")
-        change.undo(self.scene)
-        return f"Undid {change.description}."
+        kept = change.undo(self.scene)
+        return f"Undid {change.description}." + (f" Kept {few(kept)}: it holds segments added since." if kept else "")
 
     @contextmanager
     def group(self, description: str) -> Iterator[None]:
