@@ -18,7 +18,8 @@ from LabelConditionedSegLib.jobs import Worker  # noqa: E402
 from LabelConditionedSegLib.logic import ATLAS_MODEL, SegmentationLogic  # noqa: E402
 
 from conftest import TINY_LABELS  # noqa: E402
-from test_slicer_logic import add_segment, load_volume, names, partial_segmentation, scans  # noqa: E402, F401
+from test_slicer_logic import (add_segment, load_volume, names, partial_segmentation, read_segment,  # noqa: E402
+                               scans)  # noqa: F401 -- a fixture
 from test_slicer_logic_review import scene  # noqa: E402, F401 -- a fixture
 
 
@@ -213,3 +214,24 @@ def test_undo_keeps_a_new_segmentation_that_holds_segments_added_since(scene, sc
     add_segment(scene, proposals, "noted", tumour, volume)
     assert logic.undoLastRun().endswith(f"Kept {proposals.GetName()}: it holds segments added since.")
     assert scene.IsNodePresent(proposals) and names(proposals) == ["noted"]
+
+
+# ---- 10: the output's reference geometry is set only when it has none ---------------------------------------------
+def test_apply_keeps_the_reference_geometry_an_output_segmentation_has(scene, scans, tiny_checkpoint):
+    """The reference geometry is the grid Segment Editor edits segments on; a user's segmentation keeps its own (here
+    another scan's grid), as Segment Editor leaves it. One without a geometry gets the input's."""
+    volume, other = load_volume(scene, scans[0][0]), load_volume(scene, scans[1][0])
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    mine.SetReferenceImageGeometryParameterFromVolumeNode(other)
+    role = mine.GetReferenceImageGeometryReferenceRole()
+    geometry = mine.GetSegmentation().GetConversionParameter("Reference image geometry")
+    logic = SegmentationLogic(scene)
+    logic.process(volume, ["Frontal_Sup_L"], outputSegmentation=mine, checkpointPath=tiny_checkpoint, device="cpu")
+    assert mine.GetSegmentation().GetConversionParameter("Reference image geometry") == geometry
+    assert mine.GetNodeReferenceID(role) == other.GetID()
+    fresh = logic.process(volume, ["Frontal_Sup_L"], checkpointPath=tiny_checkpoint, device="cpu")
+    assert fresh.GetNodeReferenceID(role) == volume.GetID()
+    assert fresh.GetSegmentation().GetConversionParameter("Reference image geometry") != geometry
+    segment = lambda node: read_segment(scene, node, node.GetSegmentation().GetNthSegmentID(0), volume)  # noqa: E731
+    assert np.array_equal(segment(mine), segment(fresh))  # the same voxels of the input either way
+

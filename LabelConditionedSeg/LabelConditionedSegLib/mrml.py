@@ -43,10 +43,13 @@ def nodes(scene, class_name: str) -> list:
 def place_on(segmentation, volume) -> None:
     """Segments on `volume`'s geometry and under its parent transform, so they move with the volume when that
     transform changes later. A segmentation that holds segments already keeps its own transform (its segments stay
-    where they are); new segments are mapped into it where the volume is now (see `_transform_between`)."""
+    where they are); new segments are mapped into it where the volume is now (see `_transform_between`). Like
+    Segment Editor, the volume's grid becomes the reference geometry (the grid segments are edited on) only of a
+    segmentation that has none: the user may have chosen another."""
     if segmentation.GetSegmentation().GetNumberOfSegments() == 0:
         segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # sets the reference node too (5.6 to 5.10)
+    if not segmentation.GetSegmentation().GetConversionParameter(GEOMETRY):
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # the reference node too (5.6 to 5.10)
 
 
 def _transform_between(source, target):
