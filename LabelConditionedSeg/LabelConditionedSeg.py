@@ -279,19 +279,24 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.logic.core.stopObservingSegments()
 
     def onSceneStartClose(self, caller, event):
+        """The panel stays bound: the module's singleton parameter node outlives the close (reset, its parameters
+        written again with their defaults by the wrapper), and binding a new wrapper would leave the old one observing
+        it for good (connectParametersToGui adds an observer that disconnectGui does not remove, 5.6 to 5.10)."""
         self._cancel.set()
-        self.setParameterNode(None)
+        self.unfollowParameterNode()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     def initializeParameterNode(self):
-        """Bind the panel to the module's parameter node (once per node), follow it, and show its state."""
-        if self._parameterNode is None:
-            self.setParameterNode(LabelConditionedSegParameterNode(self.logic.getParameterNode()))
-            if not self._parameterNode.inputVolume:
-                self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        """Bind the panel to the module's parameter node (one wrapper per node: see onSceneStartClose), follow it, and
+        show its state."""
+        node = self.logic.getParameterNode()
+        if self._parameterNode is None or self._parameterNode.parameterNode is not node:
+            self.setParameterNode(LabelConditionedSegParameterNode(node))
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
         if not self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self.refreshPanel()

@@ -235,3 +235,19 @@ def test_apply_keeps_the_reference_geometry_an_output_segmentation_has(scene, sc
     segment = lambda node: read_segment(scene, node, node.GetSegmentation().GetNthSegmentID(0), volume)  # noqa: E731
     assert np.array_equal(segment(mine), segment(fresh))  # the same voxels of the input either way
 
+
+# ---- 9: one parameter-node wrapper across scene closes -------------------------------------------------------------
+def test_the_modules_parameter_node_outlives_a_scene_close_with_its_observers(scene):
+    """What the panel's binding relies on (the Qt part is checked in test_slicer_module): File > Close scene resets
+    the module's singleton parameter node, but it is the same node, and observers on it stay; so a new wrapper bound
+    at every close would add observers for good."""
+    node = slicer.vtkMRMLScriptedModuleNode()
+    node.SetSingletonTag("LabelConditionedSeg")  # as ScriptedLoadableModuleLogic.createParameterNode makes it
+    node.SetParameter("device", "cpu")
+    scene.AddNode(node)
+    modified = []
+    tag = node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: modified.append(event))
+    scene.Clear(0)
+    assert scene.GetSingletonNode("LabelConditionedSeg", "vtkMRMLScriptedModuleNode") is node
+    assert node.GetParameterNames() == () and modified and node.HasObserver(vtk.vtkCommand.ModifiedEvent)
+    node.RemoveObserver(tag)
