@@ -23,7 +23,7 @@ from .atlas import ATLAS_MODEL, ATLAS_OF, Atlases
 from .export import case_exists, export_case
 from .jobs import CACHE_ENTRIES, Encodings, Job
 from .mrml import image_to_volume, volume_to_image
-from .observers import SegmentObservers, weakly
+from .observers import SegmentObservers, WeakCallback
 from .pipeline import Segmenter
 from .proposals import UNCERTAINTY_TAG, ProposalJob, Proposals
 from .segmenters import (BUNDLED_MODEL, Segmenters, checkpoint_file, checkpoint_identity, checkpoint_reference,
@@ -49,8 +49,8 @@ class SegmentationLogic:
         self._apply = Apply(self.scene, self._segmenters, self._atlases, self._encodings, self._undo, say)
         self._proposals = Proposals(self.scene, self._segmenters, self._encodings, self._undo, say)
         self._observers = SegmentObservers(self.scene)
-        self._sceneTags = [self.scene.AddObserver(self.scene.NodeRemovedEvent, weakly(self._onNodeRemoved)),
-                           self.scene.AddObserver(self.scene.EndCloseEvent, weakly(self._onSceneClosed))]
+        self._sceneTags = [self.scene.AddObserver(self.scene.NodeRemovedEvent, WeakCallback(self._onNodeRemoved)),
+                           self.scene.AddObserver(self.scene.EndCloseEvent, WeakCallback(self._onSceneClosed))]
 
     # ---- model and atlas (segmenters.py, atlas.py) -----------------------------------------
     @staticmethod

@@ -12,19 +12,23 @@ SEGMENT_EVENTS = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.Se
                   slicer.vtkSegmentation.SegmentModified)
 
 
-def weakly(method: Callable) -> Callable:
+class WeakCallback:
     """A bound method as an observer callback that does not keep its object alive: a logic nobody holds any more is
-    freed (by the cycle collector too) instead of being called, half torn down, when its scene goes."""
-    ref = weakref.WeakMethod(method)
+    freed instead of being called, half torn down, when its scene goes. A class with slots, not a closure: a scene
+    freed in the middle of a garbage collection still calls its observers, and a closure the collector has cleared
+    by then crashes the interpreter when called, where a cleared slot only reads as missing."""
 
-    def call(*args):
-        bound = ref()
-        if bound is not None:
-            bound(*args)
+    __slots__ = ("_target", "_name", "CallDataType")  # CallDataType: what vtk.calldata_type set on the method
 
-    if hasattr(method, "CallDataType"):  # set by vtk.calldata_type
-        call.CallDataType = method.CallDataType
-    return call
+    def __init__(self, method: Callable):
+        self._target, self._name = weakref.ref(method.__self__), method.__name__
+        if hasattr(method, "CallDataType"):
+            self.CallDataType = method.CallDataType
+
+    def __call__(self, *args) -> None:
+        target = getattr(self, "_target", lambda: None)()
+        if target is not None:
+            getattr(target, self._name)(*args)
 
 
 class SegmentObservers:

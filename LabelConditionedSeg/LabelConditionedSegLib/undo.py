@@ -73,7 +73,8 @@ class Change:
         kept = []
         for nodeId in reversed(self.created):
             node = scene.GetNodeByID(nodeId)
-            if node is not None and node.IsA("vtkMRMLSegmentationNode") and node.GetSegmentation().GetNumberOfSegments():
+            segmentation = node is not None and node.IsA("vtkMRMLSegmentationNode")
+            if segmentation and node.GetSegmentation().GetNumberOfSegments():  # left: the user's (the run's went above)
                 kept.append(node.GetName())
             elif node is not None:
                 helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
