@@ -24,7 +24,7 @@ from slicer.util import VTKObservationMixin
 
 HERE = Path(__file__).resolve().parent
 HOMEPAGE = "https://github.com/label-conditioned-segmentation/SlicerLabelConditionedSeg"
-# LabelConditionedSegLib.logic.BUNDLED_MODEL, which this file cannot import: it loads before PyTorch is installed.
+# LabelConditionedSegLib.segmenters.BUNDLED_MODEL, which this file cannot import: it loads before PyTorch is installed.
 # Scenes store the bundled model by this name, so that they open after an upgrade and on other machines.
 BUNDLED_MODEL = "bundled"
 TORCH_REQUIREMENT = ">=2.4"  # as in pyproject.toml
@@ -172,36 +172,39 @@ class LabelConditionedSegLogic(ScriptedLoadableModuleLogic):
 
 
 class Background:
-    """`work()` in a worker thread, then `done(result, error)` on the main thread, where a QTimer polls it (calling
-    `tick()` meanwhile): Qt and MRML calls stay on the main thread. `error` is (exception, traceback) or None."""
+    """`work()` in a worker thread (LabelConditionedSegLib.jobs.Worker), then `done(result, failure)` on the main
+    thread, where a QTimer polls it (calling `tick()` meanwhile): Qt and MRML calls stay on the main thread. `failure`
+    is a jobs.Failure (text only) or None. When the work ends, or on `stop`, the timer lets go: PythonQt's signal
+    receiver holds a connected callable by a C++ reference the cycle collector cannot see (PythonQtSignalTarget,
+    and PythonQtInstanceWrapper has no tp_traverse; Slicer 5.6 to 5.10), so a connected Background would keep its
+    job, GPU memory included, for good."""
 
     def __init__(self, work, done, tick=None):
-        self.result, self.error = None, None
+        from LabelConditionedSegLib.jobs import Worker
         self._done, self._tick = done, tick
-        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True)
-        self._timer = qt.QTimer()
+        self._worker = Worker(work)
+        self._timer = qt.QTimer(slicer.app)  # a parent: deleted later by Qt, never inside its own timeout signal
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll)
-        self._thread.start()
         self._timer.start()
-
-    def _run(self, work):
-        try:
-            self.result = work()
-        except Exception as error:
-            self.error = (error, traceback.format_exc())
 
     def _poll(self):
         if self._tick:
             self._tick()
-        if self._thread.is_alive():
+        if self._worker.running:
             return
-        self._timer.stop()
-        self._done(self.result, self.error)
+        done, (result, failure) = self._done, self._worker.take()
+        self.stop()
+        done(result, failure)
 
     def stop(self):
-        """No `done` call: the thread finishes on its own (a job once cancelled)."""
-        self._timer.stop()
+        """No `done` call (a job once cancelled: its thread finishes on its own); the timer is disconnected and goes,
+        and the callbacks are dropped."""
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.timeout.disconnect(self._poll)
+            self._timer.deleteLater()
+        self._timer = self._done = self._tick = None
 
 
 class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -215,14 +218,14 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterNodeGuiTag = None
         self._worker = None  # the running job, a Background
         self._loader = None  # the model being loaded, a Background
-        self._models = {}  # checkpoint -> "" once loaded, or why it cannot be used
+        self._models = {}  # (checkpoint, its file's version) -> "" once loaded, or why it cannot be used
         self._listedCheckpoint = None
         self._started = 0.0
         self._progress = (0.0, "")
         self._notices = []
         self._cancel = threading.Event()
 
-    # ---- set-up -------------------------------------------------------------------------
+    # ---- set-up and the parameter node -----------------------------------------------------------
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(str(resource("UI/LabelConditionedSeg.ui")))
@@ -276,19 +279,24 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.logic.core.stopObservingSegments()
 
     def onSceneStartClose(self, caller, event):
+        """The panel stays bound: the module's singleton parameter node outlives the close (reset, its parameters
+        written again with their defaults by the wrapper), and binding a new wrapper would leave the old one observing
+        it for good (connectParametersToGui adds an observer that disconnectGui does not remove, 5.6 to 5.10)."""
         self._cancel.set()
-        self.setParameterNode(None)
+        self.unfollowParameterNode()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     def initializeParameterNode(self):
-        """Bind the panel to the module's parameter node (once per node), follow it, and show its state."""
-        if self._parameterNode is None:
-            self.setParameterNode(LabelConditionedSegParameterNode(self.logic.getParameterNode()))
-            if not self._parameterNode.inputVolume:
-                self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        """Bind the panel to the module's parameter node (one wrapper per node: see onSceneStartClose), follow it, and
+        show its state."""
+        node = self.logic.getParameterNode()
+        if self._parameterNode is None or self._parameterNode.parameterNode is not node:
+            self.setParameterNode(LabelConditionedSegParameterNode(node))
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
         if not self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self.refreshPanel()
@@ -328,6 +336,49 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.refreshLabels()
         self.refreshRelabel()
 
+    def refreshPanel(self):
+        """Everything the panel shows, from the parameter node, the model and the scene."""
+        self.refreshLabels()
+        self.onParameterNodeModified()
+
+    def updateButtons(self, *unused):
+        if self._worker is not None:
+            return
+        p = self._parameterNode
+        if torchProblem():
+            self.ui.applyButton.text = "Install PyTorch" if torchMissing() else "Apply"
+            self.ui.applyButton.enabled = torchMissing()
+            self.ui.applyButton.toolTip = torchProblem()
+            for button in (self.ui.undoButton, self.ui.proposeButton, self.ui.acceptProposalButton,
+                           self.ui.rejectProposalButton, self.ui.exportButton):
+                button.enabled = False
+            return
+        ready = bool(p and p.inputVolume and self.selectedLabels())
+        self.ui.applyButton.text = "Apply"
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = "Segment the selected labels" if ready else "Select an input volume and atlas labels"
+        self.ui.undoButton.enabled = self.logic.core.canUndo()
+        partial = bool(p and p.inputVolume and p.relabelSegmentation)
+        self.ui.proposeButton.text = "Propose missing labels"
+        self.ui.proposeButton.enabled = partial and self.ui.missingLabelListWidget.count > 0
+        reviewing = bool(p and p.proposalSegmentation and self.selectedProposals())
+        self.ui.acceptProposalButton.enabled = reviewing and bool(p.relabelSegmentation)
+        self.ui.rejectProposalButton.enabled = reviewing
+        # no segmentation, or an empty one, exports the scan unlabelled
+        exportable = bool(p and p.inputVolume and p.caseName)
+        self.ui.exportButton.enabled = exportable and bool(self.ui.exportFolderPathLineEdit.currentPath)
+
+    def onInstallTorch(self):
+        """Ask, then install PyTorch; Cancel is no error. Either way the panel then shows where PyTorch stands."""
+        if slicer.util.confirmOkCancelDisplay(
+                "Label Conditioned Segmentation needs PyTorch, which is not installed yet.\n\n"
+                "Install it now? The PyTorch extension picks a build that fits this computer's GPU (or the CPU). "
+                "The download can take several minutes.", windowTitle="Install PyTorch"):
+            with showErrors("PyTorch could not be installed; see the Python console, or use the PyTorch Utils module."):
+                self.logic.installTorch()
+        self.refreshPanel()
+
+    # ---- model and atlas (Lib: segmenters.py, atlas.py) ------------------------------------------
     def checkpoint(self) -> str:
         """The chosen model as the logic takes it: "bundled" or a path."""
         return str(self._parameterNode.checkpointPath) if self._parameterNode else BUNDLED_MODEL
@@ -340,8 +391,12 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if problem:
             return problem
         checkpoint = self.checkpoint()
-        if checkpoint in self._models:
-            return self._models[checkpoint]
+        try:
+            key = (checkpoint, self.logic.core.checkpointVersion(checkpoint))  # a rewritten file is another model
+        except Exception as error:  # a deleted file: said here, in the panel, not raised in observer or timer callbacks
+            return f"Cannot use this model: {error}"
+        if key in self._models:
+            return self._models[key]
         if self._loader is None:
             core = self.logic.core
 
@@ -351,41 +406,16 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 checkpoint_identity(checkpoint)  # hashes the file once (atlasFor needs it): here, not on the main thread
                 return self.logic.describeDevices()
 
-            self._loader = Background(load, lambda devices, error: self.onModelLoaded(checkpoint, devices, error))
+            self._loader = Background(load, lambda devices, error: self.onModelLoaded(key, devices, error))
         return "Loading the model..."
 
-    def onModelLoaded(self, checkpoint: str, devices: str, error):
+    def onModelLoaded(self, key: tuple, devices: str, error):
         self._loader = None
-        self._models[checkpoint] = f"Cannot use this model: {error[0]}" if error else ""
+        self._models[key] = f"Cannot use this model: {error.message}" if error else ""
         if devices:
             self.ui.deviceInfoLabel.text = devices
         self.refreshPanel()
 
-    def followSegments(self):
-        """While the panel is shown, observe the segments of the segmentations it lists (the one to complete, the
-        proposals, the chosen model's atlas once that model is loaded) and no others, so that their lists follow."""
-        core, p = self.logic.core, self._parameterNode
-        core.stopObservingSegments()
-        if p is None or not self.parent.isEntered:
-            return
-        nodes = [p.relabelSegmentation, p.proposalSegmentation]
-        if self._models.get(self.checkpoint()) == "":
-            nodes.append(core.atlasFor(self.checkpoint()))
-        for node in nodes:
-            if node is not None:
-                core.observeSegments(node, self.refreshLists)
-
-    def refreshPanel(self):
-        """Everything the panel shows, from the parameter node, the model and the scene."""
-        self.refreshLabels()
-        self.onParameterNodeModified()
-
-    def refreshLists(self, *unused):
-        """The label lists, after their segments changed."""
-        self.refreshLabels()
-        self.refreshRelabel()
-
-    # ---- the atlas label list ---------------------------------------------------------------
     def refreshLabels(self):
         """Trained labels of the checkpoint, then regions painted on the atlas; keeps the selection."""
         widget = self.ui.labelListWidget
@@ -441,7 +471,29 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             editor.setActiveEffectByName("Paint")
             slicer.util.showStatusMessage("Paint the new region on the atlas, rename it, then come back and Apply.", 8000)
 
-    # ---- relabel missing organs -------------------------------------------------------------
+    # ---- segmentation (Lib: apply.py) ------------------------------------------------------------
+    def onApplyOrCancel(self):
+        if torchMissing():
+            self.onInstallTorch()
+            return
+        p = self._parameterNode
+        self.runInBackground(self.ui.applyButton, lambda core, device: core.start(
+            p.inputVolume, self.selectedLabels(), self.checkpoint(), device, p.registration, p.threshold,
+            p.keepProbabilities), self.finishSegmentation)
+
+    def finishSegmentation(self, job) -> str:
+        p = self._parameterNode
+        p.outputSegmentation = self.logic.core.finish(job, p.outputSegmentation, p.replaceExisting)
+        return f"Done: {len(job.conditions)} label(s)"
+
+    # ---- undo (Lib: undo.py) ---------------------------------------------------------------------
+    def onUndo(self):
+        """Take back the last Apply, Propose, Accept or Reject (Slicer's own Undo does not cover them)."""
+        with showErrors("Nothing was undone."):
+            self.ui.statusLabel.text = self.logic.core.undoLastRun()
+        self.refreshLists()
+
+    # ---- relabel missing organs (Lib: proposals.py) ----------------------------------------------
     def refreshRelabel(self):
         """The labels missing from the chosen segmentation and the proposals under review."""
         p = self._parameterNode
@@ -476,6 +528,18 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def selectedProposals(self) -> list:
         return [item.data(qt.Qt.UserRole) for item in self.ui.proposalListWidget.selectedItems()]
 
+    def onProposeOrCancel(self):
+        """Propose the missing labels selected in the list (all of them when none is selected)."""
+        p = self._parameterNode
+        picked = self.pickedMissingLabels()
+        self.runInBackground(self.ui.proposeButton, lambda core, device: core.startProposals(
+            p.inputVolume, p.relabelSegmentation, self.checkpoint(), device, p.proposalPasses, p.registration,
+            p.keepUncertainty, picked or None), self.finishProposals)
+
+    def finishProposals(self, job) -> str:
+        self._parameterNode.proposalSegmentation = self.logic.core.finishProposals(job)
+        return f"Proposed {len(job.meanUncertainty)} of {len(job.conditions)} missing label(s); accept or reject them"
+
     def onReview(self, accept: bool):
         """Accept the selected proposals into the user's segmentation, or reject them; refusals are listed at the end."""
         p, core = self._parameterNode, self.logic.core
@@ -493,6 +557,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if refused:
             slicer.util.errorDisplay("\n".join(refused), windowTitle="Some proposals were not accepted")
 
+    # ---- export for training (Lib: export.py) ----------------------------------------------------
     def onExport(self):
         """Write the scan and the segmentation as a training case; asks before replacing a case of that name."""
         p, core = self._parameterNode, self.logic.core
@@ -507,76 +572,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.exportFolderPathLineEdit.addCurrentPathToHistory()
             self.ui.statusLabel.text = "  ".join([f"Exported case {p.caseName} to {folder}."] + self._notices)
 
-    # ---- running ----------------------------------------------------------------------------
-    def updateButtons(self, *unused):
-        if self._worker is not None:
-            return
-        p = self._parameterNode
-        if torchProblem():
-            self.ui.applyButton.text = "Install PyTorch" if torchMissing() else "Apply"
-            self.ui.applyButton.enabled = torchMissing()
-            self.ui.applyButton.toolTip = torchProblem()
-            for button in (self.ui.undoButton, self.ui.proposeButton, self.ui.acceptProposalButton,
-                           self.ui.rejectProposalButton, self.ui.exportButton):
-                button.enabled = False
-            return
-        ready = bool(p and p.inputVolume and self.selectedLabels())
-        self.ui.applyButton.text = "Apply"
-        self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = "Segment the selected labels" if ready else "Select an input volume and atlas labels"
-        self.ui.undoButton.enabled = self.logic.core.canUndo()
-        partial = bool(p and p.inputVolume and p.relabelSegmentation)
-        self.ui.proposeButton.text = "Propose missing labels"
-        self.ui.proposeButton.enabled = partial and self.ui.missingLabelListWidget.count > 0
-        reviewing = bool(p and p.proposalSegmentation and self.selectedProposals())
-        self.ui.acceptProposalButton.enabled = reviewing and bool(p.relabelSegmentation)
-        self.ui.rejectProposalButton.enabled = reviewing
-        # no segmentation, or an empty one, exports the scan unlabelled
-        exportable = bool(p and p.inputVolume and p.caseName)
-        self.ui.exportButton.enabled = exportable and bool(self.ui.exportFolderPathLineEdit.currentPath)
-
-    def onInstallTorch(self):
-        """Ask, then install PyTorch; Cancel is no error. Either way the panel then shows where PyTorch stands."""
-        if slicer.util.confirmOkCancelDisplay(
-                "Label Conditioned Segmentation needs PyTorch, which is not installed yet.\n\n"
-                "Install it now? The PyTorch extension picks a build that fits this computer's GPU (or the CPU). "
-                "The download can take several minutes.", windowTitle="Install PyTorch"):
-            with showErrors("PyTorch could not be installed; see the Python console, or use the PyTorch Utils module."):
-                self.logic.installTorch()
-        self.refreshPanel()
-
-    def onUndo(self):
-        """Take back the last Apply, Propose, Accept or Reject (Slicer's own Undo does not cover them)."""
-        with showErrors("Nothing was undone."):
-            self.ui.statusLabel.text = self.logic.core.undoLastRun()
-        self.refreshLists()
-
-    def onApplyOrCancel(self):
-        if torchMissing():
-            self.onInstallTorch()
-            return
-        p = self._parameterNode
-        self.runInBackground(self.ui.applyButton, lambda core, device: core.start(
-            p.inputVolume, self.selectedLabels(), self.checkpoint(), device, p.registration, p.threshold,
-            p.keepProbabilities), self.finishSegmentation)
-
-    def finishSegmentation(self, job) -> str:
-        p = self._parameterNode
-        p.outputSegmentation = self.logic.core.finish(job, p.outputSegmentation, p.replaceExisting)
-        return f"Done: {len(job.conditions)} label(s)"
-
-    def onProposeOrCancel(self):
-        """Propose the missing labels selected in the list (all of them when none is selected)."""
-        p = self._parameterNode
-        picked = self.pickedMissingLabels()
-        self.runInBackground(self.ui.proposeButton, lambda core, device: core.startProposals(
-            p.inputVolume, p.relabelSegmentation, self.checkpoint(), device, p.proposalPasses, p.registration,
-            p.keepUncertainty, picked or None), self.finishProposals)
-
-    def finishProposals(self, job) -> str:
-        self._parameterNode.proposalSegmentation = self.logic.core.finishProposals(job)
-        return f"Proposed {len(job.meanUncertainty)} of {len(job.conditions)} missing label(s); accept or reject them"
-
+    # ---- jobs in the background (Lib: jobs.py) ---------------------------------------------------
     def runInBackground(self, button, start, finish):
         """Start a job on the main thread (`start(core, device)`), compute it in a worker thread while `button`
         reads Cancel, then write its result with `finish(job)` on the main thread. Pressed again: cancel."""
@@ -615,14 +611,13 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onJobDone(self, job, finish, error):
         """Main thread: write the finished job into the scene, or say why nothing was written."""
-        from LabelConditionedSegLib.errors import Cancelled
         self._worker = None
         self.ui.progressBar.hide()
-        if self._cancel.is_set() or (error is not None and isinstance(error[0], Cancelled)):
+        if self._cancel.is_set() or (error is not None and error.cancelled):
             self.ui.statusLabel.text = "Cancelled; the scene is as it was."
         elif error is not None:
-            self.ui.statusLabel.text = f"Failed: {error[0]}"
-            slicer.util.errorDisplay(f"The run failed: {error[0]}", detailedText=error[1])
+            self.ui.statusLabel.text = f"Failed: {error.message}"
+            slicer.util.errorDisplay(f"The run failed: {error.message}", detailedText=error.details)
         else:
             self.ui.statusLabel.text = "Failed: the result could not be added to the scene."
             with showErrors("Could not add the result to the scene."):
@@ -632,6 +627,26 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self.ui.deviceInfoLabel.text = (f"{self.logic.describeDevices()} Last run: {job.segmenter.device}. "
                                                 f"{self.logic.core.cacheDescription()}")
         self.updateButtons()
+
+    # ---- segment observers (Lib: observers.py) ---------------------------------------------------
+    def followSegments(self):
+        """While the panel is shown, observe the segments of the segmentations it lists (the one to complete, the
+        proposals, the chosen model's atlas once that model is loaded) and no others, so that their lists follow."""
+        core, p = self.logic.core, self._parameterNode
+        core.stopObservingSegments()
+        if p is None or not self.parent.isEntered:
+            return
+        nodes = [p.relabelSegmentation, p.proposalSegmentation]
+        if not self.modelProblem():
+            nodes.append(core.atlasFor(self.checkpoint()))
+        for node in nodes:
+            if node is not None:
+                core.observeSegments(node, self.refreshLists)
+
+    def refreshLists(self, *unused):
+        """The label lists, after their segments changed."""
+        self.refreshLabels()
+        self.refreshRelabel()
 
 
 def addListItem(widget, text: str, key: str, color, selected: bool = False):

@@ -20,6 +20,7 @@ MODULE = ROOT / "LabelConditionedSeg"
 MODULE_FILE = MODULE / "LabelConditionedSeg.py"
 UI_FILE = ROOT / "Resources" / "UI" / "LabelConditionedSeg.ui"
 LOGIC_FILE = MODULE / "LabelConditionedSegLib" / "logic.py"
+SEGMENTERS_FILE = MODULE / "LabelConditionedSegLib" / "segmenters.py"  # where the logic names the bundled model
 
 # The class each widget that the module file touches must have in the .ui.
 EXPECTED_WIDGETS = {
@@ -264,6 +265,20 @@ def test_the_panel_is_bound_once_with_a_tag_that_unbinds_it():
     assert calls(method("LabelConditionedSegWidget", "unfollowParameterNode"), "removeObserver")
 
 
+def test_one_parameter_node_wrapper_across_scene_closes():
+    """The singleton parameter node outlives a scene close (test_slicer_logic_faults checks it in slicer-core), and each
+    connectParametersToGui leaves an observer holding its wrapper on it (wrapper.py, 5.6 to 5.10): a close keeps the
+    binding, and a new wrapper is made only for another node."""
+    start_close = method("LabelConditionedSegWidget", "onSceneStartClose")
+    assert not calls(start_close, "setParameterNode") and not calls(start_close, "disconnectGui")
+    assert calls(start_close, "unfollowParameterNode")
+    made = [c for c in ast.walk(module_tree()) if isinstance(c, ast.Call)
+            and getattr(c.func, "id", None) == "LabelConditionedSegParameterNode"]
+    init = method("LabelConditionedSegWidget", "initializeParameterNode")
+    (guard,) = [n for n in ast.walk(init) if isinstance(n, ast.If) and calls(n, "LabelConditionedSegParameterNode")]
+    assert len(made) == 1 and "self._parameterNode.parameterNode is not node" in ast.unparse(guard.test)
+
+
 def test_errors_are_shown_once_and_what_follows_runs():
     """slicer.util.tryWithErrorDisplay re-raises after its message box (Base/Python/slicer/util.py, 5.6 to 5.10):
     the module uses its own showErrors, which does not."""
@@ -289,8 +304,8 @@ def test_torch_is_installed_only_when_asked_and_never_in_a_test():
 
 def test_the_bundled_model_is_stored_by_name():
     """The parameter node's default names the bundled model as the logic does, not by a path on this machine."""
-    logic = ast.parse(LOGIC_FILE.read_text())
-    (value,) = [n.value.value for n in logic.body if isinstance(n, ast.Assign)
+    segmenters = ast.parse(SEGMENTERS_FILE.read_text())
+    (value,) = [n.value.value for n in segmenters.body if isinstance(n, ast.Assign)
                 and [getattr(t, "id", None) for t in n.targets] == ["BUNDLED_MODEL"]]
     assert module_constant("BUNDLED_MODEL") == value
     assert ast.unparse(parameter_fields()["checkpointPath"].value) == "Path(BUNDLED_MODEL)"
