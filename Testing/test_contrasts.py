@@ -6,7 +6,8 @@ import pytest
 import SimpleITK as sitk
 
 from lcs_training.data import read_table
-from lcs_training.tissues import CSF, DARK_HEAD, GREY, NAMES, WHITE, tissue_classes
+from lcs_training.synth import SubjectGenerator, paint
+from lcs_training.tissues import BACKGROUND, CSF, DARK_HEAD, GREY, NAMES, WHITE, tissue_classes
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +39,28 @@ def test_tissue_classes_of_colin27_follow_its_t1_anatomy(colin27_2mm, colin27):
     putamen = np.isin(sitk.GetArrayViewFromImage(labels), [values["Putamen_L"], values["Putamen_R"]]) & brain
     assert putamen.sum() > 500 and (c[putamen] == NAMES.index("Putamen")).all()
     assert 5 < ml["Putamen"] < 25 and not (c == NAMES.index("Putamen"))[~putamen].any()
+
+
+def test_paint_gives_each_tissue_class_a_random_intensity_seeded_by_the_generator(colin27_2mm):
+    classes = sitk.GetArrayFromImage(colin27_2mm[3])
+    first, again = paint(classes, np.random.default_rng(3)), paint(classes, np.random.default_rng(3))
+    assert np.array_equal(first, again) and first.shape == classes.shape
+    means = [[float(p[classes == k].mean()) for k in (CSF, GREY, WHITE)]
+             for p in (paint(classes, np.random.default_rng(seed)) for seed in range(8))]
+    assert len({tuple(np.argsort(m)) for m in means}) >= 3  # the tissues' order changes: not one contrast
+    assert float(first[classes == BACKGROUND].mean()) < 0.06  # the background stays dark
+
+
+def test_a_subject_of_random_contrast_keeps_the_anatomy_and_labels_of_the_same_draw(colin27_2mm):
+    image, labels, mask, classes = colin27_2mm
+    generator = SubjectGenerator(image, labels, mask, classes)
+    plain, plain_labels = generator.sample(np.random.default_rng(11), skull_strip_probability=0, fov_cut_probability=0)
+    painted, painted_labels = generator.sample(np.random.default_rng(11), skull_strip_probability=0,
+                                               fov_cut_probability=0, contrast_probability=1.0)
+    assert np.array_equal(sitk.GetArrayViewFromImage(plain_labels), sitk.GetArrayViewFromImage(painted_labels))
+    a, b = sitk.GetArrayFromImage(plain), sitk.GetArrayFromImage(painted)
+    head = a > 0.05 * a.max()
+    assert (b[head] > 0).mean() > 0.99 and abs(np.corrcoef(a[head], b[head])[0, 1]) < 0.9  # same head, other contrast
+    unpainted = SubjectGenerator(image, labels, mask).sample(np.random.default_rng(11), skull_strip_probability=0,
+                                                             fov_cut_probability=0, contrast_probability=1.0)[0]
+    assert np.array_equal(sitk.GetArrayViewFromImage(unpainted), a)  # no classes: the head's own contrast, same stream

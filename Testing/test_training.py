@@ -13,12 +13,15 @@ import torch
 from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.errors import LCSError
+from LabelConditionedSegLib.labels import LabelTable
 from LabelConditionedSegLib.model import ModelConfig
 from lcs_training.data import load_atlas, load_cases
 from lcs_training.data import normalized
 from lcs_training.smile import masked_dice_loss
 from lcs_training.synth import Strength, SubjectGenerator
-from lcs_training.train import CropLoss, SubjectStream, TrainSettings, add_arguments, pick_labels, train
+from lcs_training.tissues import tissue_classes
+from lcs_training.train import (CropLoss, SubjectStream, TrainSettings, add_arguments, pick_labels, train,
+                                validation_subjects)
 from LabelConditionedSegLib.engine import Condition, Engine
 
 from conftest import TINY_LABELS, dice, heldout_subject, tiny_settings
@@ -323,3 +326,20 @@ def test_the_multichannel_baseline_trains_and_is_refused_by_lcs_segment(tiny_bas
     code = main(["segment", str(colin27 / "images/colin27.nii.gz"), "-o", str(tmp_path / "x.seg.nrrd"),
                  "--checkpoint", str(tiny_baseline)])
     assert code == 2 and "multi-channel baseline" in capsys.readouterr().err
+
+
+def test_a_contrast_agnostic_run_paints_every_second_validation_subject_and_records_its_contrasts(colin27, tmp_path,
+                                                                                                  capsys):
+    atlas = load_atlas(colin27, "colin27", 8.0, 4)
+    cases = load_cases(colin27, atlas)
+    tissues = [tissue_classes(c.image, c.mask, c.labels, LabelTable.read_csv(colin27 / "labels.csv")) for c in cases]
+    plain = validation_subjects(cases, atlas, 2, Strength(), seed=3)
+    painted = validation_subjects(cases, atlas, 2, Strength(), seed=3, tissues=tissues)
+    assert np.array_equal(plain[0][0], painted[0][0]) and np.array_equal(plain[1][1], painted[1][1])
+    assert not np.allclose(plain[1][0], painted[1][0])  # same head and labels, another contrast
+    assert main(["train", str(colin27), "--atlas", "colin27", "-o", str(tmp_path), *TINY_RUN, "--steps", "2",
+                 "--contrast-share", "1"]) == 0
+    assert Checkpoint.load(tmp_path / "last.lcs").provenance["contrasts"] == "any (random share 1)"
+    assert main(["train", str(colin27), "--atlas", "colin27", "-o", str(tmp_path), "--resume", "--steps", "4",
+                 "--contrast-share", "0.5"]) == 2
+    assert "--contrast-share 0.5 differs" in capsys.readouterr().err

@@ -49,6 +49,7 @@ from .data import Case, load_atlas, load_cases, load_unlabelled, normalized
 from .metrics import dice_per_label
 from .smile import masked_bce_loss, masked_dice_loss, smile_weight
 from .synth import Strength, SubjectGenerator
+from .tissues import tissue_classes
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainSettings:
     batch_size: int = 1
     labels_per_subject: int = 4  # labels taught per subject and step, each decoded in its own box
     deformable_share: float = 0.0  # share of subjects conditioned on the demons-warped atlas (the deformable prior)
+    contrast_share: float = 0.0  # share of subjects of a random contrast (tissue classes painted: synth.paint)
     subject_reuse: int = 1  # steps each generated subject serves on average (from a pool of this many), new labels each
     lr: float = 1e-4
     merge_probability: float = 0.5
@@ -117,8 +119,10 @@ class SubjectStream(IterableDataset):
 
     def __init__(self, cases: list[Case], atlas: Case, labels: list[int], strength: Strength, merge_probability: float,
                  seed: int, labels_per_subject: int = 4, deformable_share: float = 0.0, factor: int = 16,
-                 region_invariant: bool = True, reuse: int = 1):
+                 region_invariant: bool = True, reuse: int = 1, tissues: list[sitk.Image | None] | None = None,
+                 contrast_share: float = 0.0):
         self.cases, self.atlas, self.labels = cases, atlas, labels
+        self.tissues, self.contrast_share = tissues or [None] * len(cases), contrast_share
         self.strength, self.merge_probability, self.seed = strength, merge_probability, seed
         self.labels_per_subject, self.deformable_share, self.factor = labels_per_subject, deformable_share, factor
         self.region_invariant = region_invariant  # else (group or instance norm) the engine decodes the whole grid
@@ -127,7 +131,7 @@ class SubjectStream(IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, info.id if info else 0])
-        generators = [SubjectGenerator(c.image, c.labels, c.mask) for c in self.cases]
+        generators = [SubjectGenerator(c.image, c.labels, c.mask, t) for c, t in zip(self.cases, self.tissues)]
         atlas_image = normalized(self.atlas.image, self.atlas.mask)
         atlas_labels = sitk.GetArrayFromImage(self.atlas.labels)
         atlas_mask = sitk.GetArrayFromImage(self.atlas.mask) > 0
@@ -135,7 +139,8 @@ class SubjectStream(IterableDataset):
         while True:
             if samples % self.reuse == 0:  # a new subject, in place of the oldest
                 k = int(rng.integers(len(self.cases)))
-                image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image)
+                image, labels = generators[k].sample(rng, self.strength, grid=self.atlas.image,
+                                                     contrast_probability=self.contrast_share)
                 image = normalized(image, self.atlas.mask)
                 prior = (deformable_prior(image, atlas_image, self.atlas.image, atlas_mask=atlas_mask)
                          if rng.random() < self.deformable_share else None)
@@ -278,15 +283,19 @@ def pick_labels(rng: np.random.Generator, trained: list[int], labelled: list[int
     return chosen
 
 
-def validation_subjects(cases: list[Case], atlas: Case, count: int, strength: Strength, seed: int):
+def validation_subjects(cases: list[Case], atlas: Case, count: int, strength: Strength, seed: int,
+                        tissues: list[sitk.Image | None] | None = None):
     """Fixed held-out subjects (their own seeds) for validation Dice: (image, truth, the labels the truth annotates),
-    from the most completely annotated cases first."""
+    from the most completely annotated cases first. With tissue classes (a contrast-agnostic run), every second
+    subject has a random contrast."""
     rng = np.random.default_rng([seed, 10_000])
-    ranked = sorted(cases, key=lambda c: -len(c.annotated))
+    order = sorted(range(len(cases)), key=lambda k: -len(cases[k].annotated))
+    tissues = tissues or [None] * len(cases)
     out = []
     for i in range(count):
-        case = ranked[i % len(ranked)]
-        image, labels = SubjectGenerator(case.image, case.labels, case.mask).sample(rng, strength, grid=atlas.image)
+        case, classes = cases[order[i % len(order)]], tissues[order[i % len(order)]]
+        image, labels = SubjectGenerator(case.image, case.labels, case.mask, classes).sample(
+            rng, strength, grid=atlas.image, contrast_probability=float(i % 2))
         out.append((normalized(image, atlas.mask), sitk.GetArrayFromImage(labels), set(case.annotated)))
     return out
 
@@ -315,6 +324,7 @@ def validate(model: LCSNet, atlas_image: np.ndarray, atlas_labels: np.ndarray, t
 
 RUN_FILES = ("best.lcs", "last.lcs", "state.pt", "history.csv")  # a folder holding any of these holds a run
 SAVED = ("data", "atlas", "spacing", "model", "labels", "steps", "batch_size", "labels_per_subject", "deformable_share",
+         "contrast_share",
          "subject_reuse", "lr", "merge_probability", "strength",
          "validate_every", "validation_subjects", "seed", "baseline", "name", "init", "init_encoder", "loss", "bce_start",
          "bce_end", "adversarial", "unlabelled", "lambda_adv", "lambda_unlabelled", "unlabelled_after",
@@ -334,7 +344,7 @@ def _comparable(name: str, value):
         return value.to_dict()
     if name == "labels":
         return [str(x).strip() for x in value] if value else None
-    if name in ("spacing", "lr", "merge_probability", "strength", "deformable_share", "bce_start", "bce_end", "lambda_adv",
+    if name in ("spacing", "lr", "merge_probability", "strength", "deformable_share", "contrast_share", "bce_start", "bce_end", "lambda_adv",
                 "lambda_unlabelled", "self_training"):
         return float(value)
     return value
@@ -408,6 +418,8 @@ def _check_recipe(s: TrainSettings) -> None:
                        "LCS models")
     if s.init is not None and s.init_encoder is not None:
         raise LCSError("--init starts from a whole checkpoint and --init-encoder from a pretrained encoder; pass only one")
+    if not (0 <= s.contrast_share <= 1 and 0 <= s.deformable_share <= 1):
+        raise LCSError("--contrast-share and --deformable-share are shares of the subjects, between 0 and 1")
     if s.subject_reuse < 1:
         raise LCSError(f"--subject-reuse {s.subject_reuse}: give the number of steps a generated subject serves, 1 or more")
     if s.lambda_adv < 0 or s.lambda_unlabelled < 0 or not 0 <= s.self_training < 1:
@@ -452,6 +464,9 @@ def train(s: TrainSettings) -> Path:
     cases = load_cases(s.data, atlas)
     unlabelled = [c for c in cases if c.unlabelled] + (load_unlabelled(s.unlabelled, atlas) if s.unlabelled else [])
     cases = [c for c in cases if not c.unlabelled]
+    full_table = LabelTable.read_csv(table_path)  # the deep grey structures the tissue classes name, trained or not
+    tissues = [tissue_classes(c.image, c.mask, c.labels, full_table) if s.contrast_share > 0 and c.mask is not None
+               else None for c in cases]
     atlas_image = normalized(atlas.image, atlas.mask)
     atlas_labels = sitk.GetArrayFromImage(atlas.labels)
     strength = Strength().times(s.strength)
@@ -496,7 +511,7 @@ def train(s: TrainSettings) -> Path:
     else:
         stream, collate = SubjectStream(cases, atlas, table.values, strength, s.merge_probability, seed,
                                         s.labels_per_subject, s.deformable_share, config.factor,
-                                        config.region_invariant, s.subject_reuse), _collate
+                                        config.region_invariant, s.subject_reuse, tissues, s.contrast_share), _collate
 
     def batches(stream: IterableDataset, collate):
         return iter(DataLoader(stream, batch_size=s.batch_size, num_workers=s.workers, persistent_workers=s.workers > 0,
@@ -506,7 +521,7 @@ def train(s: TrainSettings) -> Path:
     unlabelled_loader = batches(SubjectStream(unlabelled, atlas, table.values, strength, s.merge_probability, seed + 50,
                                               s.labels_per_subject, s.deformable_share, config.factor,
                                               config.region_invariant), _collate) if s.adversarial and unlabelled else None
-    subjects = validation_subjects(cases, atlas, s.validation_subjects, strength, s.seed) if rank == 0 else []
+    subjects = validation_subjects(cases, atlas, s.validation_subjects, strength, s.seed, tissues) if rank == 0 else []
     priors = ["affine"] + (["deformable"] if s.deformable_share > 0 and not s.baseline else [])
     brain = sitk.GetArrayFromImage(atlas.mask) > 0
     warped = [deformable_prior(image, atlas_image, atlas.image, atlas_mask=brain) for image, _, _ in subjects
@@ -520,6 +535,7 @@ def train(s: TrainSettings) -> Path:
             "labels_trained": len(table), "iterations": step, "batch_size": s.batch_size * world, "lr": s.lr,
             "spacing_mm": s.spacing, "augmentation_strength": s.strength, "seed": s.seed,
             "labels_per_subject": s.labels_per_subject, "priors": priors, "deformable_share": s.deformable_share,
+            "contrasts": "any (random share {:g})".format(s.contrast_share) if s.contrast_share > 0 else "the cases' own",
             "subject_reuse": s.subject_reuse,
             "loss": s.loss if s.loss == "dice" else f"{s.loss} (BCE {s.bce_start} to {s.bce_end})",
             "init_encoder": None if s.init_encoder is None else str(s.init_encoder),
@@ -747,6 +763,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--deformable-share", type=float, default=0.0,
         help="share of subjects conditioned on the atlas warped onto them by the demons registration of "
              "--registration deformable (0: the paper's affine prior only; e.g. 0.5 trains for both) (default %(default)s)")
+    add("--contrast-share", type=float, default=0.0,
+        help="share of subjects given a random contrast (each tissue class of the case a random intensity, as SynthSeg "
+             "trains), so that the model segments T2, PD, FLAIR... too; 0: the cases' own contrast (default %(default)s)")
     add("--subject-reuse", type=int, default=1,
         help="R > 1: keep the last R generated subjects (with their demons priors) and draw each step's subject among "
              "them, so each serves R steps on average with other labels: fewer CPU-seconds spent making subjects "
