@@ -96,22 +96,29 @@ def test_lcs_workflow_prints_the_snakefile_and_writes_templates_it_never_overwri
 
 
 def test_a_dry_run_lists_a_job_per_bids_scan_with_memory_from_its_header(bids, tmp_path):
-    done = snakemake(tmp_path, "--dry-run", input=bids, output=tmp_path / "out", labels=LABELS, gpus=1, threads=2)
+    out = tmp_path / "out"
+    done = snakemake(tmp_path, "--dry-run", input=bids, output=out, labels=LABELS, gpus=1, threads=2,
+                     extras="labelmap,overlay")
     assert done.returncode == 0, done.stdout
     assert jobs(done.stdout) == {"segment": 4, "table": 1, "all": 1}
+    assert f"output: {out}/sub-02_ses-1_T1w.seg.nrrd, {out}/sub-02_ses-1_T1w_volumes.csv, " \
+           f"{out}/sub-02_ses-1_T1w_labels.nii.gz, {out}/sub-02_ses-1_T1w_overlay.png\n" in done.stdout
     listed = {name: (threads, dict(re.findall(r"(\w+)=([^,]+)", resources))) for name, threads, resources in
               re.findall(r"wildcards: name=(\S+)\n\s+threads: (\d+)\n\s+resources: (.*)", done.stdout)}
     sizes = [(40, 48, 40), (40, 48, 40), (80, 96, 80), (40, 48, 40)]  # float32 voxels
     assert {name: (threads, resources["mem_mb"], resources["gpu"]) for name, (threads, resources) in listed.items()} == \
         {name: ("2", str(-(-(PROCESS_BYTES + memory_needed(size, 4)) // 2**20)), "1") for name, size in zip(T1W, sizes)}
-    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    assert not out.exists()  # a dry run writes nothing
 
 
-def test_the_workflow_without_input_says_what_to_set(tmp_path):
+def test_the_workflow_says_what_to_set_or_fix(bids, tmp_path):
     done = snakemake(tmp_path, "--dry-run", output=tmp_path / "out")
     assert done.returncode != 0
     assert "the workflow needs 'input': set it in your --configfile (lcs workflow -o DIR writes one to edit) or give " \
            "--config input=PATH" in done.stdout, done.stdout
+    done = snakemake(tmp_path, "--dry-run", input=bids, output=tmp_path / "out", extras="[overlay,masks]")
+    assert done.returncode != 0
+    assert "extras: masks unknown; choose among labelmap, overlay, probabilities" in done.stdout, done.stdout
 
 
 # ---- end to end, with the tiny model ------------------------------------------------------------------------------
