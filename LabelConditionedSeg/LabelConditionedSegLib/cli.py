@@ -487,13 +487,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "Segment atlas labels on a 3D scan (NIfTI, NRRD, MHA, a DICOM folder...). The scan is registered to the "
         "model's atlas, segmented on the model grid and mapped back: outputs lie on the input's own grid. "
         "Example: lcs segment head.nii.gz -o head.seg.nrrd --labels Hippocampus_L,Hippocampus_R --volumes-csv vol.csv. "
-        "A cohort (several scans, a folder of image files, or a .csv list with a 'path' column) goes into the folder "
+        "A cohort (several scans, a folder of image files, a BIDS dataset's T1w scans, or a .csv list with a 'path' "
+        "column) goes into the folder "
         "-o: each scan writes OUT/NAME.seg.nrrd, the extras asked for (--labelmap, --overlay, --probabilities, "
         "without file names) and OUT/NAME_volumes.csv, gathered in OUT/volumes.csv. Done scans are skipped, failed "
         "ones listed at the end (exit code 2). Several GPUs or nodes: "
         "torchrun --nproc_per_node N -m LabelConditionedSegLib.cli segment ..."))
     p.add_argument("input", type=Path, nargs="+", help="scan file or DICOM folder; for a cohort several of them, a "
-                   "folder of image files, or a .csv with a 'path' column (relative to the .csv) and an optional 'name'")
+                   "folder of image files, a BIDS dataset (sub-*/[ses-*/]anat/*_T1w.nii.gz), or a .csv with a 'path' "
+                   "column (relative to the .csv) and an optional 'name'")
     p.add_argument("-o", "--output", type=Path, required=True, help="segmentation to write (.seg.nrrd, opens in "
                    "Slicer); for a cohort, the folder that receives NAME.seg.nrrd for each scan")
     p.add_argument("--checkpoint", type=Path, default=default_checkpoint(), help="model (.lcs); default: the bundled demo")
