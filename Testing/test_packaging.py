@@ -93,3 +93,13 @@ def test_lcs_checkpoint_overrides_the_default(installed, tmp_path):
     package, checkpoint, labels = python(installed, tmp_path, CHECK, LCS_CHECKPOINT=str(other))
     assert Path(package).resolve().is_relative_to(installed.resolve()), package
     assert Path(checkpoint) == other.resolve() and int(labels) == 116
+
+
+def test_installed_package_ships_the_workflow(installed, tmp_path):
+    """`lcs workflow` of a pip-installed package finds its Snakefile and copies out its settings and SLURM profile."""
+    command = [sys.executable, "-m", "LabelConditionedSegLib.cli", "workflow"]
+    snakefile = Path(run([*command, "--print-path"], cwd=tmp_path, env=environment(installed)).strip())
+    assert snakefile == (installed / "LabelConditionedSegLib" / "workflow" / "Snakefile").resolve()
+    run([*command, "-o", tmp_path / "mine"], cwd=tmp_path, env=environment(installed))
+    assert "input: null" in (tmp_path / "mine" / "config.yaml").read_text()
+    assert "executor: slurm" in (tmp_path / "mine" / "slurm" / "config.yaml").read_text()

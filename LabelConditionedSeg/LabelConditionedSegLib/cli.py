@@ -1,4 +1,4 @@
-"""The `lcs` command: segment, labels, train, evaluate, benchmark, demo.
+"""The `lcs` command: segment, labels, workflow, train, evaluate, benchmark, demo.
 
 Every user error ends as one line on stderr and exit code 2; nothing existing is
 overwritten without --overwrite.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -389,6 +390,34 @@ def atlas(args: argparse.Namespace) -> None:
           "--name NAME")
 
 
+WORKFLOW = Path(__file__).resolve().parent / "workflow"  # the Snakemake workflow, package data
+WORKFLOW_TEMPLATES = ("config.yaml", "slurm/config.yaml")  # what -o copies out to edit: the settings, the SLURM profile
+
+
+def workflow(args: argparse.Namespace) -> None:
+    """--print-path: the Snakefile, for snakemake -s; -o: copies of its settings and of its SLURM profile to edit."""
+    snakefile = WORKFLOW / "Snakefile"
+    if args.print_path:
+        print(snakefile)
+        return
+    from .files import write_text
+
+    copies = {args.output / name: WORKFLOW / name for name in WORKFLOW_TEMPLATES}
+    for path in copies:
+        if path.exists():
+            raise LCSError(f"{path} already exists; edit it, or give -o another folder")
+        check_writable(path, path.parent)
+    for path, template in copies.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(template.read_text(), path)
+    config, profile = (shlex.quote(str(path)) for path in copies)
+    print(f"wrote {', '.join(map(str, copies))}; set input and output in {config}, then run (pip install snakemake "
+          f"first, or the project's 'workflow' extra):\n"
+          f"  snakemake -s {shlex.quote(str(snakefile))} --configfile {config} --cores 4\n"
+          f"on a SLURM cluster, with your partition and account in {profile}:\n"
+          f"  snakemake -s {shlex.quote(str(snakefile))} --configfile {config} --profile {shlex.quote(str(args.output / 'slurm'))}")
+
+
 def demo(args: argparse.Namespace) -> int:
     try:
         import nilearn  # noqa: F401 - the MNI152 template the demo segments
@@ -458,13 +487,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "Segment atlas labels on a 3D scan (NIfTI, NRRD, MHA, a DICOM folder...). The scan is registered to the "
         "model's atlas, segmented on the model grid and mapped back: outputs lie on the input's own grid. "
         "Example: lcs segment head.nii.gz -o head.seg.nrrd --labels Hippocampus_L,Hippocampus_R --volumes-csv vol.csv. "
-        "A cohort (several scans, a folder of image files, or a .csv list with a 'path' column) goes into the folder "
+        "A cohort (several scans, a folder of image files, a BIDS dataset's T1w scans, or a .csv list with a 'path' "
+        "column) goes into the folder "
         "-o: each scan writes OUT/NAME.seg.nrrd, the extras asked for (--labelmap, --overlay, --probabilities, "
         "without file names) and OUT/NAME_volumes.csv, gathered in OUT/volumes.csv. Done scans are skipped, failed "
         "ones listed at the end (exit code 2). Several GPUs or nodes: "
         "torchrun --nproc_per_node N -m LabelConditionedSegLib.cli segment ..."))
     p.add_argument("input", type=Path, nargs="+", help="scan file or DICOM folder; for a cohort several of them, a "
-                   "folder of image files, or a .csv with a 'path' column (relative to the .csv) and an optional 'name'")
+                   "folder of image files, a BIDS dataset (sub-*/[ses-*/]anat/*_T1w.nii.gz), or a .csv with a 'path' "
+                   "column (relative to the .csv) and an optional 'name'")
     p.add_argument("-o", "--output", type=Path, required=True, help="segmentation to write (.seg.nrrd, opens in "
                    "Slicer); for a cohort, the folder that receives NAME.seg.nrrd for each scan")
     p.add_argument("--checkpoint", type=Path, default=default_checkpoint(), help="model (.lcs); default: the bundled demo")
@@ -508,6 +539,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=default_checkpoint(), help="model (.lcs); default: the bundled demo")
     p.add_argument("--overwrite", action="store_true", help="replace atlas files already in the folder")
     p.set_defaults(run=atlas, parser=p)
+
+    p = sub.add_parser("workflow", help="the Snakemake workflow that segments many scans, on one machine or a cluster",
+                       description="A Snakemake workflow over lcs segment: one job per scan (locally, or on SLURM with "
+                                   "its profile), then OUT/volumes.csv, the table one lcs segment cohort call writes. "
+                                   "Input: a folder of scans, a .csv list or a BIDS dataset. Needs snakemake (pip "
+                                   "install snakemake; the SLURM profile also snakemake-executor-plugin-slurm).")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--print-path", action="store_true", help="print the Snakefile's path (for snakemake -s)")
+    what.add_argument("-o", "--output", type=Path, help="folder to write config.yaml (the settings) and slurm/config.yaml "
+                      "(the SLURM profile) into, to edit")
+    p.set_defaults(run=workflow, parser=p)
 
     p = sub.add_parser("demo", help="segment a real brain (nilearn's MNI152 template) with the bundled model",
                        description="Write nilearn's MNI152 2009 template into the folder and segment every atlas label "

@@ -15,6 +15,8 @@ from .files import write_text
 
 # Image files that make a folder a cohort (a folder without any is read as one DICOM series).
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".mnc")
+# A BIDS dataset's T1-weighted scans; their names keep every BIDS entity (sub-01_ses-2_run-1_T1w).
+BIDS_SCANS = [f"sub-*/{session}anat/sub-*_T1w.{ext}" for session in ("", "ses-*/") for ext in ("nii.gz", "nii")]
 LIST_COLUMN = "path"  # the column of a cohort .csv holding the scans; an optional "name" column names the outputs
 # What each optional output is called beside NAME.seg.nrrd (in a cohort, or when its option is given no file name).
 EXTRAS = {"labelmap": "_labels.nii.gz", "volumes_csv": "_volumes.csv", "overlay": "_overlay.png",
@@ -48,6 +50,11 @@ def folder_scans(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_scan(p))
 
 
+def bids_scans(root: Path) -> list[Path]:
+    """The T1-weighted scans of a BIDS dataset (sub-*/[ses-*/]anat/*_T1w.nii[.gz]), sorted."""
+    return sorted(p for pattern in BIDS_SCANS for p in root.glob(pattern) if p.is_file())
+
+
 def read_list(path: Path) -> list[Scan]:
     """The scans of a CSV list: a `path` column (relative to the CSV's folder, or absolute), an optional `name`."""
     try:
@@ -75,7 +82,7 @@ def read_list(path: Path) -> list[Scan]:
 
 def list_scans(inputs: Sequence[Path]) -> tuple[list[Scan], bool]:
     """The scans that `lcs segment INPUT...` names, sorted by name, and whether they are a cohort: several inputs,
-    a .csv list, or a folder of image files (a folder without image files is one DICOM series)."""
+    a .csv list, a folder of image files, or a BIDS dataset (a folder without either is one DICOM series)."""
     scans, cohort = [], len(inputs) > 1
     for path in inputs:
         if path.suffix.lower() == ".csv":
@@ -83,7 +90,7 @@ def list_scans(inputs: Sequence[Path]) -> tuple[list[Scan], bool]:
                 raise LCSError(f"input {path} does not exist")
             scans += read_list(path)
             cohort = True
-        elif path.is_dir() and (files := folder_scans(path)):
+        elif path.is_dir() and (files := folder_scans(path) or bids_scans(path)):
             scans += [Scan(scan_name(f), f) for f in files]
             cohort = True
         else:
