@@ -42,7 +42,7 @@ class LabelConditionedSeg(ScriptedLoadableModule):
         parent.title = "Label Conditioned Segmentation"
         parent.categories = ["Segmentation"]
         parent.dependencies = []
-        parent.contributors = ["LCS for Slicer maintainers (Label Conditioned Segmentation project)"]
+        parent.contributors = ["LCS for Slicer developers (Label Conditioned Segmentation project)"]
         parent.helpText = (
             "Pick atlas labels (or paint a new region on the atlas), press Apply, and get named, colored "
             "segments on the input volume. One network serves every label: it is conditioned on the atlas "

@@ -1,4 +1,4 @@
-"""Issue 27's panel faults that live in Qt (3, 6, 11, 12, 14), checked statically: no
+"""Issue 27's panel faults that live in Qt (3, 6, 11, 12, 14) and its packaging fault (13), checked statically: no
 Qt runs here, so the .ui, the module file and the CMake files are read as they are. Each check names the Slicer or
 CTK behaviour (5.6 to 5.10, CTK at the commit each pins) that made the fault."""
 import ast
@@ -73,6 +73,27 @@ def test_12_the_second_click_of_a_double_click_neither_cancels_nor_reruns():
     assert "self._worker is not None" in ast.unparse(run.body[2].test)
     assert run.body.index(first) < [i for i, n in enumerate(run.body) if "self._started" in ast.unparse(n)
                                      and isinstance(n, ast.Assign)][0]
+
+
+def test_13_the_atlas_notice_ships_and_the_extension_names_its_own_licence():
+    notice = (ROOT / "Resources" / "Models" / "NOTICE.txt").read_text()
+    assert "Copyright 2006-2010, Chris Rorden" in notice and "Redistributions in binary form must reproduce" in notice
+    assert "Models/NOTICE.txt" in cmake_list((MODULE / "CMakeLists.txt").read_text(), "MODULE_PYTHON_RESOURCES")
+    assert '"NOTICE.txt"' in (ROOT / "pyproject.toml").read_text()  # the wheel carries the demo model too
+    text = (ROOT / "CMakeLists.txt").read_text()
+    # UseSlicer.cmake gives an extension Slicer's own licence file when EXTENSION_LICENSE_FILE is unset
+    assert "set(EXTENSION_LICENSE_FILE ${CMAKE_CURRENT_SOURCE_DIR}/LICENSE)" in text
+    assert text.index("EXTENSION_LICENSE_FILE") < text.index("include(${Slicer_USE_FILE})")
+    assert "maintainers" not in cmake_value("EXTENSION_CONTRIBUTORS")
+
+
+def test_13_the_panel_picture_shows_a_state_the_code_reaches():
+    """docs/panel.png showed Undo enabled during a run; runInBackground turns off every run button but the one running."""
+    run = source("runInBackground")
+    assert "for other in (self.ui.applyButton, self.ui.proposeButton, self.ui.undoButton):" in run
+    draw = (ROOT / "docs" / "draw_panel.py").read_text()
+    assert re.search(r'for name in \("proposeButton", "undoButton"\):\n\s+find\(name\)\.setEnabled\(False\)', draw)
+    assert 'find("applyButton").setText("Cancel")' in draw
 
 
 def test_14_the_installed_torch_version_is_checked_before_torch_is_imported():
