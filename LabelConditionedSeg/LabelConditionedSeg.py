@@ -528,11 +528,14 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for selector in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
                          self.ui.relabelSegmentationSelector, self.ui.exportSegmentationSelector):
             selector.sortFilterProxyModel().setHiddenNodeIDs(ids)
-        if p is not None:
-            for field in ("inputVolume", "outputSegmentation", "relabelSegmentation", "exportSegmentation"):
-                node = getattr(p, field)
-                if node is not None and node.GetID() in ids:
-                    setattr(p, field, core.defaultInputVolume() if field == "inputVolume" else None)
+        if p is None:
+            return
+        for field in ("outputSegmentation", "relabelSegmentation", "exportSegmentation"):
+            node = getattr(p, field)
+            if node is not None and node.GetID() in ids:
+                setattr(p, field, None)
+        if p.inputVolume is None or p.inputVolume.GetID() in ids:  # hiding the current node may have cleared it
+            p.inputVolume = core.defaultInputVolume()
 
     # ---- segmentation (Lib: apply.py) ------------------------------------------------------------
     def onApplyOrCancel(self):

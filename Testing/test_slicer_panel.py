@@ -56,6 +56,7 @@ def test_11_painting_keeps_atlas_labels_restores_the_views_and_atlas_nodes_stay_
     assert calls(method("LabelConditionedSegWidget", "enter"), "endPaintSession")
     keep = source("keepAtlasNodesOut")
     assert "selector.sortFilterProxyModel().setHiddenNodeIDs(ids)" in keep
+    assert "p.inputVolume = core.defaultInputVolume()" in keep
     selectors = [w for w, e in ui_widgets().items() if e.get("class") == "qMRMLNodeComboBox"]
     own = [s for s in selectors if s != "proposalSegmentationSelector"]  # proposals are never atlas nodes either way
     assert all(f"self.ui.{s}" in keep for s in own), own
