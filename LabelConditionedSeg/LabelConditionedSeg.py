@@ -42,7 +42,7 @@ class LabelConditionedSeg(ScriptedLoadableModule):
         parent.title = "Label Conditioned Segmentation"
         parent.categories = ["Segmentation"]
         parent.dependencies = []
-        parent.contributors = ["LCS for Slicer maintainers (Label Conditioned Segmentation project)"]
+        parent.contributors = ["LCS for Slicer developers (Label Conditioned Segmentation project)"]
         parent.helpText = (
             "Pick atlas labels (or paint a new region on the atlas), press Apply, and get named, colored "
             "segments on the input volume. One network serves every label: it is conditioned on the atlas "
@@ -73,9 +73,10 @@ class LabelConditionedSegParameterNode:
     keepUncertainty: bool = False
     proposalSegmentation: vtkMRMLSegmentationNode  # the proposals under review
     caseName: str = ""
+    exportSegmentation: vtkMRMLSegmentationNode  # what Export writes (default: the last Apply's output)
 
 
-_brokenTorch = ""  # why an installed torch failed to load: it stays so until Slicer restarts
+_brokenTorch = None  # once checked: why the installed torch cannot be used ("" when it can), until Slicer restarts
 
 
 def torchMissing() -> bool:
@@ -89,6 +90,10 @@ def torchProblem() -> str:
     global _brokenTorch
     if torchMissing():
         return "PyTorch is not installed yet: press Install PyTorch."
+    if _brokenTorch is None:
+        # its version first: a torch older than LCS needs may import, then fail with a message that hides the cause
+        from LabelConditionedSegLib.torch_version import installed_torch_problem
+        _brokenTorch = installed_torch_problem()
     if not _brokenTorch:
         try:
             import torch  # noqa: F401
@@ -224,6 +229,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._progress = (0.0, "")
         self._notices = []
         self._cancel = threading.Event()
+        self._paintSession = None  # while painting on the atlas: what onPaintLabel changed, for endPaintSession
 
     # ---- set-up and the parameter node -----------------------------------------------------------
     def setup(self):
@@ -236,11 +242,13 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.ui.labelFilterLineEdit.textChanged.connect(self.filterLabels)
         self.ui.labelListWidget.itemSelectionChanged.connect(self.updateButtons)
         self.ui.selectAllButton.clicked.connect(lambda: self.selectVisibleLabels(True))
         self.ui.selectNoneButton.clicked.connect(lambda: self.selectVisibleLabels(False))
         self.ui.paintLabelButton.clicked.connect(self.onPaintLabel)
+        self.ui.bundledModelButton.clicked.connect(self.onUseBundledModel)
         self.ui.applyButton.clicked.connect(self.onApplyOrCancel)
         self.ui.undoButton.clicked.connect(self.onUndo)
         self.ui.proposeButton.clicked.connect(self.onProposeOrCancel)
@@ -269,6 +277,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self):
+        self.endPaintSession()
         self.initializeParameterNode()
 
     def exit(self):
@@ -283,11 +292,17 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         written again with their defaults by the wrapper), and binding a new wrapper would leave the old one observing
         it for good (connectParametersToGui adds an observer that disconnectGui does not remove, 5.6 to 5.10)."""
         self._cancel.set()
+        self._paintSession = None  # the views and Segment Editor's node are reset with the scene
         self.unfollowParameterNode()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event):
+        """A loaded scene may hold atlas nodes (they keep their attributes)."""
+        if self.parent.isEntered:
+            self.keepAtlasNodesOut()
 
     def initializeParameterNode(self):
         """Bind the panel to the module's parameter node (one wrapper per node: see onSceneStartClose), follow it, and
@@ -295,8 +310,9 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         node = self.logic.getParameterNode()
         if self._parameterNode is None or self._parameterNode.parameterNode is not node:
             self.setParameterNode(LabelConditionedSegParameterNode(node))
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not self._parameterNode.inputVolume:  # a scan, never an atlas image (see keepAtlasNodesOut)
+            self._parameterNode.inputVolume = (slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+                                               if torchProblem() else self.logic.core.defaultInputVolume())
         if not self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self.refreshPanel()
@@ -338,6 +354,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def refreshPanel(self):
         """Everything the panel shows, from the parameter node, the model and the scene."""
+        self.keepAtlasNodesOut()
         self.refreshLabels()
         self.onParameterNodeModified()
 
@@ -379,6 +396,12 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.refreshPanel()
 
     # ---- model and atlas (Lib: segmenters.py, atlas.py) ------------------------------------------
+    def onUseBundledModel(self):
+        """The Model field cannot be set back to the bundled model: ctkPathLineEdit passes on only text its "*.lcs"
+        validator accepts (ctkPathLineEdit::updateHasValidInput, CTK as Slicer 5.6 to 5.10 pin it), so typing
+        "bundled", or clearing the field, never reached the parameter node."""
+        self._parameterNode.checkpointPath = Path(BUNDLED_MODEL)
+
     def checkpoint(self) -> str:
         """The chosen model as the logic takes it: "bundled" or a path."""
         return str(self._parameterNode.checkpointPath) if self._parameterNode else BUNDLED_MODEL
@@ -422,6 +445,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         selected = set(self.selectedLabels())
         widget.clear()
         self._listedCheckpoint = checkpoint = self.checkpoint()
+        self.ui.bundledModelButton.enabled = checkpoint != BUNDLED_MODEL
         problem = self.modelProblem()
         if problem:
             self.ui.checkpointInfoLabel.text = problem
@@ -456,20 +480,62 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 item.setSelected(selected)
 
     def onPaintLabel(self):
-        """Atlas image and labels in the scene, a new segment on them, and Segment Editor opened on it."""
+        """Atlas image and labels in the scene, a new segment on them, and Segment Editor opened on it. What this
+        changes outside the module (the views' scans, Segment Editor's overwrite mode) is put back by endPaintSession
+        when the user comes back to the module."""
         with showErrors("Could not open the atlas for painting."):
             atlas = self.logic.core.loadAtlas(self.checkpoint())
+            self.keepAtlasNodesOut()
             self.followSegments()
             atlasVolume = atlas.GetNodeReference(atlas.GetReferenceImageGeometryReferenceRole())
             segmentId = atlas.GetSegmentation().AddEmptySegment("", "New atlas region", [1.0, 0.85, 0.2])
+            views = {v.GetID(): v.GetBackgroundVolumeID() for v in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")}
             slicer.util.setSliceViewerLayers(background=atlasVolume, fit=True)
             slicer.util.selectModule("SegmentEditor")
             editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            editorNode = editor.mrmlSegmentEditorNode()
+            if self._paintSession is None:  # a second Paint before coming back keeps the first one's state
+                self._paintSession = (editorNode.GetID(), editorNode.GetOverwriteMode(), views)
+            # Segment Editor's default (OverwriteAllSegments, 5.6 to 5.10) would erase atlas labels under the brush
+            editorNode.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
             editor.setSegmentationNode(atlas)
             editor.setSourceVolumeNode(atlasVolume)
             editor.setCurrentSegmentID(segmentId)
             editor.setActiveEffectByName("Paint")
             slicer.util.showStatusMessage("Paint the new region on the atlas, rename it, then come back and Apply.", 8000)
+
+    def endPaintSession(self):
+        """Back from painting: Segment Editor's overwrite mode and each view's scan as they were before."""
+        if self._paintSession is None:
+            return
+        (editorNodeId, overwriteMode, views), self._paintSession = self._paintSession, None
+        editorNode = slicer.mrmlScene.GetNodeByID(editorNodeId)
+        if editorNode is not None:
+            editorNode.SetOverwriteMode(overwriteMode)
+        for viewId, volumeId in views.items():
+            view = slicer.mrmlScene.GetNodeByID(viewId)
+            if view is not None and (volumeId is None or slicer.mrmlScene.GetNodeByID(volumeId) is not None):
+                view.SetBackgroundVolumeID(volumeId)
+
+    def keepAtlasNodesOut(self):
+        """Atlas images and labels are neither a scan to segment nor an output: hidden from the panel's own node
+        selectors (qMRMLSortFilterProxyModel.hiddenNodeIDs, 5.6 to 5.10), and never the input volume (the input
+        selector picks a node added to an empty scene by itself, as the atlas image can be)."""
+        if torchProblem():
+            return
+        core, p = self.logic.core, self._parameterNode
+        ids = core.atlasNodeIds()
+        for selector in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
+                         self.ui.relabelSegmentationSelector, self.ui.exportSegmentationSelector):
+            selector.sortFilterProxyModel().setHiddenNodeIDs(ids)
+        if p is None:
+            return
+        for field in ("outputSegmentation", "relabelSegmentation", "exportSegmentation"):
+            node = getattr(p, field)
+            if node is not None and node.GetID() in ids:
+                setattr(p, field, None)
+        if p.inputVolume is None or p.inputVolume.GetID() in ids:  # hiding the current node may have cleared it
+            p.inputVolume = core.defaultInputVolume()
 
     # ---- segmentation (Lib: apply.py) ------------------------------------------------------------
     def onApplyOrCancel(self):
@@ -484,6 +550,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def finishSegmentation(self, job) -> str:
         p = self._parameterNode
         p.outputSegmentation = self.logic.core.finish(job, p.outputSegmentation, p.replaceExisting)
+        p.exportSegmentation = p.outputSegmentation  # what Export writes by default: the last output
         return f"Done: {len(job.conditions)} label(s)"
 
     # ---- undo (Lib: undo.py) ---------------------------------------------------------------------
@@ -559,23 +626,33 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     # ---- export for training (Lib: export.py) ----------------------------------------------------
     def onExport(self):
-        """Write the scan and the segmentation as a training case; asks before replacing a case of that name."""
+        """Write the scan and Export's own segmentation (not the Relabel section's) as a training case; asks before
+        writing an unlabelled case and before replacing a case of that name."""
         p, core = self._parameterNode, self.logic.core
         folder = self.ui.exportFolderPathLineEdit.currentPath  # read as text: an empty path must not become "."
+        segmentation = p.exportSegmentation
+        if ((segmentation is None or not segmentation.GetSegmentation().GetNumberOfSegments())
+                and not slicer.util.confirmOkCancelDisplay(
+                    f"No segments to export: write {p.caseName!r} as an unlabelled case (the scan only, for lcs pretrain "
+                    "and lcs train --adversarial)?", windowTitle="Export an unlabelled case")):
+            return
         overwrite = bool(folder) and core.caseExists(folder, p.caseName)
         if overwrite and not slicer.util.confirmOkCancelDisplay(f"{folder} has a case {p.caseName!r} already. Replace it?"):
             return
         self._notices[:] = []
         core.messages = self._notices.append
         with showErrors("Could not export the case for training."):
-            core.exportForTraining(p.inputVolume, p.relabelSegmentation, folder, p.caseName, self.checkpoint(), overwrite)
+            core.exportForTraining(p.inputVolume, segmentation, folder, p.caseName, self.checkpoint(), overwrite)
             self.ui.exportFolderPathLineEdit.addCurrentPathToHistory()
             self.ui.statusLabel.text = "  ".join([f"Exported case {p.caseName} to {folder}."] + self._notices)
 
     # ---- jobs in the background (Lib: jobs.py) ---------------------------------------------------
     def runInBackground(self, button, start, finish):
         """Start a job on the main thread (`start(core, device)`), compute it in a worker thread while `button`
-        reads Cancel, then write its result with `finish(job)` on the main thread. Pressed again: cancel."""
+        reads Cancel, then write its result with `finish(job)` on the main thread. Pressed again: cancel (not within
+        a double click's time of the start)."""
+        if time.time() - self._started < qt.QApplication.doubleClickInterval() / 1000:
+            return  # a double click's second click (a QPushButton emits clicked for each): not a Cancel, nor a rerun
         if self._worker is not None:
             self._cancel.set()
             self.ui.statusLabel.text = "Cancelling..."

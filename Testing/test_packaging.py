@@ -46,6 +46,7 @@ def installed(tmp_path_factory) -> Path:
     wheel = next(dist.glob("*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         assert "LabelConditionedSegLib/Models/demo.lcs" in archive.namelist(), "the wheel lacks demo.lcs"
+        assert "LabelConditionedSegLib/Models/NOTICE.txt" in archive.namelist(), "the wheel lacks the atlas data's notice"
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "-q", "--target", site, wheel], cwd=tmp)
     return site
 

@@ -57,6 +57,8 @@ EXPECTED_WIDGETS = {
     "caseNameLineEdit": "QLineEdit",
     "exportButton": "QPushButton",
 }
+EXPECTED_WIDGETS.update({"bundledModelButton": "QPushButton",  # issue 27, fault 3
+                         "exportSegmentationSelector": "qMRMLNodeComboBox"})  # issue 27, fault 6
 
 
 def cmake_list(text: str, variable: str) -> list[str]:

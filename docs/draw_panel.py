@@ -80,8 +80,14 @@ def main(out: Path) -> None:
     find("proposalPassesSpinBox").setValue(8)
     find("exportFolderPathLineEdit").setText("~/lcs-training")
     find("caseNameLineEdit").setText("subject07")
-    for name in ("acceptProposalButton", "rejectProposalButton", "exportButton", "undoButton"):
+    find("exportSegmentationSelector", QComboBox).addItem("MRHead partial")
+    find("bundledModelButton").setEnabled(False)  # the bundled model is the one chosen
+    # During a run, as LabelConditionedSegWidget.runInBackground leaves the buttons: Apply reads Cancel, and
+    # Propose and Undo are off until the run ends; Accept, Reject and Export keep their state.
+    for name in ("acceptProposalButton", "rejectProposalButton", "exportButton"):
         find(name).setEnabled(True)
+    for name in ("proposeButton", "undoButton"):
+        find(name).setEnabled(False)
     find("applyButton").setEnabled(True)
     find("applyButton").setText("Cancel")
     find("progressBar").setValue(42)

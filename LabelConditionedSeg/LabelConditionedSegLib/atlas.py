@@ -77,6 +77,15 @@ class Atlases:
     def _all(self) -> list:
         return [n for n in nodes(self.scene, "vtkMRMLSegmentationNode") if n.GetAttribute(ATLAS_OF)]
 
+    def node_ids(self) -> list[str]:
+        """IDs of every atlas node (images and labels, of any checkpoint): not the user's scans or outputs."""
+        return [n.GetID() for n in nodes(self.scene, "vtkMRMLNode") if n.GetAttribute(ATLAS_OF)]
+
+    def first_scan(self):
+        """The first scalar volume (no label map) that is not an atlas image: a panel's default input, None if none."""
+        return next((n for n in nodes(self.scene, "vtkMRMLScalarVolumeNode")
+                     if n.GetClassName() == "vtkMRMLScalarVolumeNode" and not n.GetAttribute(ATLAS_OF)), None)
+
     def load(self, checkpointPath: str | Path | None = None):
         """The checkpoint's atlas image and labels as nodes (once per checkpoint); both record which checkpoint they
         came from."""

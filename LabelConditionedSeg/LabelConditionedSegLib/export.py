@@ -35,6 +35,16 @@ def _check_table(path: Path, labels) -> None:
                        "made with this model's labels")
 
 
+def require_on(segmentationNode, inputVolume) -> None:
+    """A segmentation drawn on another volume (its reference geometry node, as Apply and Segment Editor set it) would
+    label this scan with voxels of that one: refuse it. One with no reference volume is read on the scan's grid."""
+    reference = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
+    if reference is not None and reference is not inputVolume:
+        raise LCSError(f"{segmentationNode.GetName()} was drawn on {reference.GetName()}, not on "
+                       f"{inputVolume.GetName()}; choose {reference.GetName()} as the input volume, or a segmentation "
+                       f"of {inputVolume.GetName()}")
+
+
 def export_case(inputVolume, segmentationNode, folder: str | Path, caseName: str, table: LabelTable,
                 overwrite: bool, messages: Callable[[str], None]) -> Path:
     """Write the scan and its segments as one case; returns the label map's path. Each segment named like an atlas
@@ -53,6 +63,7 @@ def export_case(inputVolume, segmentationNode, folder: str | Path, caseName: str
         raise LCSError(f"case {caseName!r} exists in {folder} already; choose another name or allow overwriting")
     by_name = {l.name.lower(): l for l in table}
     if segmentationNode is not None:
+        require_on(segmentationNode, inputVolume)
         require_binary_labelmap(segmentationNode, inputVolume)
     segments = segmentationNode.GetSegmentation() if segmentationNode is not None else None
     count = segments.GetNumberOfSegments() if segments is not None else 0

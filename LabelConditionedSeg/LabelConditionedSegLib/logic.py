@@ -82,6 +82,15 @@ class SegmentationLogic:
         """The checkpoint's atlas image and labels as nodes (once per checkpoint), to see the atlas and paint on it."""
         return self._atlases.load(checkpointPath)
 
+    def atlasNodeIds(self) -> list[str]:
+        """IDs of every atlas image and atlas labels node in the scene, to keep out of a panel's scan and output
+        selectors."""
+        return self._atlases.node_ids()
+
+    def defaultInputVolume(self):
+        """The scan a panel starts with: the first scalar volume that is no atlas image (None when there is none)."""
+        return self._atlases.first_scan()
+
     def paintedSegmentIds(self, checkpointPath: str | Path | None = None) -> list[str]:
         """IDs of this checkpoint's atlas segments that are not trained labels: the regions users painted."""
         return self._atlases.painted(checkpointPath)
