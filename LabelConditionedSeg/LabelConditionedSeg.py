@@ -401,9 +401,8 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             core = self.logic.core
 
             def load():
-                from LabelConditionedSegLib.logic import checkpoint_identity
                 core.segmenter(checkpoint, "cpu")
-                checkpoint_identity(checkpoint)  # hashes the file once (atlasFor needs it): here, not on the main thread
+                core.atlasIdentity(checkpoint)  # hashes the atlas once (atlasFor needs it): here, not on the main thread
                 return self.logic.describeDevices()
 
             self._loader = Background(load, lambda devices, error: self.onModelLoaded(key, devices, error))

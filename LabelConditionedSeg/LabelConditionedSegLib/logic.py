@@ -26,13 +26,11 @@ from .mrml import image_to_volume, volume_to_image
 from .observers import SegmentObservers, weakly
 from .pipeline import Segmenter
 from .proposals import UNCERTAINTY_TAG, ProposalJob, Proposals
-from .segmenters import (BUNDLED_MODEL, Segmenters, checkpoint_file, checkpoint_identity, checkpoint_reference,
-                         checkpoint_version)
+from .segmenters import BUNDLED_MODEL, Segmenters, checkpoint_file, checkpoint_reference, checkpoint_version
 from .undo import UndoRecord
 
 __all__ = ["ATLAS_MODEL", "ATLAS_OF", "BUNDLED_MODEL", "CACHE_ENTRIES", "CHECK", "UNCERTAINTY_TAG", "Job",
-           "ProposalJob", "SegmentationLogic", "checkpoint_file", "checkpoint_identity", "image_to_volume",
-           "volume_to_image"]
+           "ProposalJob", "SegmentationLogic", "checkpoint_file", "image_to_volume", "volume_to_image"]
 
 
 class SegmentationLogic:
@@ -67,6 +65,11 @@ class SegmentationLogic:
     def segmenter(self, checkpointPath: str | Path | None = None, device: str = "auto") -> Segmenter:
         """The checkpoint's model on `device`, loaded once. checkpointPath: a path, or None / "" / BUNDLED_MODEL."""
         return self._segmenters.get(checkpointPath, device)
+
+    def atlasIdentity(self, checkpointPath: str | Path | None = None) -> str:
+        """The content hash of the checkpoint's atlas (image, labels, label table; not the weights): what atlas nodes
+        are matched by, so a fine-tuned model finds the regions painted on its base model's atlas."""
+        return self._atlases.identity(checkpointPath)
 
     def atlasFor(self, checkpointPath: str | Path | None = None):
         """This checkpoint's atlas labels in the scene (a segmentation node), None until `loadAtlas`."""
