@@ -223,6 +223,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._started = 0.0
         self._progress = (0.0, "")
         self._notices = []
+        self._missingText = ""  # the line above the missing labels, before the estimate
         self._cancel = threading.Event()
 
     # ---- set-up and the parameter node -----------------------------------------------------------
@@ -245,6 +246,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.undoButton.clicked.connect(self.onUndo)
         self.ui.proposeButton.clicked.connect(self.onProposeOrCancel)
         self.ui.proposalListWidget.itemSelectionChanged.connect(self.updateButtons)
+        self.ui.missingLabelListWidget.itemSelectionChanged.connect(self.describeProposalRun)
         self.ui.acceptProposalButton.clicked.connect(lambda: self.onReview(accept=True))
         self.ui.rejectProposalButton.clicked.connect(lambda: self.onReview(accept=False))
         self.ui.exportFolderPathLineEdit.currentPathChanged.connect(self.updateButtons)
@@ -504,14 +506,22 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         problem = self.modelProblem()
         if problem or not segmentation:
             self.ui.missingLabelsLabel.text = problem or "Select the segmentation to complete (segments named like atlas labels)."
+            self.ui.matchesLabel.text = self.ui.proposalInfoLabel.text = ""
             self.updateButtons()
             return
         core = self.logic.core
         table = core.segmenter(self.checkpoint(), "cpu").checkpoint.label_table
         missing = core.missingLabels(segmentation, self.checkpoint())
-        self.ui.missingLabelsLabel.text = f"{len(missing)} of {len(table)} atlas labels missing from {segmentation.GetName()}:"
+        self._missingText = f"{len(missing)} of {len(table)} atlas labels missing from {segmentation.GetName()}."
+        self.ui.missingLabelsLabel.text = self._missingText
+        similar = self.similarMatches()
+        self.ui.matchesLabel.text = ("Taken for atlas labels (check): " + "; ".join(similar)) if similar else ""
+        self.ui.proposalInfoLabel.text = (f"Proposed where a label's mean probability reaches {core.proposalThreshold} "
+                                          "(and no other missing label's is higher). "
+                                          + core.uncertaintyMeaning(p.proposalPasses))
         for name in missing:
             addListItem(self.ui.missingLabelListWidget, name, name, table.resolve(name).color, name in picked)
+        self.describeProposalRun()
         if proposals:
             segments = proposals.GetSegmentation()
             for segmentId, uncertainty in core.listProposals(proposals):
@@ -520,6 +530,24 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 addListItem(self.ui.proposalListWidget, text, segmentId, [round(255 * c) for c in segment.GetColor()],
                             segmentId in selected)
         self.updateButtons()
+
+    def describeProposalRun(self, *unused):
+        """How many labels Propose runs (the selected, else all missing) and about how long it takes."""
+        p = self._parameterNode
+        count = len(self.pickedMissingLabels()) or self.ui.missingLabelListWidget.count
+        if p is None or not p.relabelSegmentation or not count or self.modelProblem():
+            return
+        device = self.logic.usableDevice(p.device)[0]
+        seconds = self.logic.core.proposalSeconds(count, p.proposalPasses, device, p.inputVolume, self.checkpoint(),
+                                                  p.registration)
+        self.ui.missingLabelsLabel.text = (f"{self._missingText} Propose runs {count} (the selected, else all): about "
+                                           f"{seconds:.0f} s on {device}.")
+
+    def similarMatches(self) -> list:
+        """The user's segments taken for atlas labels by terminology code or a similar name, as "name -> label"."""
+        p = self._parameterNode
+        matches = self.logic.core.matchedSegments(p.relabelSegmentation, self.checkpoint())
+        return [f"{m.segmentName} -> {m.label} ({m.how})" for m in matches if m.how != "name"]
 
     def pickedMissingLabels(self) -> list:
         return [item.data(qt.Qt.UserRole) for item in self.ui.missingLabelListWidget.selectedItems()]
@@ -531,6 +559,11 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """Propose the missing labels selected in the list (all of them when none is selected)."""
         p = self._parameterNode
         picked = self.pickedMissingLabels()
+        similar = [] if self._worker is not None else self.similarMatches()
+        if similar and not slicer.util.confirmOkCancelDisplay(
+                "These segments are taken for atlas labels, which are not proposed:\n" + "\n".join(similar) +
+                "\n\nRename a segment that is something else. Propose the missing labels?"):
+            return
         self.runInBackground(self.ui.proposeButton, lambda core, device: core.startProposals(
             p.inputVolume, p.relabelSegmentation, self.checkpoint(), device, p.proposalPasses, p.registration,
             p.keepUncertainty, picked or None), self.finishProposals)

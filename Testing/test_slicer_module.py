@@ -56,6 +56,8 @@ EXPECTED_WIDGETS = {
     "exportFolderPathLineEdit": "ctkPathLineEdit",
     "caseNameLineEdit": "QLineEdit",
     "exportButton": "QPushButton",
+    "matchesLabel": "QLabel",
+    "proposalInfoLabel": "QLabel",
 }
 
 

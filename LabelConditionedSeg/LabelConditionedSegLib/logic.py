@@ -22,15 +22,17 @@ from .apply import CHECK, Apply
 from .atlas import ATLAS_MODEL, ATLAS_OF, Atlases
 from .export import case_exists, export_case
 from .jobs import CACHE_ENTRIES, Encodings, Job
+from .matching import Match
 from .mrml import image_to_volume, volume_to_image
 from .observers import SegmentObservers, weakly
 from .pipeline import Segmenter
-from .proposals import UNCERTAINTY_TAG, ProposalJob, Proposals
+from .proposals import PROPOSAL_THRESHOLD, UNCERTAINTY_TAG, ProposalJob, Proposals, uncertainty_meaning
 from .segmenters import BUNDLED_MODEL, Segmenters, checkpoint_file, checkpoint_reference, checkpoint_version
 from .undo import UndoRecord
 
-__all__ = ["ATLAS_MODEL", "ATLAS_OF", "BUNDLED_MODEL", "CACHE_ENTRIES", "CHECK", "UNCERTAINTY_TAG", "Job",
-           "ProposalJob", "SegmentationLogic", "checkpoint_file", "image_to_volume", "volume_to_image"]
+__all__ = ["ATLAS_MODEL", "ATLAS_OF", "BUNDLED_MODEL", "CACHE_ENTRIES", "CHECK", "PROPOSAL_THRESHOLD",
+           "UNCERTAINTY_TAG", "Job", "Match", "ProposalJob", "SegmentationLogic", "checkpoint_file",
+           "image_to_volume", "uncertainty_meaning", "volume_to_image"]
 
 
 class SegmentationLogic:
@@ -130,8 +132,21 @@ class SegmentationLogic:
 
     # ---- proposing the labels a segmentation lacks (proposals.py) ----------------------------
     def missingLabels(self, segmentationNode, checkpointPath=None) -> list[str]:
-        """The checkpoint's atlas labels that no segment of `segmentationNode` is named after (in any case)."""
+        """The checkpoint's atlas labels that no segment of `segmentationNode` stands for (see `matchedSegments`)."""
         return self._proposals.missing(segmentationNode, checkpointPath)
+
+    def matchedSegments(self, segmentationNode, checkpointPath=None) -> list[Match]:
+        """The atlas label each segment stands for: the same name in any case, its terminology code, or a similar
+        name ("Left hippocampus" for Hippocampus_L); the panel shows the last two for confirmation."""
+        return self._proposals.matches(segmentationNode, checkpointPath)
+
+    def proposalSeconds(self, labels: int, passes: int, device: str, inputVolume=None, checkpointPath=None,
+                        registration: str = "affine") -> float:
+        """About how long proposing `labels` labels takes (from the last measured run on `device`, else the
+        documented figure), registration and encoding included unless `inputVolume`'s encoding is cached."""
+        encoded = inputVolume is not None and self._encodings.cached(inputVolume, self._segmenters.builder(
+            checkpointPath, device)[0], registration)
+        return self._proposals.estimate(labels, passes, device, checkpointPath, encoded)
 
     def proposeMissing(self, inputVolume, segmentationNode, checkpointPath=None, device: str = "auto", passes: int = 8,
                        registration: str = "affine", keepUncertainty: bool = False, labels: Sequence[str] | None = None,
@@ -142,6 +157,16 @@ class SegmentationLogic:
                                   keepUncertainty, labels)
         job.run(progress, cancel)
         return self.finishProposals(job)
+
+    @property
+    def proposalThreshold(self) -> float:
+        """A label is proposed where its mean probability over the passes reaches this."""
+        return PROPOSAL_THRESHOLD
+
+    @staticmethod
+    def uncertaintyMeaning(passes: int) -> str:
+        """What a proposal's uncertainty figure means, in words for the panel."""
+        return uncertainty_meaning(passes)
 
     def startProposals(self, inputVolume, segmentationNode, checkpointPath=None, device: str = "auto", passes: int = 8,
                        registration: str = "affine", keepUncertainty: bool = False,

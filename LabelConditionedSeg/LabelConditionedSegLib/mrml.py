@@ -35,6 +35,17 @@ def segment_names(segmentation) -> list[str]:
     return [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
 
 
+def segment_entries(segmentation) -> list[tuple[str, str, str]]:
+    """(ID, name, terminology entry or '') of each segment, in order."""
+    segments, entry = segmentation.GetSegmentation(), vtk.reference("")
+    out = []
+    for i in range(segments.GetNumberOfSegments()):
+        segment = segments.GetNthSegment(i)
+        found = segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
+        out.append((segments.GetNthSegmentID(i), segment.GetName(), str(entry) if found else ""))
+    return out
+
+
 def nodes(scene, class_name: str) -> list:
     """The scene's nodes of a class (GetNodesByClass would hand over a collection to free)."""
     return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
