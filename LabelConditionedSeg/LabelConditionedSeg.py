@@ -244,6 +244,9 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.paintLabelButton.clicked.connect(self.onPaintLabel)
         self.ui.applyButton.clicked.connect(self.onApplyOrCancel)
         self.ui.undoButton.clicked.connect(self.onUndo)
+        self.ui.showRegisteredAtlasButton.clicked.connect(self.onShowRegisteredAtlas)
+        self.ui.volumeTableWidget.setColumnCount(4)
+        self.ui.volumeTableWidget.setHorizontalHeaderLabels(["Segment", "mL", "Atlas mL", "Check"])
         self.ui.proposeButton.clicked.connect(self.onProposeOrCancel)
         self.ui.proposalListWidget.itemSelectionChanged.connect(self.updateButtons)
         self.ui.missingLabelListWidget.itemSelectionChanged.connect(self.describeProposalRun)
@@ -337,6 +340,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.checkpoint() != self._listedCheckpoint:
             self.refreshLabels()
         self.refreshRelabel()
+        self.refreshResult()
 
     def refreshPanel(self):
         """Everything the panel shows, from the parameter node, the model and the scene."""
@@ -485,7 +489,28 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def finishSegmentation(self, job) -> str:
         p = self._parameterNode
         p.outputSegmentation = self.logic.core.finish(job, p.outputSegmentation, p.replaceExisting)
+        self.refreshResult()
         return f"Done: {len(job.conditions)} label(s)"
+
+    def refreshResult(self):
+        """Beside the output: its registration check's warning, the registered atlas button, the run's volumes."""
+        output = self._parameterNode.outputSegmentation if self._parameterNode else None
+        core = None if torchProblem() else self.logic.core
+        self.ui.checkWarningLabel.text = core.checkWarning(output) if core else ""
+        self.ui.showRegisteredAtlasButton.enabled = bool(core and core.canShowRegisteredAtlas(output))
+        rows = core.runVolumes(output) if core and output else []
+        table = self.ui.volumeTableWidget
+        table.setRowCount(len(rows))
+        for i, row in enumerate(rows):
+            for j, text in enumerate([row["name"], f"{row['volume_ml']:.2f}", f"{row['atlas_ml']:.2f}", row["flag"]]):
+                table.setItem(i, j, qt.QTableWidgetItem(text))
+
+    def onShowRegisteredAtlas(self):
+        with showErrors("Could not show the registered atlas."):
+            outline = self.logic.core.showRegisteredAtlas(self._parameterNode.outputSegmentation)
+            self.ui.statusLabel.text = (f"Added {outline.GetName()}: the atlas brain's outline where the registration "
+                                        "put it. Undo last run removes it.")
+        self.updateButtons()
 
     # ---- undo (Lib: undo.py) ---------------------------------------------------------------------
     def onUndo(self):
@@ -493,6 +518,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         with showErrors("Nothing was undone."):
             self.ui.statusLabel.text = self.logic.core.undoLastRun()
         self.refreshLists()
+        self.refreshResult()
 
     # ---- relabel missing organs (Lib: proposals.py) ----------------------------------------------
     def refreshRelabel(self):

@@ -56,6 +56,9 @@ EXPECTED_WIDGETS = {
     "exportFolderPathLineEdit": "ctkPathLineEdit",
     "caseNameLineEdit": "QLineEdit",
     "exportButton": "QPushButton",
+    "checkWarningLabel": "QLabel",
+    "showRegisteredAtlasButton": "QPushButton",
+    "volumeTableWidget": "QTableWidget",
     "matchesLabel": "QLabel",
     "proposalInfoLabel": "QLabel",
 }

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import slicer
 import vtk
 
-from .apply import CHECK, Apply
+from .apply import CHECK, OUTLINE_OF, VOLUMES, Apply, check_warning, run_volumes
 from .atlas import ATLAS_MODEL, ATLAS_OF, Atlases
 from .export import case_exists, export_case
 from .jobs import CACHE_ENTRIES, Encodings, Job
@@ -30,8 +30,8 @@ from .proposals import PROPOSAL_THRESHOLD, UNCERTAINTY_TAG, ProposalJob, Proposa
 from .segmenters import BUNDLED_MODEL, Segmenters, checkpoint_file, checkpoint_reference, checkpoint_version
 from .undo import UndoRecord
 
-__all__ = ["ATLAS_MODEL", "ATLAS_OF", "BUNDLED_MODEL", "CACHE_ENTRIES", "CHECK", "PROPOSAL_THRESHOLD",
-           "UNCERTAINTY_TAG", "Job", "Match", "ProposalJob", "SegmentationLogic", "checkpoint_file",
+__all__ = ["ATLAS_MODEL", "ATLAS_OF", "BUNDLED_MODEL", "CACHE_ENTRIES", "CHECK", "OUTLINE_OF", "PROPOSAL_THRESHOLD",
+           "UNCERTAINTY_TAG", "VOLUMES", "Job", "Match", "ProposalJob", "SegmentationLogic", "checkpoint_file",
            "image_to_volume", "uncertainty_meaning", "volume_to_image"]
 
 
@@ -114,6 +114,27 @@ class SegmentationLogic:
         """Write a finished job's segments (and probability volumes) into the scene (main thread); `undoLastRun`
         takes them back."""
         return self._apply.finish(job, outputSegmentation, replaceExisting)
+
+    @staticmethod
+    def checkWarning(segmentationNode) -> str:
+        """The warning to show beside a result whose plausibility check failed (the CHECK attribute); ''."""
+        return check_warning(segmentationNode)
+
+    @staticmethod
+    def runVolumes(segmentationNode) -> list[dict]:
+        """The volumes (mL) Apply measured of the segments still in `segmentationNode`, beside their atlas regions'
+        and the plausibility flag: the panel's volume table."""
+        return run_volumes(segmentationNode)
+
+    def canShowRegisteredAtlas(self, segmentationNode) -> bool:
+        """Whether `segmentationNode` is the last Apply's output, whose registration `showRegisteredAtlas` draws."""
+        last = self._apply.last
+        return segmentationNode is not None and last is not None and last.outputId == segmentationNode.GetID()
+
+    def showRegisteredAtlas(self, segmentationNode):
+        """The atlas brain outline where the last Apply's registration put it on the scan: one segmentation node,
+        replaced by the next, removed by `undoLastRun` and with the scene."""
+        return self._apply.show_registered_atlas(segmentationNode)
 
     # ---- undo (undo.py) ---------------------------------------------------------------------
     def canUndo(self) -> bool:
@@ -252,6 +273,7 @@ class SegmentationLogic:
         self.clearCache()
         self._observers.forget()
         self._undo.clear()
+        self._apply.last = None
 
     def cleanup(self) -> None:
         """Remove every observer the logic holds (scene ones included) and release the cache and models; call when

@@ -211,6 +211,16 @@ def new_segmentation(scene, name: str):
     return segmentation
 
 
+def remove_node(scene, node) -> None:
+    """Remove a node with its display and storage nodes."""
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    helpers.append(node.GetStorageNode())
+    scene.RemoveNode(node)
+    for helper in helpers:  # Slicer may have removed them with the node
+        if helper is not None and scene.IsNodePresent(helper):
+            scene.RemoveNode(helper)
+
+
 def place_beside(scene, segmentation, volume) -> None:
     """Put the result under the input's study (or patient) in subject hierarchy."""
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
