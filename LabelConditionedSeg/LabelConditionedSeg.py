@@ -228,6 +228,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._started = 0.0
         self._progress = (0.0, "")
         self._notices = []
+        self._missingText = ""  # the line above the missing labels, before the estimate
         self._cancel = threading.Event()
         self._paintSession = None  # while painting on the atlas: what onPaintLabel changed, for endPaintSession
 
@@ -251,8 +252,12 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.bundledModelButton.clicked.connect(self.onUseBundledModel)
         self.ui.applyButton.clicked.connect(self.onApplyOrCancel)
         self.ui.undoButton.clicked.connect(self.onUndo)
+        self.ui.showRegisteredAtlasButton.clicked.connect(self.onShowRegisteredAtlas)
+        self.ui.volumeTableWidget.setColumnCount(4)
+        self.ui.volumeTableWidget.setHorizontalHeaderLabels(["Segment", "mL", "Atlas mL", "Check"])
         self.ui.proposeButton.clicked.connect(self.onProposeOrCancel)
         self.ui.proposalListWidget.itemSelectionChanged.connect(self.updateButtons)
+        self.ui.missingLabelListWidget.itemSelectionChanged.connect(self.describeProposalRun)
         self.ui.acceptProposalButton.clicked.connect(lambda: self.onReview(accept=True))
         self.ui.rejectProposalButton.clicked.connect(lambda: self.onReview(accept=False))
         self.ui.exportFolderPathLineEdit.currentPathChanged.connect(self.updateButtons)
@@ -351,6 +356,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.checkpoint() != self._listedCheckpoint:
             self.refreshLabels()
         self.refreshRelabel()
+        self.refreshResult()
 
     def refreshPanel(self):
         """Everything the panel shows, from the parameter node, the model and the scene."""
@@ -424,9 +430,8 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             core = self.logic.core
 
             def load():
-                from LabelConditionedSegLib.logic import checkpoint_identity
                 core.segmenter(checkpoint, "cpu")
-                checkpoint_identity(checkpoint)  # hashes the file once (atlasFor needs it): here, not on the main thread
+                core.atlasIdentity(checkpoint)  # hashes the atlas once (atlasFor needs it): here, not on the main thread
                 return self.logic.describeDevices()
 
             self._loader = Background(load, lambda devices, error: self.onModelLoaded(key, devices, error))
@@ -551,7 +556,28 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         p = self._parameterNode
         p.outputSegmentation = self.logic.core.finish(job, p.outputSegmentation, p.replaceExisting)
         p.exportSegmentation = p.outputSegmentation  # what Export writes by default: the last output
+        self.refreshResult()
         return f"Done: {len(job.conditions)} label(s)"
+
+    def refreshResult(self):
+        """Beside the output: its registration check's warning, the registered atlas button, the run's volumes."""
+        output = self._parameterNode.outputSegmentation if self._parameterNode else None
+        core = None if torchProblem() else self.logic.core
+        self.ui.checkWarningLabel.text = core.checkWarning(output) if core else ""
+        self.ui.showRegisteredAtlasButton.enabled = bool(core and core.canShowRegisteredAtlas(output))
+        rows = core.runVolumes(output) if core and output else []
+        table = self.ui.volumeTableWidget
+        table.setRowCount(len(rows))
+        for i, row in enumerate(rows):
+            for j, text in enumerate([row["name"], f"{row['volume_ml']:.2f}", f"{row['atlas_ml']:.2f}", row["flag"]]):
+                table.setItem(i, j, qt.QTableWidgetItem(text))
+
+    def onShowRegisteredAtlas(self):
+        with showErrors("Could not show the registered atlas."):
+            outline = self.logic.core.showRegisteredAtlas(self._parameterNode.outputSegmentation)
+            self.ui.statusLabel.text = (f"Added {outline.GetName()}: the atlas brain's outline where the registration "
+                                        "put it. Undo last run removes it.")
+        self.updateButtons()
 
     # ---- undo (Lib: undo.py) ---------------------------------------------------------------------
     def onUndo(self):
@@ -559,6 +585,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         with showErrors("Nothing was undone."):
             self.ui.statusLabel.text = self.logic.core.undoLastRun()
         self.refreshLists()
+        self.refreshResult()
 
     # ---- relabel missing organs (Lib: proposals.py) ----------------------------------------------
     def refreshRelabel(self):
@@ -572,14 +599,22 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         problem = self.modelProblem()
         if problem or not segmentation:
             self.ui.missingLabelsLabel.text = problem or "Select the segmentation to complete (segments named like atlas labels)."
+            self.ui.matchesLabel.text = self.ui.proposalInfoLabel.text = ""
             self.updateButtons()
             return
         core = self.logic.core
         table = core.segmenter(self.checkpoint(), "cpu").checkpoint.label_table
         missing = core.missingLabels(segmentation, self.checkpoint())
-        self.ui.missingLabelsLabel.text = f"{len(missing)} of {len(table)} atlas labels missing from {segmentation.GetName()}:"
+        self._missingText = f"{len(missing)} of {len(table)} atlas labels missing from {segmentation.GetName()}."
+        self.ui.missingLabelsLabel.text = self._missingText
+        similar = self.similarMatches()
+        self.ui.matchesLabel.text = ("Taken for atlas labels (check): " + "; ".join(similar)) if similar else ""
+        self.ui.proposalInfoLabel.text = (f"Proposed where a label's mean probability reaches {core.proposalThreshold} "
+                                          "(and no other missing label's is higher). "
+                                          + core.uncertaintyMeaning(p.proposalPasses))
         for name in missing:
             addListItem(self.ui.missingLabelListWidget, name, name, table.resolve(name).color, name in picked)
+        self.describeProposalRun()
         if proposals:
             segments = proposals.GetSegmentation()
             for segmentId, uncertainty in core.listProposals(proposals):
@@ -588,6 +623,24 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 addListItem(self.ui.proposalListWidget, text, segmentId, [round(255 * c) for c in segment.GetColor()],
                             segmentId in selected)
         self.updateButtons()
+
+    def describeProposalRun(self, *unused):
+        """How many labels Propose runs (the selected, else all missing) and about how long it takes."""
+        p = self._parameterNode
+        count = len(self.pickedMissingLabels()) or self.ui.missingLabelListWidget.count
+        if p is None or not p.relabelSegmentation or not count or self.modelProblem():
+            return
+        device = self.logic.usableDevice(p.device)[0]
+        seconds = self.logic.core.proposalSeconds(count, p.proposalPasses, device, p.inputVolume, self.checkpoint(),
+                                                  p.registration)
+        self.ui.missingLabelsLabel.text = (f"{self._missingText} Propose runs {count} (the selected, else all): about "
+                                           f"{seconds:.0f} s on {device}.")
+
+    def similarMatches(self) -> list:
+        """The user's segments taken for atlas labels by terminology code or a similar name, as "name -> label"."""
+        p = self._parameterNode
+        matches = self.logic.core.matchedSegments(p.relabelSegmentation, self.checkpoint())
+        return [f"{m.segmentName} -> {m.label} ({m.how})" for m in matches if m.how != "name"]
 
     def pickedMissingLabels(self) -> list:
         return [item.data(qt.Qt.UserRole) for item in self.ui.missingLabelListWidget.selectedItems()]
@@ -599,6 +652,11 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """Propose the missing labels selected in the list (all of them when none is selected)."""
         p = self._parameterNode
         picked = self.pickedMissingLabels()
+        similar = [] if self._worker is not None else self.similarMatches()
+        if similar and not slicer.util.confirmOkCancelDisplay(
+                "These segments are taken for atlas labels, which are not proposed:\n" + "\n".join(similar) +
+                "\n\nRename a segment that is something else. Propose the missing labels?"):
+            return
         self.runInBackground(self.ui.proposeButton, lambda core, device: core.startProposals(
             p.inputVolume, p.relabelSegmentation, self.checkpoint(), device, p.proposalPasses, p.registration,
             p.keepUncertainty, picked or None), self.finishProposals)

@@ -19,7 +19,7 @@ from LabelConditionedSegLib.checkpoint import BUNDLED, Checkpoint  # noqa: E402
 from LabelConditionedSegLib.errors import LCSError  # noqa: E402
 from LabelConditionedSegLib.labels import LabelTable  # noqa: E402
 from LabelConditionedSegLib.logic import (ATLAS_OF, BUNDLED_MODEL, CACHE_ENTRIES, UNCERTAINTY_TAG,  # noqa: E402
-                                          SegmentationLogic, checkpoint_identity)
+                                          SegmentationLogic)
 
 from test_slicer_logic import (add_segment, load_volume, names, partial_segmentation, read_segment,  # noqa: E402
                                scans)  # noqa: F401 -- a fixture
@@ -376,16 +376,19 @@ def test_the_atlas_is_the_chosen_checkpoints_and_foreign_paintings_are_refused(s
     volume = load_volume(scene, scans[0][0])
     logic = SegmentationLogic(scene)
     atlas, painted_id, _ = paint_on_atlas(scene, logic, tiny_checkpoint)
-    assert atlas.GetAttribute(ATLAS_OF) == checkpoint_identity(tiny_checkpoint)
+    assert atlas.GetAttribute(ATLAS_OF) == logic.atlasIdentity(tiny_checkpoint)
     copy = tmp_path / "copy.lcs"
     shutil.copy(tiny_checkpoint, copy)
     assert logic.loadAtlas(copy) is atlas  # the same model under another path: its content decides
     assert logic.paintedSegmentIds(copy) == [painted_id]
 
-    other = other_checkpoint(tiny_checkpoint, tmp_path)
+    tiny = Checkpoint.load(tiny_checkpoint)
+    mirrored = sitk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayFromImage(tiny.atlas_image)[:, :, ::-1]))
+    mirrored.CopyInformation(tiny.atlas_image)
+    other = other_checkpoint(tiny_checkpoint, tmp_path, atlas_image=mirrored)  # another atlas
     assert logic.paintedSegmentIds(other) == []
     other_atlas = logic.loadAtlas(other)
-    assert other_atlas is not atlas and other_atlas.GetAttribute(ATLAS_OF) == checkpoint_identity(other)
+    assert other_atlas is not atlas and other_atlas.GetAttribute(ATLAS_OF) == logic.atlasIdentity(other)
     assert logic.atlasFor(tiny_checkpoint) is atlas and logic.atlasFor(other) is other_atlas
     for label in (painted_id, "frontal part"):
         with pytest.raises(LCSError, match="'frontal part' was painted on the atlas of 'tiny test model', not on the "

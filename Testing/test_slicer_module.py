@@ -56,6 +56,11 @@ EXPECTED_WIDGETS = {
     "exportFolderPathLineEdit": "ctkPathLineEdit",
     "caseNameLineEdit": "QLineEdit",
     "exportButton": "QPushButton",
+    "checkWarningLabel": "QLabel",
+    "showRegisteredAtlasButton": "QPushButton",
+    "volumeTableWidget": "QTableWidget",
+    "matchesLabel": "QLabel",
+    "proposalInfoLabel": "QLabel",
 }
 EXPECTED_WIDGETS.update({"bundledModelButton": "QPushButton",  # issue 27, fault 3
                          "exportSegmentationSelector": "qMRMLNodeComboBox"})  # issue 27, fault 6

@@ -2,12 +2,15 @@
 
 `load` puts a checkpoint's atlas image and labels into the scene (once per checkpoint), so users can see the atlas
 and paint new labels on it; `split` turns the labels a run asks for into trained labels and painted masks. Atlas
-nodes record the checkpoint's content hash (ATLAS_OF, saved with the scene), not its path.
+nodes record the atlas's content hash (ATLAS_OF, saved with the scene), neither the checkpoint's path nor its weights:
+a model fine-tuned from another keeps its atlas, so the regions painted on it stay usable.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
+import hashlib
 
 import numpy as np
 import SimpleITK as sitk
@@ -19,10 +22,22 @@ from .errors import LCSError
 from .mrml import (ijk_to_ras, image_to_volume, import_labelmap, labelmap_array, new_segmentation, nodes,
                    place_on)
 from .pipeline import Segmenter
-from .segmenters import Segmenters, checkpoint_file, checkpoint_identity
+from .checkpoint import Checkpoint
+from .segmenters import Segmenters, checkpoint_file, checkpoint_version
 
-ATLAS_OF = "LCS.atlasOf"  # attribute of atlas nodes: the content hash of the checkpoint they came from
+ATLAS_OF = "LCS.atlasOf"  # attribute of atlas nodes: the content hash of their atlas (atlas_identity)
 ATLAS_MODEL = "LCS.atlasModel"  # attribute of atlas nodes: that checkpoint's name, for messages
+
+
+def atlas_identity(checkpoint: Checkpoint) -> str:
+    """The content hash (16 hex digits) of a checkpoint's atlas: image and label voxels, their grid and the label
+    table. Checkpoints fine-tuned from one another share it; their weights do not enter it."""
+    digest = hashlib.sha256()
+    for image in (checkpoint.atlas_image, checkpoint.atlas_labels):
+        digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
+        digest.update(repr((image.GetSpacing(), image.GetOrigin(), image.GetDirection())).encode())
+    digest.update(repr([(l.value, l.name) for l in checkpoint.label_table]).encode())
+    return digest.hexdigest()[:16]
 
 
 def _in_table(table, label: str | int) -> bool:
@@ -68,10 +83,18 @@ class Atlases:
         self.scene = scene
         self._segmenters = segmenters
         self.lastModel: str | Path | None = None  # the checkpoint of the last `load`
+        self._identities: dict[tuple, str] = {}  # checkpoint file version -> atlas_identity
+
+    def identity(self, checkpointPath: str | Path | None = None) -> str:
+        """The checkpoint's atlas_identity, computed once per version of the file."""
+        version = checkpoint_version(checkpointPath)
+        if version not in self._identities:
+            self._identities[version] = atlas_identity(self._segmenters.get(checkpointPath, "cpu").checkpoint)
+        return self._identities[version]
 
     def of(self, checkpointPath: str | Path | None = None):
         """This checkpoint's atlas labels in the scene (a segmentation node), None until `load`."""
-        identity = checkpoint_identity(checkpointPath)
+        identity = self.identity(checkpointPath)
         return next((n for n in self._all() if n.GetAttribute(ATLAS_OF) == identity), None)
 
     def _all(self) -> list:
@@ -98,7 +121,7 @@ class Atlases:
         image = image_to_volume(checkpoint.atlas_image, self.scene, "LCS atlas image")
         atlas = new_segmentation(self.scene, "LCS atlas labels")
         for node in (image, atlas):
-            node.SetAttribute(ATLAS_OF, checkpoint_identity(checkpointPath))
+            node.SetAttribute(ATLAS_OF, self.identity(checkpointPath))
             node.SetAttribute(ATLAS_MODEL, model)
         place_on(atlas, image)
         conditions = [Condition(l.name, l.value, np.zeros((0, 0, 0), bool), l.color) for l in checkpoint.label_table]
@@ -137,8 +160,8 @@ class Atlases:
         return names, painted
 
     def _refuse_other_atlas(self, label: str, checkpointPath) -> None:
-        """A region painted on another checkpoint's atlas would be read on the wrong atlas: say so."""
-        identity = checkpoint_identity(checkpointPath)
+        """A region painted on another atlas would be read on the wrong atlas: say so."""
+        identity = self.identity(checkpointPath)
         for atlas in self._all():
             segmentId = _painted_id(atlas, label)
             if atlas.GetAttribute(ATLAS_OF) != identity and segmentId is not None:

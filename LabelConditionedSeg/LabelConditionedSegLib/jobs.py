@@ -146,6 +146,10 @@ class Encodings:
         return kind(inputVolume.GetID(), key, build, conditions, registration,
                     image=None if prepared else volume_to_image(inputVolume), prepared=prepared, **options)
 
+    def cached(self, inputVolume, model: tuple, registration: str) -> bool:
+        """Whether the volume's encoding for this model and registration is cached."""
+        return self._key(inputVolume, model, registration) in self._prepared
+
     def finished(self, job: Job):
         """The job's input volume, once it is known to be still there; caches the job's encoding."""
         inputVolume = self.scene.GetNodeByID(job.volumeId)

@@ -18,21 +18,21 @@ from typing import Callable, Sequence
 import slicer
 import vtk
 
-from .apply import CHECK, Apply
+from .apply import CHECK, OUTLINE_OF, VOLUMES, Apply, check_warning, run_volumes
 from .atlas import ATLAS_MODEL, ATLAS_OF, Atlases
 from .export import case_exists, export_case
 from .jobs import CACHE_ENTRIES, Encodings, Job
+from .matching import Match
 from .mrml import image_to_volume, volume_to_image
 from .observers import SegmentObservers, WeakCallback
 from .pipeline import Segmenter
-from .proposals import UNCERTAINTY_TAG, ProposalJob, Proposals
-from .segmenters import (BUNDLED_MODEL, Segmenters, checkpoint_file, checkpoint_identity, checkpoint_reference,
-                         checkpoint_version)
+from .proposals import PROPOSAL_THRESHOLD, UNCERTAINTY_TAG, ProposalJob, Proposals, uncertainty_meaning
+from .segmenters import BUNDLED_MODEL, Segmenters, checkpoint_file, checkpoint_reference, checkpoint_version
 from .undo import UndoRecord
 
-__all__ = ["ATLAS_MODEL", "ATLAS_OF", "BUNDLED_MODEL", "CACHE_ENTRIES", "CHECK", "UNCERTAINTY_TAG", "Job",
-           "ProposalJob", "SegmentationLogic", "checkpoint_file", "checkpoint_identity", "image_to_volume",
-           "volume_to_image"]
+__all__ = ["ATLAS_MODEL", "ATLAS_OF", "BUNDLED_MODEL", "CACHE_ENTRIES", "CHECK", "OUTLINE_OF", "PROPOSAL_THRESHOLD",
+           "UNCERTAINTY_TAG", "VOLUMES", "Job", "Match", "ProposalJob", "SegmentationLogic", "checkpoint_file",
+           "image_to_volume", "uncertainty_meaning", "volume_to_image"]
 
 
 class SegmentationLogic:
@@ -67,6 +67,11 @@ class SegmentationLogic:
     def segmenter(self, checkpointPath: str | Path | None = None, device: str = "auto") -> Segmenter:
         """The checkpoint's model on `device`, loaded once. checkpointPath: a path, or None / "" / BUNDLED_MODEL."""
         return self._segmenters.get(checkpointPath, device)
+
+    def atlasIdentity(self, checkpointPath: str | Path | None = None) -> str:
+        """The content hash of the checkpoint's atlas (image, labels, label table; not the weights): what atlas nodes
+        are matched by, so a fine-tuned model finds the regions painted on its base model's atlas."""
+        return self._atlases.identity(checkpointPath)
 
     def atlasFor(self, checkpointPath: str | Path | None = None):
         """This checkpoint's atlas labels in the scene (a segmentation node), None until `loadAtlas`."""
@@ -119,6 +124,27 @@ class SegmentationLogic:
         takes them back."""
         return self._apply.finish(job, outputSegmentation, replaceExisting)
 
+    @staticmethod
+    def checkWarning(segmentationNode) -> str:
+        """The warning to show beside a result whose plausibility check failed (the CHECK attribute); ''."""
+        return check_warning(segmentationNode)
+
+    @staticmethod
+    def runVolumes(segmentationNode) -> list[dict]:
+        """The volumes (mL) Apply measured of the segments still in `segmentationNode`, beside their atlas regions'
+        and the plausibility flag: the panel's volume table."""
+        return run_volumes(segmentationNode)
+
+    def canShowRegisteredAtlas(self, segmentationNode) -> bool:
+        """Whether `segmentationNode` is the last Apply's output, whose registration `showRegisteredAtlas` draws."""
+        last = self._apply.last
+        return segmentationNode is not None and last is not None and last.outputId == segmentationNode.GetID()
+
+    def showRegisteredAtlas(self, segmentationNode):
+        """The atlas brain outline where the last Apply's registration put it on the scan: one segmentation node,
+        replaced by the next, removed by `undoLastRun` and with the scene."""
+        return self._apply.show_registered_atlas(segmentationNode)
+
     # ---- undo (undo.py) ---------------------------------------------------------------------
     def canUndo(self) -> bool:
         """Whether `undoLastRun` has something to take back (a node of the last change is still in the scene)."""
@@ -136,8 +162,21 @@ class SegmentationLogic:
 
     # ---- proposing the labels a segmentation lacks (proposals.py) ----------------------------
     def missingLabels(self, segmentationNode, checkpointPath=None) -> list[str]:
-        """The checkpoint's atlas labels that no segment of `segmentationNode` is named after (in any case)."""
+        """The checkpoint's atlas labels that no segment of `segmentationNode` stands for (see `matchedSegments`)."""
         return self._proposals.missing(segmentationNode, checkpointPath)
+
+    def matchedSegments(self, segmentationNode, checkpointPath=None) -> list[Match]:
+        """The atlas label each segment stands for: the same name in any case, its terminology code, or a similar
+        name ("Left hippocampus" for Hippocampus_L); the panel shows the last two for confirmation."""
+        return self._proposals.matches(segmentationNode, checkpointPath)
+
+    def proposalSeconds(self, labels: int, passes: int, device: str, inputVolume=None, checkpointPath=None,
+                        registration: str = "affine") -> float:
+        """About how long proposing `labels` labels takes (from the last measured run on `device`, else the
+        documented figure), registration and encoding included unless `inputVolume`'s encoding is cached."""
+        encoded = inputVolume is not None and self._encodings.cached(inputVolume, self._segmenters.builder(
+            checkpointPath, device)[0], registration)
+        return self._proposals.estimate(labels, passes, device, checkpointPath, encoded)
 
     def proposeMissing(self, inputVolume, segmentationNode, checkpointPath=None, device: str = "auto", passes: int = 8,
                        registration: str = "affine", keepUncertainty: bool = False, labels: Sequence[str] | None = None,
@@ -148,6 +187,16 @@ class SegmentationLogic:
                                   keepUncertainty, labels)
         job.run(progress, cancel)
         return self.finishProposals(job)
+
+    @property
+    def proposalThreshold(self) -> float:
+        """A label is proposed where its mean probability over the passes reaches this."""
+        return PROPOSAL_THRESHOLD
+
+    @staticmethod
+    def uncertaintyMeaning(passes: int) -> str:
+        """What a proposal's uncertainty figure means, in words for the panel."""
+        return uncertainty_meaning(passes)
 
     def startProposals(self, inputVolume, segmentationNode, checkpointPath=None, device: str = "auto", passes: int = 8,
                        registration: str = "affine", keepUncertainty: bool = False,
@@ -233,6 +282,7 @@ class SegmentationLogic:
         self.clearCache()
         self._observers.forget()
         self._undo.clear()
+        self._apply.last = None
 
     def cleanup(self) -> None:
         """Remove every observer the logic holds (scene ones included) and release the cache and models; call when

@@ -35,6 +35,17 @@ def segment_names(segmentation) -> list[str]:
     return [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
 
 
+def segment_entries(segmentation) -> list[tuple[str, str, str]]:
+    """(ID, name, terminology entry or '') of each segment, in order."""
+    segments, entry = segmentation.GetSegmentation(), vtk.reference("")
+    out = []
+    for i in range(segments.GetNumberOfSegments()):
+        segment = segments.GetNthSegment(i)
+        found = segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
+        out.append((segments.GetNthSegmentID(i), segment.GetName(), str(entry) if found else ""))
+    return out
+
+
 def nodes(scene, class_name: str) -> list:
     """The scene's nodes of a class (GetNodesByClass would hand over a collection to free)."""
     return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
@@ -198,6 +209,16 @@ def new_segmentation(scene, name: str):
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     segmentation.CreateDefaultDisplayNodes()
     return segmentation
+
+
+def remove_node(scene, node) -> None:
+    """Remove a node with its display and storage nodes."""
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    helpers.append(node.GetStorageNode())
+    scene.RemoveNode(node)
+    for helper in helpers:  # Slicer may have removed them with the node
+        if helper is not None and scene.IsNodePresent(helper):
+            scene.RemoveNode(helper)
 
 
 def place_beside(scene, segmentation, volume) -> None:

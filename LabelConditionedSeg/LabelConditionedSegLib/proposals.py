@@ -5,6 +5,7 @@ Each step is recorded for undo.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -16,13 +17,28 @@ import vtk
 from .errors import Cancelled, LCSError
 from .geometry import keep_highest
 from .jobs import Encodings, Job
+from .matching import Match, match_segments
 from .mrml import (BINARY, import_labelmap, map_into, new_segmentation, place_beside, place_on, require_image,
-                   segment_names, volume_beside)
+                   segment_entries, segment_names, volume_beside)
 from .segmenters import Segmenters
 from .undo import UndoRecord, few
 
 UNCERTAINTY_TAG = "LCS.uncertainty"  # segment tag of a proposal: its mean uncertainty inside the segment
 PROPOSAL_BATCH = 8  # labels proposed at a time: full-size maps are held for these only
+PROPOSAL_THRESHOLD = 0.5  # a voxel is proposed where a label's mean probability over the passes reaches this
+# Seconds per label and pass of a proposal run (decode, fold, map back to the scan) until a run here measured it, and
+# seconds to register (affine) and encode a volume: the demo model on Colin27 (1 mm) on a shared 2-core CPU
+# (docs/results.md, "Speed", proposals).
+DECODE_SECONDS = 0.49
+PREPARE_SECONDS = 8.5
+
+
+def uncertainty_meaning(passes: int) -> str:
+    """What a proposal's uncertainty figure means, for a reader of the panel."""
+    return (f"Uncertainty: how much the label's probability varies over {passes} dropout passes, averaged inside the "
+            "proposal (its standard deviation): 0 = every pass agrees, 0.5 = the passes split half and half "
+            "between yes and no. A model without dropout decodes once and reports 1 - |2p - 1| instead (0 = sure, "
+            "1 = p is 0.5).")
 
 
 @dataclass
@@ -38,10 +54,12 @@ class ProposalJob(Job):
     empty: list[str] = field(default_factory=list)  # labels proposed nowhere
     uncertainty: dict[str, sitk.Image] = field(default_factory=dict)  # per label with voxels, if keepUncertainty
     labelmap: sitk.Image | None = None  # one proposed label per voxel, on the input grid
+    decodeSeconds: float = 0.0  # measured: seconds per label and pass
 
     def run(self, progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None) -> None:
         report = progress or (lambda f, m: None)
         self._prepare(report, cancel)
+        started = time.perf_counter()
         reference = self.prepared.reference
         shape = reference.GetSize()[::-1]
         best, winner, doubt = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, np.float32)
@@ -58,6 +76,8 @@ class ProposalJob(Job):
                     self.uncertainty[proposal.condition.name] = proposal.uncertainty
             if cancel is not None and cancel():
                 raise Cancelled()
+        passes = self.passes if self.segmenter.engine.dropout_layers else 1
+        self.decodeSeconds = (time.perf_counter() - started) / (len(self.conditions) * passes)
         winner[best < self.threshold] = 0
         counts = np.bincount(winner.ravel())
         sums = np.bincount(winner.ravel(), weights=doubt.ravel())
@@ -79,14 +99,28 @@ class Proposals:
         self.scene = scene
         self._segmenters, self._encodings, self._undo = segmenters, encodings, undo
         self._messages = messages
+        self._decodeSeconds: dict[str, float] = {}  # device asked for -> seconds per label and pass, its last run
 
-    def missing(self, segmentationNode, checkpointPath=None) -> list[str]:
-        """The checkpoint's atlas labels that no segment of `segmentationNode` is named after (in any case): what
-        a partial segmentation lacks. Segments with other names (painted regions, a tumour) do not count."""
+    def matches(self, segmentationNode, checkpointPath=None) -> list[Match]:
+        """The atlas label each segment of `segmentationNode` stands for (matching.match_segments): by name in any
+        case, by terminology code, or by a similar name."""
         if segmentationNode is None:
             raise LCSError("select the segmentation whose missing labels to list")
-        present = {name.lower() for name in segment_names(segmentationNode)}
-        return [l.name for l in self._segmenters.table(checkpointPath) if l.name.lower() not in present]
+        return match_segments(segment_entries(segmentationNode), self._segmenters.table(checkpointPath))
+
+    def missing(self, segmentationNode, checkpointPath=None) -> list[str]:
+        """The checkpoint's atlas labels that no segment of `segmentationNode` stands for (`matches`): what a partial
+        segmentation lacks. Segments matching no label (painted regions, a tumour) do not count."""
+        present = {m.label for m in self.matches(segmentationNode, checkpointPath)}
+        return [l.name for l in self._segmenters.table(checkpointPath) if l.name not in present]
+
+    def estimate(self, labels: int, passes: int, device: str, checkpointPath=None, encoded: bool = False) -> float:
+        """About how many seconds proposing `labels` labels takes on `device`: per label and pass (one pass for a
+        model without dropout), the last run's measured time there (else DECODE_SECONDS), plus PREPARE_SECONDS
+        unless the volume is `encoded` already."""
+        if not self._segmenters.get(checkpointPath, "cpu").engine.dropout_layers:
+            passes = 1
+        return labels * passes * self._decodeSeconds.get(device, DECODE_SECONDS) + (0 if encoded else PREPARE_SECONDS)
 
     def start(self, inputVolume, segmentationNode, checkpointPath=None, device: str = "auto", passes: int = 8,
               registration: str = "affine", keepUncertainty: bool = False,
@@ -109,7 +143,8 @@ class Proposals:
             raise LCSError(f"{segmentationNode.GetName()} has a segment for every atlas label; nothing to propose")
         conditions = self._segmenters.get(checkpointPath, "cpu").conditions(missing)  # the run's model comes in `run`
         return self._encodings.job(ProposalJob, inputVolume, *self._segmenters.builder(checkpointPath, device),
-                                   conditions, registration, segmentationId=segmentationNode.GetID(), passes=passes,
+                                   conditions, registration, threshold=PROPOSAL_THRESHOLD,
+                                   segmentationId=segmentationNode.GetID(), passes=passes,
                                    keepUncertainty=keepUncertainty, codes=self._segmenters.codes(checkpointPath))
 
     def finish(self, job: ProposalJob):
@@ -121,6 +156,7 @@ class Proposals:
         if segmentation is None:
             raise LCSError("the segmentation was removed from the scene while its missing labels were proposed")
         inputVolume = self._encodings.finished(job)
+        self._decodeSeconds[job.cacheKey[3][1]] = job.decodeSeconds  # by the device asked for ("auto" too)
         if job.empty:
             self._messages(f"No voxels proposed for {', '.join(job.empty)}.")
         found = [c for c in job.conditions if c.name in job.meanUncertainty]

@@ -1,7 +1,6 @@
 """Checkpoints as the panel names them ("bundled" or a path), and their models, loaded once per device."""
 from __future__ import annotations
 
-import hashlib
 import threading
 from functools import partial
 from pathlib import Path
@@ -39,22 +38,6 @@ def checkpoint_version(reference: str | Path | None) -> tuple:
         raise LCSError(f"checkpoint {path} does not exist; give the path of a .lcs file")
     stat = path.stat()
     return file_identity(path), stat.st_mtime_ns, stat.st_size
-
-
-_hashes: dict[tuple, tuple[tuple, str]] = {}  # file identity -> (version, content hash): one entry per file
-
-
-def checkpoint_identity(reference: str | Path | None) -> str:
-    """The checkpoint file's content hash (16 hex digits): one model whatever its path, another once overwritten."""
-    version = checkpoint_version(reference)
-    known = _hashes.get(version[0])
-    if known is None or known[0] != version:
-        digest = hashlib.sha256()
-        with open(checkpoint_file(reference), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _hashes[version[0]] = known = (version, digest.hexdigest()[:16])
-    return known[1]
 
 
 class Segmenters:

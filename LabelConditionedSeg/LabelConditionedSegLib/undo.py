@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .errors import LCSError
-from .mrml import GEOMETRY
+from .mrml import GEOMETRY, remove_node
 
 
 def few(names: Sequence[str], shown: int = 3) -> str:
@@ -77,12 +77,7 @@ class Change:
             if segmentation and node.GetSegmentation().GetNumberOfSegments():  # left: the user's (the run's went above)
                 kept.append(node.GetName())
             elif node is not None:
-                helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
-                helpers.append(node.GetStorageNode())
-                scene.RemoveNode(node)
-                for helper in helpers:  # Slicer may have removed them with the node
-                    if helper is not None and scene.IsNodePresent(helper):
-                        scene.RemoveNode(helper)
+                remove_node(scene, node)
         return kept
 
 
