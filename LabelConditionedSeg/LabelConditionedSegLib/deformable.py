@@ -2,7 +2,10 @@
 by a fast non-linear registration, so that the network refines a close prior instead of bridging the whole deformation.
 
 The registration is SimpleITK's symmetric-forces demons on the model grid (coarse to fine), between the scan and the
-atlas as the network sees them (normalized, the atlas histogram-matched to the scan). It is deterministic and takes a
+atlas as the network sees them (normalized). Demons compares intensities, so the atlas is first painted in the scan's
+contrast: each of its intensities becomes the scan's median intensity where the registered atlas has it, read again
+after each level as the two come closer (after Guimond et al. 2001). A T2, PD or FLAIR scan is matched as a T1 is,
+which histogram matching (the ordering of the atlas's intensities kept) could not do. It is deterministic and takes a
 few seconds whatever the scan's resolution, since it runs on the model grid.
 """
 from __future__ import annotations
@@ -29,6 +32,10 @@ HEAD_TISSUE = 0.3
 STRIP_MARGIN_MM = 6.0
 DARK = 0.1
 STRIPPED_SHARE = 0.9
+# The atlas is painted in the scan's contrast from a joint histogram of BINS x BINS intensities (normalized 0..1); a
+# bin's median needs MIN_VOXELS voxels.
+BINS = 64
+MIN_VOXELS = 20
 
 
 @dataclass
@@ -79,6 +86,48 @@ def skull_stripped(image: np.ndarray, atlas_image: np.ndarray, atlas_mask: np.nd
     return bool(around.any() and np.mean(image[around] < DARK) > STRIPPED_SHARE)
 
 
+def contrast_table(atlas: np.ndarray, scan: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """(2, BINS): the scan's median intensity where the registered atlas has each intensity bin, outside the brain
+    (regions 0) and inside it (1) apart: the atlas's tissues read in the scan's contrast, whatever it is (T2's
+    inverted order included), as long as the scan tells those tissues apart. A bin seen on too few voxels takes its
+    neighbours' value. The median, not the mean: voxels that misregistration puts in another tissue do not pull it."""
+    index = _bins(atlas) + BINS * regions
+    joint = np.bincount((index * BINS + _bins(scan)).ravel(), minlength=2 * BINS * BINS).reshape(2, BINS, BINS)
+    counts = joint.sum(2)
+    median = ((np.cumsum(joint, 2) < counts[..., None] / 2).sum(2) + 0.5) / BINS
+    table = np.zeros((2, BINS))
+    for region in range(2):
+        seen = np.flatnonzero(counts[region] >= MIN_VOXELS)
+        if seen.size:
+            table[region] = np.interp(np.arange(BINS), seen, median[region, seen])
+    return table
+
+
+def _bins(x: np.ndarray) -> np.ndarray:
+    return np.minimum((np.clip(x, 0, 1) * BINS).astype(np.int64), BINS - 1)
+
+
+def in_scan_contrast(atlas: np.ndarray, regions: np.ndarray, scan: np.ndarray, grid: sitk.Image,
+                     field: sitk.Image | None = None) -> sitk.Image:
+    """The atlas (normalized, on the model grid) painted in the scan's contrast (contrast_table), its tissues read
+    where the displacement `field` (of any level's grid) puts them, or where the affine step did."""
+    seen_atlas, seen_regions = atlas, regions
+    if field is not None:
+        transform = sitk.DisplacementFieldTransform(
+            sitk.Resample(field, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64))
+        seen_atlas, seen_regions = (sitk.GetArrayFromImage(sitk.Resample(
+            _on(a, grid), grid, transform, interpolator, 0.0)) for a, interpolator in
+            ((atlas, sitk.sitkLinear), (regions.astype(np.float32), sitk.sitkNearestNeighbor)))
+    table = contrast_table(seen_atlas, scan, seen_regions.astype(np.int64))
+    return _on(table.ravel()[_bins(atlas) + BINS * regions], grid)
+
+
+def _on(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.CopyInformation(grid)
+    return image
+
+
 def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Image,
                      cancel: Callable[[], bool] | None = None, atlas_mask: np.ndarray | None = None) -> Prior:
     """Demons registration of the atlas to a scan, both normalized on the model grid `grid` (z, y, x arrays).
@@ -87,15 +136,12 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
     skull-stripped scan. So when `atlas_mask` (the atlas's brain) is given and the scan is skull-stripped, the atlas is
     stripped with it before it is matched and registered; the network still gets the whole atlas, warped.
     `cancel` is polled every demons iteration (a few tens of milliseconds); when it returns True, Cancelled is raised."""
-    fixed = sitk.GetImageFromArray(np.ascontiguousarray(image, dtype=np.float32))
-    fixed.CopyInformation(grid)
-    atlas = sitk.GetImageFromArray(np.ascontiguousarray(atlas_image, dtype=np.float32))
-    atlas.CopyInformation(grid)
-    moving = atlas
+    fixed, atlas = _on(image, grid), _on(atlas_image, grid)
+    source = atlas_image
     if atlas_mask is not None and skull_stripped(image, atlas_image, atlas_mask, grid):
-        moving = sitk.GetImageFromArray(np.where(atlas_mask, atlas_image, 0).astype(np.float32))
-        moving.CopyInformation(grid)
-    moving = sitk.HistogramMatching(moving, fixed, 256, 15)  # demons compares intensities: make them comparable
+        source = np.where(atlas_mask, atlas_image, 0)
+    regions = np.zeros(atlas_image.shape, np.int64) if atlas_mask is None else atlas_mask.astype(np.int64)
+    moving = in_scan_contrast(source, regions, image, grid)  # demons compares intensities: make them comparable
     field = None
     for shrink, iterations in LEVELS:
         level_fixed, level_moving = (sitk.Shrink(i, [shrink] * 3) if shrink > 1 else i for i in (fixed, moving))
@@ -111,6 +157,8 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
             field = demons.Execute(level_fixed, level_moving, start)
         if cancel is not None and cancel():
             raise Cancelled()
+        if shrink > 1:  # read the atlas's tissues in the scan again, now that they lie closer to the scan's
+            moving = in_scan_contrast(source, regions, image, grid, field)
     field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
     reach = int(np.ceil(np.sqrt((sitk.GetArrayViewFromImage(field) ** 2).sum(-1)).max() / min(grid.GetSpacing())))
     transform = sitk.DisplacementFieldTransform(field)  # takes the field over: read it before
