@@ -82,7 +82,9 @@ class Scoring:
     def __init__(self, checkpoint: Checkpoint, device: str, atlas_labels: sitk.Image, values: list[int],
                  registration: str = "affine", bspline: bool = False, baselines: list[Path] = (), ants: bool = False):
         self.checkpoint, self.atlas_labels, self.registration, self.bspline = checkpoint, atlas_labels, registration, bspline
-        self.ants = ants and require_ants() is not None  # refused before any work when antspyx is missing
+        if ants:
+            require_ants()  # refused before any case is made when antspyx is missing
+        self.ants = ants
         self.segmenter = Segmenter(checkpoint, device, messages=say)  # notices lcs segment gives, e.g. on its prior
         self.conditions = self.segmenter.conditions([str(v) for v in values])
         self.baselines = [Checkpoint.load(p) for p in baselines]
