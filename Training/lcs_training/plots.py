@@ -117,14 +117,14 @@ def plot_contrast_slices(rows: dict[str, dict[str, sitk.Image]], png: Path) -> N
     """The middle axial slice of each image, in radiological view: one row per title, one column per contrast."""
     plt = _pyplot()
     columns = max(len(images) for images in rows.values())
-    fig, axes = plt.subplots(len(rows), columns, figsize=(3.2 * columns, 3.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.4 * columns, 2.7 * len(rows)), squeeze=False)
     for row, (title, images) in zip(axes, rows.items()):
         for ax, (name, image) in zip(row, images.items()):
             image = sitk.DICOMOrient(image, "LPS")  # rows anterior to posterior, columns right to left, slices upward
             array = sitk.GetArrayViewFromImage(image)
             x, y = image.GetSpacing()[:2]
             ax.imshow(array[array.shape[0] // 2], cmap="gray", aspect=y / x, vmin=0, vmax=np.percentile(array, 99.5))
-            ax.set_title(f"{name}, {title}")
+            ax.set_title(f"{name}, {title}", fontsize=8)
         for ax in row:
             ax.axis("off")
     _save(fig, png)
