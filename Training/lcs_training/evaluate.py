@@ -4,7 +4,8 @@ subjects or on a folder of real labelled test scans (`--folder`).
 Held-out subjects come from other seeds, stronger deformations than training, and other
 grids (spacing, axis order, field of view); with `--unlike`, from a second generator whose
 every setting lies outside training's (synth.unlike_subject), to see how far a model
-generalizes. Test scans are the lab's own: a folder in the training layout, no warping.
+generalizes; with `--contrasts`, the same subjects as other MRI sequences show them (contrasts.py), each
+method scored per contrast. Test scans are the lab's own: a folder in the training layout, no warping.
 Every method starts from the same registration, so the comparison isolates what each adds
 to it. Per label and case: Dice, 95th-percentile Hausdorff distance (mm), true and predicted
 volumes (mL), volume difference (%) and the method's seconds on the case.
@@ -31,13 +32,14 @@ from LabelConditionedSegLib.training_folder import read_annotated
 from LabelConditionedSegLib.volume import label_values, read_image, read_volume
 
 from .baseline import segment_multichannel
-from .data import case_files, check_training_folder, mask_from_image, read_table, write_colin27_aal
+from .contrasts import CONTRASTS, contrast_heads, contrast_subjects, parse_contrasts
+from .data import case_files, check_training_folder, read_table, write_colin27_aal
 from .metrics import label_metrics
-from .plots import plot_method_dice
-from .propagation import bspline_propagate
-from .synth import Strength, SubjectGenerator, random_grid, unlike_subject
+from .plots import plot_contrast_dice, plot_contrast_slices, plot_method_dice
+from .propagation import ants_propagate, bspline_propagate, require_ants
+from .synth import Strength, SubjectGenerator, random_grid
 
-FIELDS = ["subject", "method", "value", "name", "dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct",
+FIELDS = ["subject", "contrast", "method", "value", "name", "dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct",
           "seconds"]
 # What the atlas labels are propagated with, after each registration of `lcs segment --registration`.
 PROPAGATION = {"affine": "affine propagation", "deformable": "affine propagation", "rigid": "rigid propagation",
@@ -47,17 +49,17 @@ PROPAGATION = {"affine": "affine propagation", "deformable": "affine propagation
 def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: int, unlike: bool = False):
     """(image, truth) pairs on random grids (0.9-1.6x the source spacing), from the data folder's atlas case; or
     the second generator's, unlike training's in every setting (`strength` is then unused)."""
-    image_path, label_path, mask_path = case_files(data)[atlas]
-    image, labels = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
-    mask = sitk.ReadImage(str(mask_path)) if mask_path else mask_from_image(image)
+    if unlike:
+        subjects = contrast_subjects(*contrast_heads(data, atlas, ["t1"]), count, seed)
+        yield from ((image, truth) for _, image, truth in subjects)
+        return
+    heads, labels, mask = contrast_heads(data, atlas, ["t1"])
+    image = heads["t1"]
     generator = SubjectGenerator(image, labels, mask)
     for i in range(count):
-        if unlike:
-            yield unlike_subject(generator, np.random.default_rng([seed, 30_000 + i]))
-        else:
-            rng = np.random.default_rng([seed, 20_000 + i])
-            grid = random_grid(image, rng, spacing_range=(0.9 * min(image.GetSpacing()), 1.6 * min(image.GetSpacing())))
-            yield generator.sample(rng, Strength().times(strength), grid=grid)
+        rng = np.random.default_rng([seed, 20_000 + i])
+        grid = random_grid(image, rng, spacing_range=(0.9 * min(image.GetSpacing()), 1.6 * min(image.GetSpacing())))
+        yield generator.sample(rng, Strength().times(strength), grid=grid)
 
 
 def say(line: str) -> None:
@@ -70,15 +72,19 @@ class Scoring:
     subjects and of a folder of test scans.
 
     Methods: "lcs" (segmented as `lcs segment --registration` does), the atlas labels propagated by the same
-    registration ("affine propagation"), "bspline propagation" (when asked), and "baseline" made of one or more
+    registration ("affine propagation"), "bspline propagation" and "ants syn propagation" (ANTs SyN from scratch,
+    its own affine included in its seconds) when asked, and "baseline" made of one or more
     multi-channel checkpoints, each label scored by the baseline model that holds it. A checkpoint trained on
     deformable priors is also scored with them ("lcs deformable", its own registration included in its seconds),
     beside the prior alone ("deformable propagation": the atlas labels warped by the same registration).
     """
 
     def __init__(self, checkpoint: Checkpoint, device: str, atlas_labels: sitk.Image, values: list[int],
-                 registration: str = "affine", bspline: bool = False, baselines: list[Path] = ()):
+                 registration: str = "affine", bspline: bool = False, baselines: list[Path] = (), ants: bool = False):
         self.checkpoint, self.atlas_labels, self.registration, self.bspline = checkpoint, atlas_labels, registration, bspline
+        if ants:
+            require_ants()  # refused before any case is made when antspyx is missing
+        self.ants = ants
         self.segmenter = Segmenter(checkpoint, device, messages=say)  # notices lcs segment gives, e.g. on its prior
         self.conditions = self.segmenter.conditions([str(v) for v in values])
         self.baselines = [Checkpoint.load(p) for p in baselines]
@@ -86,20 +92,23 @@ class Scoring:
             if b.config.conditioned:
                 raise LCSError(f"--baseline wants multi-channel baseline checkpoints (lcs train --baseline), not {b.description}")
         self.rows: list[dict] = []
-        self.seconds: dict[str, list[float]] = {}
+        self.seconds: dict[tuple[str, str], list[float]] = {}  # (contrast, method) -> seconds per case
+        self.examples: dict[str, sitk.Image] = {}  # the first image of each contrast
 
-    def score(self, case: str | int, image: sitk.Image, truth: np.ndarray, values: list[int]) -> None:
+    def score(self, case: str | int, image: sitk.Image, truth: np.ndarray, values: list[int], contrast: str = ""
+              ) -> None:
         """Rows for each method and each of `values` (label values of the checkpoint) that `truth` holds; `truth` lies
-        on `image`'s grid."""
+        on `image`'s grid, which shows the sequence `contrast` ("" where it is not known)."""
         predictions, seconds = self._predict(image)
+        self.examples.setdefault(contrast, image)
         spacing = image.GetSpacing()[::-1]
         for method, prediction in predictions.items():
-            self.seconds.setdefault(method, []).append(seconds[method])
+            self.seconds.setdefault((contrast, method), []).append(seconds[method])
             parts = prediction if method == "baseline" else [(self.checkpoint, prediction)]
             for model, labelmap in parts:
                 held = [v for v in model.label_table.values if v in set(values)]
                 for value, m in label_metrics(sitk.GetArrayFromImage(labelmap), truth, held, spacing).items():
-                    self.rows.append({"subject": case, "method": method, "value": value,
+                    self.rows.append({"subject": case, "contrast": contrast, "method": method, "value": value,
                                       "name": self.checkpoint.label_table.get(value).name,
                                       **{k: round(v, 4) for k, v in m.items()}, "seconds": round(seconds[method], 2)})
 
@@ -133,42 +142,64 @@ class Scoring:
             predictions["bspline propagation"] = bspline_propagate(image, self.checkpoint.atlas_image, self.atlas_labels,
                                                                    prepared.transform, self.checkpoint.atlas_mask, say=say)
             seconds["bspline propagation"] = time.time() - start + registered
+        if self.ants:
+            start = time.time()
+            predictions["ants syn propagation"] = ants_propagate(image, self.checkpoint.atlas_image, self.atlas_labels)
+            seconds["ants syn propagation"] = time.time() - start
         if self.baselines:
             start = time.time()
             predictions["baseline"] = [(b, _baseline_labels(b, prepared, segmenter.device)) for b in self.baselines]
             seconds["baseline"] = time.time() - start + registered
         return predictions, seconds
 
-    def write(self, out: Path) -> dict[str, float]:
+    def write(self, out: Path, heads: dict[str, sitk.Image] | None = None) -> dict[str, float]:
         """heldout_metrics.csv and the Dice and HD95 plots in `out`; returns mean Dice, HD95 and seconds per method,
-        and the number of cases scored ("cases")."""
-        rows, methods = self.rows, list(self.seconds)
+        and the number of cases scored ("cases"). Given the source `heads` of several contrasts: also mean Dice and
+        seconds per contrast and method ("t2/lcs", "t2/lcs seconds"), their plot, and a slice of each head and of
+        its first subject."""
+        rows = self.rows
+        methods = list(dict.fromkeys(m for _, m in self.seconds))
         write_csv(rows, out / "heldout_metrics.csv", FIELDS)
         summary = {m: float(np.mean([r["dice"] for r in rows if r["method"] == m])) for m in methods}
         summary.update({f"{m} hd95": float(np.nanmean([r["hd95_mm"] for r in rows if r["method"] == m])) for m in methods})
-        summary.update({f"{m} seconds": float(np.mean(s)) for m, s in self.seconds.items()})
-        summary["cases"] = float(len(self.seconds["lcs"]))
+        summary.update({f"{m} seconds": float(np.mean([s for (_, method), times in self.seconds.items()
+                                                         if method == m for s in times])) for m in methods})
+        summary["cases"] = float(sum(len(times) for (_, m), times in self.seconds.items() if m == "lcs"))
         first = PROPAGATION[self.registration]
         order = [first] + [m for m in methods if m != first]
         plot_method_dice(rows, order, summary, out / "heldout_dice.png")
         plot_method_dice(rows, order, {m: summary[f"{m} hd95"] for m in order}, out / "heldout_hd95.png", metric="hd95_mm")
+        if heads:
+            for (contrast, m), times in self.seconds.items():
+                summary[f"{contrast}/{m}"] = float(np.mean([r["dice"] for r in rows
+                                                            if r["contrast"] == contrast and r["method"] == m]))
+                summary[f"{contrast}/{m} seconds"] = float(np.mean(times))
+            plot_contrast_dice(rows, order, out / "heldout_contrasts.png")
+            plot_contrast_slices({"source head": heads, "held-out subject 0": self.examples}, out / "contrasts.png")
         return summary
 
 
 def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength: float, seed: int, out: Path,
              device: str = "auto", baselines: list[Path] = (), bspline: bool = False, unlike: bool = False,
-             registration: str = "affine") -> dict[str, float]:
+             registration: str = "affine", contrasts: list[str] = (), ants: bool = False) -> dict[str, float]:
     """Mean Dice per method (see Scoring) over labels and synthetic held-out subjects (and seconds per case); writes
-    CSV and PNGs to `out`. The atlas labels propagated are the data folder's atlas case, at its own resolution."""
+    CSV and PNGs to `out`. The atlas labels propagated are the data folder's atlas case, at its own resolution.
+    `contrasts` (of contrasts.CONTRASTS): `count` subjects of the unlike generator in each, scored per contrast."""
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Checkpoint.load(checkpoint_path)
     values = checkpoint.label_table.values
     scoring = Scoring(checkpoint, device, sitk.ReadImage(str(case_files(data)[atlas][1])), values, registration,
-                      bspline, baselines)
-    subjects = heldout_subjects(data, atlas, count, strength, seed, unlike)
-    for i, (image, truth) in enumerate(progress_bar(subjects, total=count, desc="held-out subjects")):
-        scoring.score(i, image, sitk.GetArrayFromImage(truth), values)
-    return scoring.write(out)
+                      bspline, baselines, ants)
+    heads = None
+    if contrasts:
+        heads, labels, mask = contrast_heads(data, atlas, list(contrasts))
+        subjects = contrast_subjects(heads, labels, mask, count, seed)
+    else:
+        subjects = (("t1", *subject) for subject in heldout_subjects(data, atlas, count, strength, seed, unlike))
+    total = count * max(1, len(contrasts))
+    for i, (contrast, image, truth) in enumerate(progress_bar(subjects, total=total, desc="held-out subjects")):
+        scoring.score(i % count, image, sitk.GetArrayFromImage(truth), values, contrast)
+    return scoring.write(out, heads)
 
 
 def matched_labels(folder_table: LabelTable, model_table: LabelTable) -> tuple[dict[int, int], list[str]]:
@@ -180,7 +211,7 @@ def matched_labels(folder_table: LabelTable, model_table: LabelTable) -> tuple[d
 
 
 def evaluate_folder(checkpoint_path: Path, folder: Path, out: Path, device: str = "auto", baselines: list[Path] = (),
-                    bspline: bool = False, registration: str = "affine") -> dict[str, float]:
+                    bspline: bool = False, registration: str = "affine", ants: bool = False) -> dict[str, float]:
     """Mean Dice per method (see Scoring) over the labelled test scans of a training-style folder (and seconds per
     case); writes CSV and PNGs to `out`. Each scan is segmented as `lcs segment` does and scored on its own grid
     against its label map, on the labels it annotates (annotated/CASE.txt, else those its map holds) that the model
@@ -206,7 +237,7 @@ def evaluate_folder(checkpoint_path: Path, folder: Path, out: Path, device: str 
         raise LCSError(f"no case of {folder} holds a label of the model to score; check the label maps and labels.csv")
     out.mkdir(parents=True, exist_ok=True)
     scoring = Scoring(checkpoint, device, checkpoint.atlas_labels, sorted({matched[v] for v in matched}), registration,
-                      bspline, baselines)
+                      bspline, baselines, ants)
     for name in progress_bar([n for n in cases if scored[n]], desc="test scans"):
         image_path, label_path, _ = cases[name]
         labels = sitk.GetArrayFromImage(_read_labels(name, label_path))
@@ -243,9 +274,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", type=Path, nargs="+", default=[],
                         help="multi-channel baseline checkpoints (lcs train --baseline) to score beside LCS")
     parser.add_argument("--bspline", action="store_true", help="also score affine + B-spline atlas propagation (slower)")
+    parser.add_argument("--ants", action="store_true", help="also score ANTs SyN atlas propagation (30-80 s a case on "
+                        "2 cores; needs antspyx: pip install 'label-conditioned-seg[evaluate]')")
     parser.add_argument("--unlike", action="store_true",
                         help="subjects of a second generator unlike training's in every setting (B-spline warps, coarse "
                              "grids, contrast curves, strong bias, thick slices, Rician noise; --strength unused)")
+    parser.add_argument("--contrasts", type=parse_contrasts, default=[], metavar="LIST",
+                        help=f"the --unlike subjects (implied) as these sequences show them, --subjects of each, scored "
+                             f"per contrast: a comma-separated list of {', '.join(CONTRASTS)}")
     parser.add_argument("--registration", default="affine", choices=list(PROPAGATION),
                         help="registration of 'lcs' and of the atlas propagation, as in lcs segment")
     parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
@@ -255,21 +291,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.folder is not None:
-        if args.data is not None or args.unlike:
-            raise LCSError("--folder scores real test scans; --data and --unlike are for synthetic subjects: drop them")
+        if args.data is not None or args.unlike or args.contrasts:
+            raise LCSError("--folder scores real test scans; --data, --unlike and --contrasts are for synthetic "
+                           "subjects: drop them")
         s = evaluate_folder(args.checkpoint, args.folder, args.out, args.device, args.baseline, args.bspline,
-                            args.registration)
+                            args.registration, args.ants)
         what, count = f"test scans of {args.folder}: {s['cases']:.0f} scored", f"cases={s['cases']:.0f}"
     else:
         from .data import check_data; check_data(args.data, args.atlas)  # --data checked whole, else the templates
         with tempfile.TemporaryDirectory() as tmp:
             data = args.data or write_colin27_aal(Path(tmp) / "colin27")
             s = evaluate(args.checkpoint, data, args.atlas, args.subjects, args.strength, args.seed, args.out,
-                         args.device, args.baseline, args.bspline, args.unlike, args.registration)
-        kind = "unlike training's" if args.unlike else f"strength {args.strength}"
+                         args.device, args.baseline, args.bspline, args.unlike, args.registration, args.contrasts,
+                         args.ants)
+        kind = "unlike training's" if args.unlike or args.contrasts else f"strength {args.strength}"
+        if args.contrasts:
+            kind += f", each as {', '.join(args.contrasts)}"
         what, count = f"held-out subjects: {args.subjects}, {kind}", f"subjects={args.subjects}"
-    methods = [k for k in s if k != "cases" and not k.endswith((" seconds", " hd95"))]
-    print(f"{what}; per label and case in {args.out}/heldout_metrics.csv, plots heldout_dice.png and heldout_hd95.png")
+    methods = [k for k in s if k != "cases" and "/" not in k and not k.endswith((" seconds", " hd95"))]
+    plots = "heldout_dice.png, heldout_hd95.png" + (", heldout_contrasts.png, contrasts.png" if args.contrasts else "")
+    print(f"{what}; per label and case in {args.out}/heldout_metrics.csv, plots {plots}")
     for m in methods:
         print(f"  {m:25s} mean Dice {s[m]:.3f}  HD95 {s[m + ' hd95']:.1f} mm  {s[m + ' seconds']:.1f} s/case")
-    print(" ".join(f"{m.replace(' ', '_')}_dice={s[m]:.4f}" for m in methods) + f" {count}")
+    for contrast in args.contrasts:
+        print(f"  {contrast}: " + ", ".join(f"{m} {s[f'{contrast}/{m}']:.3f} ({s[f'{contrast}/{m} seconds']:.0f} s)"
+                                            for m in methods))
+    per_contrast = [f"{c}_{m.replace(' ', '_')}_dice={s[f'{c}/{m}']:.4f}" for c in args.contrasts for m in methods]
+    print(" ".join([f"{m.replace(' ', '_')}_dice={s[m]:.4f}" for m in methods] + per_contrast) + f" {count}")

@@ -5,6 +5,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from LabelConditionedSegLib.files import atomic_path
 
@@ -86,6 +87,46 @@ def plot_method_dice(rows: list[dict], methods: list[str], means: dict, png: Pat
     if metric == "dice":
         ax.set_ylim(0, 1)
     ax.legend()
+    _save(fig, png)
+
+
+def plot_contrast_dice(rows: list[dict], methods: list[str], png: Path) -> None:
+    """Mean Dice of each method in each contrast (bars), each case's mean over labels as a dot."""
+    contrasts = list(dict.fromkeys(r["contrast"] for r in rows))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(contrasts) * len(methods) ** 0.5), 4.5))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        for i, contrast in enumerate(contrasts):
+            cases = {}
+            for r in rows:
+                if r["method"] == method and r["contrast"] == contrast:
+                    cases.setdefault(r["subject"], []).append(r["dice"])
+            x = i + (j - (len(methods) - 1) / 2) * width
+            ax.bar(x, np.mean([d for case in cases.values() for d in case]), width * 0.9, color=f"C{j}",
+                   label=method if i == 0 else None)
+            ax.plot([x] * len(cases), [np.mean(case) for case in cases.values()], "k.", ms=3)
+    ax.set_xticks(range(len(contrasts)), contrasts)
+    ax.set_ylabel("Dice (mean over labels and cases; dots: cases)")
+    ax.set_ylim(0, 1.2)  # the legend above the bars
+    ax.legend(fontsize=8, ncol=3, loc="upper center")
+    _save(fig, png)
+
+
+def plot_contrast_slices(rows: dict[str, dict[str, sitk.Image]], png: Path) -> None:
+    """The middle axial slice of each image, in radiological view: one row per title, one column per contrast."""
+    plt = _pyplot()
+    columns = max(len(images) for images in rows.values())
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.4 * columns, 2.7 * len(rows)), squeeze=False)
+    for row, (title, images) in zip(axes, rows.items()):
+        for ax, (name, image) in zip(row, images.items()):
+            image = sitk.DICOMOrient(image, "LPS")  # rows anterior to posterior, columns right to left, slices upward
+            array = sitk.GetArrayViewFromImage(image)
+            x, y = image.GetSpacing()[:2]
+            ax.imshow(array[array.shape[0] // 2], cmap="gray", aspect=y / x, vmin=0, vmax=np.percentile(array, 99.5))
+            ax.set_title(f"{name}, {title}", fontsize=8)
+        for ax in row:
+            ax.axis("off")
     _save(fig, png)
 
 

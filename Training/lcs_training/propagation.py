@@ -1,10 +1,13 @@
-"""Atlas propagation with a deformable refinement: the registration baseline LCS is compared with."""
+"""Atlas propagation with a deformable refinement: the registration baselines LCS is compared with (SimpleITK's
+B-spline, and ANTs SyN, the tool most users would reach for)."""
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import SimpleITK as sitk
 
+from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.geometry import no_finer_than
 
 FOLD_FREE = 0.4  # B-spline coefficients below this share of the control-point spacing keep the warp free of folds
@@ -44,3 +47,34 @@ def bspline_propagate(subject: sitk.Image, atlas_image: sitk.Image, atlas_labels
         say(f"B-spline registration failed ({str(error).strip().splitlines()[-1][:120]}); its labels are the affine's")
         transform = to_atlas
     return sitk.Resample(atlas_labels, subject, transform, sitk.sitkNearestNeighbor, 0)
+
+
+def require_ants():
+    """The antspyx module, or an LCSError saying how to install it (an evaluation extra, never needed by inference)."""
+    try:
+        import ants
+    except ImportError:
+        raise LCSError("--ants needs antspyx (ANTs SyN): pip install 'label-conditioned-seg[evaluate]', or drop --ants") \
+            from None
+    return ants
+
+
+def ants_propagate(subject: sitk.Image, atlas_image: sitk.Image, atlas_labels: sitk.Image) -> sitk.Image:
+    """Atlas labels warped onto the subject's grid by ANTs SyN (its own affine stage first, Mattes mutual information
+    at both stages, so any contrast), as `ants.registration(fixed=scan, moving=atlas, type_of_transform="SyN")` does
+    with its defaults; the labels are pulled through with the "genericLabel" interpolator."""
+    ants = require_ants()
+    fixed = _to_ants(ants, subject)
+    registration = ants.registration(fixed=fixed, moving=_to_ants(ants, atlas_image), type_of_transform="SyN")
+    warped = ants.apply_transforms(fixed=fixed, moving=_to_ants(ants, atlas_labels),
+                                   transformlist=registration["fwdtransforms"], interpolator="genericLabel")
+    labels = sitk.GetImageFromArray(np.round(warped.numpy().T).astype(np.int32))  # ANTs arrays are x, y, z
+    labels.CopyInformation(subject)
+    return sitk.Cast(labels, atlas_labels.GetPixelID())
+
+
+def _to_ants(ants, image: sitk.Image):
+    """A SimpleITK image as an ANTs image: the same voxels, spacing, origin and direction (both ITK's LPS frame)."""
+    return ants.from_numpy(sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32)).T, origin=list(image.GetOrigin()),
+                           spacing=list(image.GetSpacing()),
+                           direction=np.array(image.GetDirection()).reshape(3, 3))
