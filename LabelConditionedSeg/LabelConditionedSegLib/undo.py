@@ -77,7 +77,8 @@ class Change:
             if segmentation and node.GetSegmentation().GetNumberOfSegments():  # left: the user's (the run's went above)
                 kept.append(node.GetName())
             elif node is not None:
-                helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+                displayed = node.IsA("vtkMRMLDisplayableNode")  # a batch's table node is not
+                helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes() if displayed else 0)]
                 helpers.append(node.GetStorageNode())
                 scene.RemoveNode(node)
                 for helper in helpers:  # Slicer may have removed them with the node
