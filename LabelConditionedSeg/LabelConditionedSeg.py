@@ -262,6 +262,10 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.rejectProposalButton.clicked.connect(lambda: self.onReview(accept=False))
         self.ui.exportFolderPathLineEdit.currentPathChanged.connect(self.updateButtons)
         self.ui.exportButton.clicked.connect(self.onExport)
+        self.ui.batchSceneButton.clicked.connect(self.onBatchScene)
+        self.ui.batchFolderButton.clicked.connect(self.onBatchFolder)
+        for path in (self.ui.batchFolderPathLineEdit, self.ui.batchOutputPathLineEdit):
+            path.currentPathChanged.connect(self.updateButtons)
         self.ui.progressBar.hide()
         self.initializeParameterNode()
 
@@ -373,7 +377,8 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.applyButton.enabled = torchMissing()
             self.ui.applyButton.toolTip = torchProblem()
             for button in (self.ui.undoButton, self.ui.proposeButton, self.ui.acceptProposalButton,
-                           self.ui.rejectProposalButton, self.ui.exportButton):
+                           self.ui.rejectProposalButton, self.ui.exportButton, self.ui.batchSceneButton,
+                           self.ui.batchFolderButton):
                 button.enabled = False
             return
         ready = bool(p and p.inputVolume and self.selectedLabels())
@@ -390,6 +395,7 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         # no segmentation, or an empty one, exports the scan unlabelled
         exportable = bool(p and p.inputVolume and p.caseName)
         self.ui.exportButton.enabled = exportable and bool(self.ui.exportFolderPathLineEdit.currentPath)
+        self.updateBatchButtons()
 
     def onInstallTorch(self):
         """Ask, then install PyTorch; Cancel is no error. Either way the panel then shows where PyTorch stands."""
@@ -579,6 +585,37 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                         "put it. Undo last run removes it.")
         self.updateButtons()
 
+    # ---- batches (Lib: batch.py) -----------------------------------------------------------------
+    def updateBatchButtons(self):
+        labels = bool(self.selectedLabels())
+        self.ui.batchSceneButton.text = "Segment every scan in the scene"
+        self.ui.batchSceneButton.enabled = labels  # a scene without scans is refused at the start, in words
+        self.ui.batchFolderButton.text = "Segment the folder"
+        self.ui.batchFolderButton.enabled = labels and bool(self.ui.batchFolderPathLineEdit.currentPath
+                                                            and self.ui.batchOutputPathLineEdit.currentPath)
+
+    def onBatchScene(self):
+        p = self._parameterNode
+        self.runInBackground(self.ui.batchSceneButton, lambda core, device: core.startSceneBatch(
+            self.selectedLabels(), self.checkpoint(), device, p.registration, p.threshold), self.finishBatch)
+
+    def onBatchFolder(self):
+        p = self._parameterNode
+        self.runInBackground(self.ui.batchFolderButton, lambda core, device: core.startFolderBatch(
+            self.ui.batchFolderPathLineEdit.currentPath, self.ui.batchOutputPathLineEdit.currentPath,
+            self.selectedLabels(), self.checkpoint(), device, p.registration, p.threshold), self.finishBatch)
+
+    def finishBatch(self, job) -> str:
+        """The batch's results and its table, shown in a layout with a table view (as Segment Statistics does)."""
+        table = self.logic.core.finishBatch(job)
+        layouts = slicer.app.layoutManager()
+        layouts.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layouts.layout))
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+        failed = sum(bool(o.failed) for o in job.outcomes)
+        return (f"{'Cancelled after' if job.cancelled else 'Done:'} {len(job.outcomes) - failed} scan(s)"
+                f"{f', {failed} failed' if failed else ''}; see the table {table.GetName()}")
+
     # ---- undo (Lib: undo.py) ---------------------------------------------------------------------
     def onUndo(self):
         """Take back the last Apply, Propose, Accept or Reject (Slicer's own Undo does not cover them)."""
@@ -728,7 +765,8 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._progress, self._started = (0.0, "starting"), time.time()
         self._worker = Background(lambda: job.run(self._report, self._cancel.is_set),
                                   lambda result, error: self.onJobDone(job, finish, error), self.showProgress)
-        for other in (self.ui.applyButton, self.ui.proposeButton, self.ui.undoButton):
+        for other in (self.ui.applyButton, self.ui.proposeButton, self.ui.undoButton, self.ui.batchSceneButton,
+                      self.ui.batchFolderButton):
             other.enabled = other is button
         button.text = "Cancel"
         self.ui.progressBar.value = 0
@@ -748,7 +786,8 @@ class LabelConditionedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """Main thread: write the finished job into the scene, or say why nothing was written."""
         self._worker = None
         self.ui.progressBar.hide()
-        if self._cancel.is_set() or (error is not None and error.cancelled):
+        batch = hasattr(job, "outcomes")  # a batch keeps, and its finish writes, the scans done before a Cancel
+        if (self._cancel.is_set() and not batch) or (error is not None and error.cancelled):
             self.ui.statusLabel.text = "Cancelled; the scene is as it was."
         elif error is not None:
             self.ui.statusLabel.text = f"Failed: {error.message}"

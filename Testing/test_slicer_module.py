@@ -64,6 +64,8 @@ EXPECTED_WIDGETS = {
 }
 EXPECTED_WIDGETS.update({"bundledModelButton": "QPushButton",  # issue 27, fault 3
                          "exportSegmentationSelector": "qMRMLNodeComboBox"})  # issue 27, fault 6
+EXPECTED_WIDGETS.update({"batchSceneButton": "QPushButton", "batchFolderButton": "QPushButton",  # issue 28, item 4
+                         "batchFolderPathLineEdit": "ctkPathLineEdit", "batchOutputPathLineEdit": "ctkPathLineEdit"})
 
 
 def cmake_list(text: str, variable: str) -> list[str]:
@@ -366,3 +368,19 @@ def test_the_module_imports_only_what_the_lib_defines():
         defined |= {a.asname or a.name for n in source.body if isinstance(n, ast.ImportFrom) for a in n.names}
         for alias in node.names:
             assert alias.name in defined, f"{node.module} has no {alias.name}"
+
+
+def test_the_batch_section_holds_its_widgets_and_runs_as_one_background_job():
+    """Issue 28, item 4: a collapsible Batch section of its own; both batches go through runInBackground (worker
+    thread, progress, Cancel), which turns every other job button off meanwhile, and a Cancel keeps what a batch
+    finished (onJobDone writes a batch when cancelled)."""
+    sections = {w.get("name"): w for w in ET.parse(UI_FILE).iter("widget") if w.get("class") == "ctkCollapsibleButton"}
+    inside = {w.get("name") for w in sections["batchCollapsibleButton"].iter("widget")}
+    assert {"batchSceneButton", "batchFolderButton", "batchFolderPathLineEdit", "batchOutputPathLineEdit"} <= inside
+    assert list(sections)[-1] == "batchCollapsibleButton"  # added after the others, none moved
+    for name, button in [("onBatchScene", "batchSceneButton"), ("onBatchFolder", "batchFolderButton")]:
+        (run,) = calls(method("LabelConditionedSegWidget", name), "runInBackground")
+        assert ast.unparse(run.args[0]) == f"self.ui.{button}" and ast.unparse(run.args[2]) == "self.finishBatch"
+    others = [n for n in ast.walk(method("LabelConditionedSegWidget", "runInBackground")) if isinstance(n, ast.For)]
+    assert {"self.ui.batchSceneButton", "self.ui.batchFolderButton"} <= {ast.unparse(e) for e in others[0].iter.elts}
+    assert "outcomes" in ast.unparse(method("LabelConditionedSegWidget", "onJobDone"))

@@ -104,10 +104,14 @@ class Atlases:
         """IDs of every atlas node (images and labels, of any checkpoint): not the user's scans or outputs."""
         return [n.GetID() for n in nodes(self.scene, "vtkMRMLNode") if n.GetAttribute(ATLAS_OF)]
 
+    def scans(self) -> list:
+        """The scene's scans: its scalar volumes that are no label maps and no atlas images, in the scene's order."""
+        return [n for n in nodes(self.scene, "vtkMRMLScalarVolumeNode")
+                if n.GetClassName() == "vtkMRMLScalarVolumeNode" and not n.GetAttribute(ATLAS_OF)]
+
     def first_scan(self):
-        """The first scalar volume (no label map) that is not an atlas image: a panel's default input, None if none."""
-        return next((n for n in nodes(self.scene, "vtkMRMLScalarVolumeNode")
-                     if n.GetClassName() == "vtkMRMLScalarVolumeNode" and not n.GetAttribute(ATLAS_OF)), None)
+        """The first scan (see `scans`): a panel's default input, None if none."""
+        return next(iter(self.scans()), None)
 
     def load(self, checkpointPath: str | Path | None = None):
         """The checkpoint's atlas image and labels as nodes (once per checkpoint); both record which checkpoint they

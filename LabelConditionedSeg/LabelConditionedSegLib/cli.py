@@ -101,14 +101,15 @@ def _model(args: argparse.Namespace, device: str):
 
 
 def _segment_scan(segmenter, conditions, settings: dict, image, image_name: str, args: argparse.Namespace,
-                  seg: Path, extras: dict[str, Path], progress) -> str:
+                  seg: Path, extras: dict[str, Path], progress, cancel=None) -> str:
     """Segment one image and write its outputs, the .seg.nrrd last: a cohort takes that file as the sign that the
-    scan is done. Returns the summary ("segmented 5 of 6 labels (found nowhere: X)")."""
+    scan is done. Returns the summary ("segmented 5 of 6 labels (found nowhere: X)"). `cancel()` true stops the
+    computation (Cancelled), before anything is written."""
     from .files import write_image
     from .outputs import write_labelmap, write_overlay_png, write_seg_nrrd, write_volumes_csv
     from .quality import describe
 
-    prepared = segmenter.prepare(image, args.registration, lambda f, m: progress(0.3 * f, m))
+    prepared = segmenter.prepare(image, args.registration, lambda f, m: progress(0.3 * f, m), cancel)
     on_probability = None
     if "probabilities" in extras:
         folder = extras["probabilities"]
@@ -119,7 +120,7 @@ def _segment_scan(segmenter, conditions, settings: dict, image, image_name: str,
             write_image(probability, folder / f"{condition.value}_{safe}.nii.gz")
 
     result = segmenter.segment(prepared, conditions, args.threshold, on_probability,
-                               lambda f, m: progress(0.3 + 0.7 * f, m))
+                               lambda f, m: progress(0.3 + 0.7 * f, m), cancel)
     missing = result.missing
     summary = f"segmented {len(conditions) - len(missing)} of {len(conditions)} labels" + (
         f" (found nowhere: {', '.join(missing)})" if missing else "")
@@ -303,7 +304,8 @@ def _run_share(args: argparse.Namespace, segmenter, conditions, settings: dict, 
     return done, skipped, failed
 
 
-def _cohort_scan(args: argparse.Namespace, segmenter, conditions, settings: dict, scan, progress) -> str | None:
+def _cohort_scan(args: argparse.Namespace, segmenter, conditions, settings: dict, scan, progress,
+                 cancel=None) -> str | None:
     """One scan of a cohort into OUT/<name>.seg.nrrd and the extras asked for: its summary with the time it took,
     or None when a previous run did it with these settings (the .seg.nrrd is written last, so its presence means
     done). The scan's lock keeps a second run off its files meanwhile."""
@@ -325,7 +327,7 @@ def _cohort_scan(args: argparse.Namespace, segmenter, conditions, settings: dict
             # done with these settings, but without an output asked for now: segment it again
         began = time.time()
         summary = _segment_scan(segmenter, conditions, settings, read_volume(scan.path), scan.name, args, seg, extras,
-                                progress)
+                                progress, cancel)
     return f"{summary} in {time.time() - began:.1f} s"
 
 

@@ -4,10 +4,11 @@
     SegmentationLogic().proposeMissing(inputVolume, partialSegmentation) -> proposals to accept or reject
     SegmentationLogic().exportForTraining(inputVolume, segmentation, folder, "case01") -> a training case
     SegmentationLogic().undoLastRun() -> takes back the last Apply, proposal run, accept or reject
+    SegmentationLogic().startSceneBatch(labels) / startFolderBatch(folder, out, labels) -> job; finishBatch(job) -> table
 
 Runs inside Slicer and under pytest with PyPI's slicer-core. SegmentationLogic is a thin facade over the modules
 that do the work, one per flow: mrml (node <-> image), segmenters (models), jobs (jobs and the encoded-volume
-cache), apply, proposals, export, atlas (the atlas and painted regions), undo, observers. Call `cleanup()` when
+cache), apply, batch, proposals, export, atlas (the atlas and painted regions), undo, observers. Call `cleanup()` when
 done: it removes every observer the logic holds.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import vtk
 
 from .apply import CHECK, OUTLINE_OF, VOLUMES, Apply, check_warning, run_volumes
 from .atlas import ATLAS_MODEL, ATLAS_OF, Atlases
+from .batch import TABLE_NAME, Batch, FolderBatch, SceneBatch
 from .export import case_exists, export_case
 from .jobs import CACHE_ENTRIES, Encodings, Job
 from .matching import Match
@@ -31,8 +33,8 @@ from .segmenters import BUNDLED_MODEL, Segmenters, checkpoint_file, checkpoint_r
 from .undo import UndoRecord
 
 __all__ = ["ATLAS_MODEL", "ATLAS_OF", "BUNDLED_MODEL", "CACHE_ENTRIES", "CHECK", "OUTLINE_OF", "PROPOSAL_THRESHOLD",
-           "UNCERTAINTY_TAG", "VOLUMES", "Job", "Match", "ProposalJob", "SegmentationLogic", "checkpoint_file",
-           "image_to_volume", "uncertainty_meaning", "volume_to_image"]
+           "TABLE_NAME", "UNCERTAINTY_TAG", "VOLUMES", "FolderBatch", "Job", "Match", "ProposalJob", "SceneBatch",
+           "SegmentationLogic", "checkpoint_file", "image_to_volume", "uncertainty_meaning", "volume_to_image"]
 
 
 class SegmentationLogic:
@@ -47,6 +49,7 @@ class SegmentationLogic:
         self._undo = UndoRecord(self.scene)
         self._atlases = Atlases(self.scene, self._segmenters)
         self._apply = Apply(self.scene, self._segmenters, self._atlases, self._encodings, self._undo, say)
+        self._batch = Batch(self.scene, self._segmenters, self._atlases, self._apply, self._undo)
         self._proposals = Proposals(self.scene, self._segmenters, self._encodings, self._undo, say)
         self._observers = SegmentObservers(self.scene)
         self._sceneTags = [self.scene.AddObserver(self.scene.NodeRemovedEvent, WeakCallback(self._onNodeRemoved)),
@@ -144,6 +147,30 @@ class SegmentationLogic:
         """The atlas brain outline where the last Apply's registration put it on the scan: one segmentation node,
         replaced by the next, removed by `undoLastRun` and with the scene."""
         return self._apply.show_registered_atlas(segmentationNode)
+
+    # ---- batches (batch.py) ------------------------------------------------------------------
+    def sceneScans(self) -> list:
+        """The volumes a scene batch segments: every scalar volume that is no label map and no atlas image."""
+        return self._batch.scene_scans()
+
+    def startSceneBatch(self, labels: Sequence[str | int], checkpointPath=None, device: str = "auto",
+                        registration: str = "affine", threshold: float = 0.5) -> SceneBatch:
+        """One job for every scan volume of the scene (read now, main thread); `job.run(progress, cancel)` computes
+        them one after the other in any thread, `finishBatch` writes them."""
+        return self._batch.start_scene(labels, checkpointPath, device, registration, threshold)
+
+    def startFolderBatch(self, folder: str | Path, output: str | Path, labels: Sequence[str | int],
+                         checkpointPath=None, device: str = "auto", registration: str = "affine",
+                         threshold: float = 0.5, overwrite: bool = False) -> FolderBatch:
+        """One job for the scans of `folder`, written into `output` as `lcs segment FOLDER -o OUTPUT` writes them
+        (atlas labels only); refuses now what that command would refuse before any work."""
+        return self._batch.start_folder(folder, output, labels, checkpointPath, device, registration, threshold,
+                                        overwrite)
+
+    def finishBatch(self, job: SceneBatch | FolderBatch):
+        """Main thread: a scene batch's segmentations (one per volume; one undo step), and for either batch the
+        summary table node (scan, labels found, mL per label, check). Also after Cancel: the finished scans."""
+        return self._batch.finish(job)
 
     # ---- undo (undo.py) ---------------------------------------------------------------------
     def canUndo(self) -> bool:
@@ -278,11 +305,13 @@ class SegmentationLogic:
         self._encodings.forget(node.GetID() if node is not None else None)
 
     def _onSceneClosed(self, scene, event) -> None:
-        """A closed scene leaves nothing behind: cache, undo record and observer bookkeeping go."""
+        """A closed scene leaves nothing behind: cache, undo record and observer bookkeeping go; a scene batch
+        started before it writes nothing."""
         self.clearCache()
         self._observers.forget()
         self._undo.clear()
         self._apply.last = None
+        self._batch.closed()
 
     def cleanup(self) -> None:
         """Remove every observer the logic holds (scene ones included) and release the cache and models; call when

@@ -212,8 +212,9 @@ def new_segmentation(scene, name: str):
 
 
 def remove_node(scene, node) -> None:
-    """Remove a node with its display and storage nodes."""
-    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    """Remove a node with its display and storage nodes (a table node has no display nodes)."""
+    displayed = node.IsA("vtkMRMLDisplayableNode")
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes() if displayed else 0)]
     helpers.append(node.GetStorageNode())
     scene.RemoveNode(node)
     for helper in helpers:  # Slicer may have removed them with the node
