@@ -18,7 +18,7 @@ def test_no_array_view_of_a_temporary_image():
     for path in sorted(REPO.glob("**/*.py")):
         if ".venv" in path.parts:
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "GetArrayViewFromImage"
                     and not all(_rooted_in_a_name(arg) for arg in node.args)):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")

@@ -245,15 +245,15 @@ def test_atomic_path_keeps_the_suffixes_and_removes_its_temporary_on_failure(tmp
             assert PARTIAL.match(temporary.name)
             temporary.write_text("half")
             raise ValueError("the writer failed")
-    assert target.read_text() == "old" and _partials(tmp_path) == []
+    assert target.read_text(encoding="utf-8") == "old" and _partials(tmp_path) == []
     with atomic_path(target) as temporary:
         temporary.write_text("new")
-    assert target.read_text() == "new" and _partials(tmp_path) == []
+    assert target.read_text(encoding="utf-8") == "new" and _partials(tmp_path) == []
     link = tmp_path / "link.csv"
     link.symlink_to(target)
     with atomic_path(link) as temporary:
         temporary.write_text("through the link")
-    assert link.is_symlink() and target.read_text() == "through the link"
+    assert link.is_symlink() and target.read_text(encoding="utf-8") == "through the link"
 
 
 def test_leftovers_of_dead_processes_are_removed_and_those_of_live_ones_kept(tmp_path):

@@ -480,7 +480,7 @@ def test_a_valid_scan_and_a_valid_mask_are_segmented(bench, colin27, tmp_path, c
     out, err = capsys.readouterr()
     assert code == 0, err
     assert (tmp_path / "ok.seg.nrrd").is_file() and "segmented 3 of 3 labels" in out
-    assert "painted" in (tmp_path / "ok.csv").read_text()
+    assert "painted" in (tmp_path / "ok.csv").read_text(encoding="utf-8")
 
 
 def test_complete_files_of_every_format_read_exactly(bench, tmp_path):
@@ -594,4 +594,4 @@ def test_demo_data_keeps_identical_files_and_refuses_to_replace_others(tmp_path)
     (folder / "labels.csv").write_text("value,name,r,g,b\n1,mine,1,2,3\n")
     with pytest.raises(LCSError, match="labels.csv exists and is not the Colin27/AAL file"):
         write_colin27_aal(folder)
-    assert (folder / "labels.csv").read_text().startswith("value,name,r,g,b\n1,mine")
+    assert (folder / "labels.csv").read_text(encoding="utf-8").startswith("value,name,r,g,b\n1,mine")

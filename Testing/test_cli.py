@@ -234,7 +234,7 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
 
 def test_messages_name_the_right_package_command_and_provenance(tiny_checkpoint, subject, tmp_path, capsys):
     import tomllib
-    distribution = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["name"]
+    distribution = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["name"]
     no_monai = ("import sys; sys.modules['monai'] = None; from LabelConditionedSegLib.cli import main; "
                 "sys.exit(main(['evaluate', '--subjects', '1']))")
     result = subprocess.run([sys.executable, "-c", no_monai], capture_output=True, text=True, cwd=tmp_path)

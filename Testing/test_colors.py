@@ -2,6 +2,7 @@
 import colorsys
 import csv
 import itertools
+import locale
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from matplotlib.image import imread
 from PIL import Image
 
 from LabelConditionedSegLib.engine import Condition
+from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.labels import (CROWD_LABELS, MIN_CHROMA, MIN_DISTANCE, MIN_LUMINANCE, NEAR_DISTANCE,
                                            PARTNER_LUMINANCE, Label, LabelTable, partners, side)
 from LabelConditionedSegLib.outputs import (OVERLAY_VIEWS, _lps_arrays, _slices_with_most_labels, _view, legend_entries,
@@ -265,3 +267,21 @@ def test_slice_positions_are_the_files_own_voxel_and_ras_mm(variant):
         assert text.startswith(f"voxel {letters[name]} = {voxel[along]}, {'RAS'[world]} = "), (text, variant)
         if variant != "oblique":  # a tilted slice's RAS position changes across it; the title gives its centre's
             assert text.endswith(f" = {ras[world]:.1f} mm (RAS)"), (text, variant)
+
+
+def test_label_tables_are_utf8_whatever_the_locale_and_other_encodings_are_refused_in_one_line(tmp_path):
+    """Slicer may run Python with the C locale (ASCII by default): names beyond ASCII still read and write as UTF-8,
+    and a table saved in another encoding is refused with what to do."""
+    table = LabelTable([Label(1, "Hippokampus_links_ä", (200, 40, 40)), Label(2, "Amígdala_R", (40, 200, 40))])
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")  # what VTK leaves in Slicer's process
+    try:
+        table.write_csv(tmp_path / "labels.csv")
+        names = [l.name for l in LabelTable.read_csv(tmp_path / "labels.csv")]
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
+    assert "Hippokampus_links_ä" in (tmp_path / "labels.csv").read_bytes().decode("utf-8")
+    assert names == ["Hippokampus_links_ä", "Amígdala_R"]
+    (tmp_path / "latin1.csv").write_bytes("value,name,r,g,b\n1,Amígdala_R,40,200,40\n".encode("latin-1"))
+    with pytest.raises(LCSError, match="is not UTF-8 text; save it as UTF-8"):
+        LabelTable.read_csv(tmp_path / "latin1.csv")

@@ -27,7 +27,7 @@ def test_baseline_k_trains_both_models_and_pairs_their_dice(colin27, tmp_path, c
         methods = {m["method"] for m in read_rows(folder / f"k{k}/heldout_metrics.csv")}
         assert {"lcs", "baseline", "affine propagation"} <= methods
     assert (folder / "baseline_k.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| K | lcs_dice |" in (folder / "baseline_k.md").read_text() and "| K | lcs_dice |" in capsys.readouterr().out
+    assert "| K | lcs_dice |" in (folder / "baseline_k.md").read_text(encoding="utf-8") and "| K | lcs_dice |" in capsys.readouterr().out
 
 
 def test_memory_measures_both_methods_in_both_phases(colin27, tmp_path):

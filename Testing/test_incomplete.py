@@ -160,8 +160,8 @@ def test_relabel_adds_true_positives_in_new_files(colin27, tiny_checkpoint, tmp_
         original = sitk.GetArrayFromImage(sitk.ReadImage(str(data / f"labels/{name}.nii.gz")))
         added = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"round2/labels/{name}.nii.gz")))
         assert np.array_equal(added[original > 0], original[original > 0])  # nothing drawn was changed
-    assert (out / "round2/annotated/subject0.txt").read_text() == (data / "annotated/subject0.txt").read_text()
-    assert set((out / "round2/annotated/subject1.txt").read_text().split()) == held
+    assert (out / "round2/annotated/subject0.txt").read_text(encoding="utf-8") == (data / "annotated/subject0.txt").read_text(encoding="utf-8")
+    assert set((out / "round2/annotated/subject1.txt").read_text(encoding="utf-8").split()) == held
     assert Checkpoint.load(out / "round2/model/best.lcs").provenance["name"].endswith("relabeled round 2")
     assert all(0 < float(r["validation_dice"]) <= 1 for r in rounds.values())  # to compare with the model given
     assert main(["relabel", str(data), "--checkpoint", str(tiny_checkpoint), "-o", str(data / "inside")]) == 2
@@ -194,9 +194,9 @@ def test_relabel_experiment_scores_each_round_against_training_as_long_without_i
     assert (tmp_path / "relabel/relabel.png").read_bytes()[:4] == b"\x89PNG"
     # the cohort keeps the other atlas labels, which the 4-label model does not know: relabeling keeps them declared
     for name in ("colin27", "subject0", "subject1"):
-        given = set((tmp_path / f"relabel/partial-data/annotated/{name}.txt").read_text().split())
+        given = set((tmp_path / f"relabel/partial-data/annotated/{name}.txt").read_text(encoding="utf-8").split())
         assert "Precentral_L" in given
-        assert set((tmp_path / f"relabel/relabel/round3/annotated/{name}.txt").read_text().split()) == given
+        assert set((tmp_path / f"relabel/relabel/round3/annotated/{name}.txt").read_text(encoding="utf-8").split()) == given
 
 
 def read_rows(path):

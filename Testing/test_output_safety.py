@@ -118,7 +118,7 @@ def test_a_scan_another_live_run_holds_is_left_to_it_and_a_dead_run_s_lock_is_ta
         code, stdout, err = lcs(*common)
         assert code == 2 and "s61: failed: another run is segmenting it" in stdout, (stdout, err)
         assert (out / "s62.seg.nrrd").is_file() and not (out / "s61.seg.nrrd").exists()
-        assert (out / ".s61.lock").read_text() == f"{socket.gethostname()} {holder.pid}"  # still the other run's
+        assert (out / ".s61.lock").read_text(encoding="utf-8") == f"{socket.gethostname()} {holder.pid}"  # still the other run's
     finally:
         holder.kill()
         holder.wait()
@@ -134,10 +134,10 @@ def test_a_file_that_appears_meanwhile_is_never_replaced_and_the_loser_removes_i
             write_text("mine", first)
             second.write_text("the other run's")  # another run placed it after this one checked its outputs
             write_text("mine", second)
-    assert second.read_text() == "the other run's" and not first.exists() and not list(tmp_path.glob(".*"))
+    assert second.read_text(encoding="utf-8") == "the other run's" and not first.exists() and not list(tmp_path.glob(".*"))
     write_text("old", first)
     write_text("new", first)  # outside the block files are replaced, as --overwrite asks
-    assert first.read_text() == "new"
+    assert first.read_text(encoding="utf-8") == "new"
 
 
 @pytest.mark.slow

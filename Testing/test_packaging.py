@@ -102,5 +102,5 @@ def test_installed_package_ships_the_workflow(installed, tmp_path):
     snakefile = Path(run([*command, "--print-path"], cwd=tmp_path, env=environment(installed)).strip())
     assert snakefile == (installed / "LabelConditionedSegLib" / "workflow" / "Snakefile").resolve()
     run([*command, "-o", tmp_path / "mine"], cwd=tmp_path, env=environment(installed))
-    assert "input: null" in (tmp_path / "mine" / "config.yaml").read_text()
-    assert "executor: slurm" in (tmp_path / "mine" / "slurm" / "config.yaml").read_text()
+    assert "input: null" in (tmp_path / "mine" / "config.yaml").read_text(encoding="utf-8")
+    assert "executor: slurm" in (tmp_path / "mine" / "slurm" / "config.yaml").read_text(encoding="utf-8")

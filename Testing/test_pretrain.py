@@ -170,7 +170,7 @@ def test_pretrain_writes_an_encoder_that_an_lcs_net_loads(pretrained):
     assert "Hippocampus_L:Hippocampus_R" in provenance["pairs"] and 0 <= provenance["proxy_accuracy"] <= 1
     assert provenance["settings"]["crop"] == 16 and provenance["settings"]["lr"] == 1e-3
 
-    rows = (pretrained.parent / "encoder_history.csv").read_text().splitlines()
+    rows = (pretrained.parent / "encoder_history.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == ",".join(HISTORY) and len(rows) == 7
     measured = [r.split(",")[0] for r in rows[1:] if r.split(",")[5]]
     assert measured == ["3", "6"]  # the validation pairs scored every 3 steps

@@ -412,7 +412,7 @@ def test_export_of_a_scan_without_segments_writes_an_unlabelled_case(scene, scan
         assert labels.GetSize() == scan.GetSize() and not sitk.GetArrayViewFromImage(labels).any()
         assert np.allclose(labels.GetOrigin(), scan.GetOrigin()) and np.allclose(labels.GetSpacing(), scan.GetSpacing())
         assert np.allclose(labels.GetDirection(), scan.GetDirection(), atol=1e-6)
-        assert (folder / "annotated" / f"{case}.txt").read_text() == ""
+        assert (folder / "annotated" / f"{case}.txt").read_text(encoding="utf-8") == ""
         assert "written unlabelled" in notes.pop()
     assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before
     assert [l.name for l in type(tiny.label_table).read_csv(folder / "labels.csv")] == [l.name for l in tiny.label_table]

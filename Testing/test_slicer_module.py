@@ -75,26 +75,26 @@ def cmake_list(text: str, variable: str) -> list[str]:
 
 
 def test_cmake_lists_every_python_file_and_resource():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     on_disk = sorted(str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts)
     assert sorted(scripts) == on_disk
     resources = cmake_list(text, "MODULE_PYTHON_RESOURCES")
     shipped = sorted(str(p.relative_to(ROOT / "Resources")) for p in (ROOT / "Resources").rglob("*") if p.is_file())
     assert sorted(resources) == shipped
-    used = re.findall(r'resource\("([^"]+)"\)', MODULE_FILE.read_text())
+    used = re.findall(r'resource\("([^"]+)"\)', MODULE_FILE.read_text(encoding="utf-8"))
     assert used and set(used) <= set(resources)
     assert "slicerMacroBuildScriptedModule" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
 
 def cmake_value(variable: str) -> str:
-    match = re.search(rf'set\({variable} "([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text())
+    match = re.search(rf'set\({variable} "([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
     assert match, f"{variable} is not set"
     return match.group(1)
 
 
 def module_tree() -> ast.Module:
-    return ast.parse(MODULE_FILE.read_text())
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
 
 
 def module_constant(name: str) -> str:
@@ -104,7 +104,7 @@ def module_constant(name: str) -> str:
 
 
 def test_extension_cmake_declares_the_extension():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for needed in ('EXTENSION_CATEGORY "Segmentation"', 'EXTENSION_DEPENDS "PyTorch"', "add_subdirectory(LabelConditionedSeg)",
                    "find_package(Slicer REQUIRED)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
                    "include(${Slicer_EXTENSION_CPACK})"):
@@ -137,7 +137,7 @@ def test_contributors_are_named_with_their_organization():
 def test_extensions_index_entry_matches_the_extension():
     """Written as ExtensionsIndex's PyTorch.json and TotalSegmentator.json are; its name is the project's (the index's
     check_cmakelists_content), its fields those of the catalog-entry schema v1.0.1, its repository the homepage."""
-    project = re.search(r"project\((\w+)\)", (ROOT / "CMakeLists.txt").read_text()).group(1)
+    project = re.search(r"project\((\w+)\)", (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")).group(1)
     path = ROOT / f"{project}.json"
     assert b"\r" not in path.read_bytes()  # the index refuses CR line endings
     entry = json.loads(path.read_text(encoding="utf-8"))
@@ -178,7 +178,7 @@ def parameter_name(widget: ET.Element) -> str | None:
 
 
 def test_every_widget_the_module_uses_exists_with_its_class():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used - set(EXPECTED_WIDGETS) == set(), "add the new widgets to EXPECTED_WIDGETS"
     widgets = ui_widgets()
     for name in used:
@@ -191,7 +191,7 @@ def test_every_widget_the_module_uses_exists_with_its_class():
 
 
 def parameter_fields() -> dict[str, ast.expr]:
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef)
               and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in n.decorator_list)]
     return {n.target.id: n for n in cls.body if isinstance(n, ast.AnnAssign)}
@@ -230,7 +230,7 @@ def test_every_parameter_node_field_has_a_fitting_widget():
 
 def test_the_module_loads_without_torch():
     """Only Slicer's own packages at import time: torch and the Lib come after the install offer."""
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     imported = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
@@ -313,12 +313,12 @@ def test_torch_is_installed_only_when_asked_and_never_in_a_test():
 
 def test_the_bundled_model_is_stored_by_name():
     """The parameter node's default names the bundled model as the logic does, not by a path on this machine."""
-    segmenters = ast.parse(SEGMENTERS_FILE.read_text())
+    segmenters = ast.parse(SEGMENTERS_FILE.read_text(encoding="utf-8"))
     (value,) = [n.value.value for n in segmenters.body if isinstance(n, ast.Assign)
                 and [getattr(t, "id", None) for t in n.targets] == ["BUNDLED_MODEL"]]
     assert module_constant("BUNDLED_MODEL") == value
     assert ast.unparse(parameter_fields()["checkpointPath"].value) == "Path(BUNDLED_MODEL)"
-    assert "demo.lcs" not in MODULE_FILE.read_text()
+    assert "demo.lcs" not in MODULE_FILE.read_text(encoding="utf-8")
 
 
 def test_every_choice_of_registration_is_explained():
@@ -334,7 +334,7 @@ def test_every_choice_of_registration_is_explained():
 
 def test_the_widget_calls_only_what_the_logic_has():
     """Every SegmentationLogic member the module uses (through `core`) is defined in logic.py."""
-    logic = ast.parse(LOGIC_FILE.read_text())
+    logic = ast.parse(LOGIC_FILE.read_text(encoding="utf-8"))
     (cls,) = [n for n in logic.body if isinstance(n, ast.ClassDef) and n.name == "SegmentationLogic"]
     members = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
     members |= {t.attr for n in ast.walk(cls) if isinstance(n, (ast.Assign, ast.AnnAssign))
@@ -361,7 +361,7 @@ def test_the_module_imports_only_what_the_lib_defines():
                and (n.module or "").startswith("LabelConditionedSegLib.")]
     assert imports
     for node in imports:
-        source = ast.parse((MODULE / (node.module.replace(".", "/") + ".py")).read_text())
+        source = ast.parse((MODULE / (node.module.replace(".", "/") + ".py")).read_text(encoding="utf-8"))
         defined = {n.name for n in source.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         defined |= {t.id for n in source.body if isinstance(n, (ast.Assign, ast.AnnAssign))
                     for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}

@@ -77,11 +77,11 @@ def test_12_the_second_click_of_a_double_click_neither_cancels_nor_reruns():
 
 
 def test_13_the_atlas_notice_ships_and_the_extension_names_its_own_licence():
-    notice = (ROOT / "Resources" / "Models" / "NOTICE.txt").read_text()
+    notice = (ROOT / "Resources" / "Models" / "NOTICE.txt").read_text(encoding="utf-8")
     assert "Copyright 2006-2010, Chris Rorden" in notice and "Redistributions in binary form must reproduce" in notice
-    assert "Models/NOTICE.txt" in cmake_list((MODULE / "CMakeLists.txt").read_text(), "MODULE_PYTHON_RESOURCES")
-    assert '"NOTICE.txt"' in (ROOT / "pyproject.toml").read_text()  # the wheel carries the demo model too
-    text = (ROOT / "CMakeLists.txt").read_text()
+    assert "Models/NOTICE.txt" in cmake_list((MODULE / "CMakeLists.txt").read_text(encoding="utf-8"), "MODULE_PYTHON_RESOURCES")
+    assert '"NOTICE.txt"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")  # the wheel carries the demo model too
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     # UseSlicer.cmake gives an extension Slicer's own licence file when EXTENSION_LICENSE_FILE is unset
     assert "set(EXTENSION_LICENSE_FILE ${CMAKE_CURRENT_SOURCE_DIR}/LICENSE)" in text
     assert text.index("EXTENSION_LICENSE_FILE") < text.index("include(${Slicer_USE_FILE})")
@@ -93,7 +93,7 @@ def test_13_the_panel_picture_shows_a_state_the_code_reaches():
     run = source("runInBackground")
     turned_off = re.search(r"for other in \((.*?)\):", run, re.S).group(1)
     assert {"self.ui.applyButton", "self.ui.proposeButton", "self.ui.undoButton"} <= set(re.split(r",\s*", turned_off))
-    draw = (ROOT / "docs" / "draw_panel.py").read_text()
+    draw = (ROOT / "docs" / "draw_panel.py").read_text(encoding="utf-8")
     assert re.search(r'for name in \("proposeButton", "undoButton"\):\n\s+find\(name\)\.setEnabled\(False\)', draw)
     assert 'find("applyButton").setText("Cancel")' in draw
 
@@ -102,6 +102,6 @@ def test_14_the_installed_torch_version_is_checked_before_torch_is_imported():
     problem = ast.unparse([n for n in module_tree().body if isinstance(n, ast.FunctionDef) and n.name == "torchProblem"][0])
     assert "installed_torch_problem()" in problem
     assert problem.index("installed_torch_problem()") < problem.index("import torch")
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "Intel" in readme[readme.index("**Which PyTorch.**"):readme.index("## Command line")]
     assert "2.2.2" in readme[readme.index("## In 3D Slicer"):readme.index("### Picking labels")]

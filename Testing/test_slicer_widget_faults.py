@@ -66,6 +66,6 @@ def test_the_torch_version_check(version, ok):
 
 
 def test_the_version_check_agrees_with_pyproject_and_passes_the_installed_torch():
-    (pinned,) = re.findall(r'"torch>=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    (pinned,) = re.findall(r'"torch>=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert tuple(map(int, pinned)) == MINIMUM
     assert installed_torch_problem() == "" and not torch_version_problem(torch.__version__)

@@ -41,7 +41,7 @@ def test_the_tiny_recipe_learns_the_labels(trained_now):
     trained = Checkpoint.load(trained_now)
     assert trained.provenance["validation_dice"] > 0.45
     assert min(trained.provenance["validation_dice_per_label"].values()) > 0.25
-    rows = (trained_now.parent / "history.csv").read_text().splitlines()
+    rows = (trained_now.parent / "history.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "step,seconds,loss,val_dice,val_affine,val_deformable" and len(rows) == 241
     first, last = [np.mean([float(r.split(",")[2]) for r in chunk]) for chunk in (rows[1:41], rows[-40:])]
     assert last < first - 0.2  # the soft-Dice loss fell
@@ -157,7 +157,7 @@ def test_cases_in_other_geometry_are_registered_and_know_their_labels(colin27, t
         os.symlink(colin27 / sub / "colin27.nii.gz", tmp_path / sub / "colin27.nii.gz")
     (tmp_path / "masks").mkdir()
     os.symlink(colin27 / "masks/colin27.nii.gz", tmp_path / "masks/colin27.nii.gz")
-    (tmp_path / "labels.csv").write_text((colin27 / "labels.csv").read_text())
+    (tmp_path / "labels.csv").write_text((colin27 / "labels.csv").read_text(encoding="utf-8"))
     image, labels = heldout_subject(colin27, seed=8)
     labels = sitk.Mask(labels, labels != 3)  # this case does not annotate Frontal_Sup_L
     sitk.WriteImage(image, str(tmp_path / "images/subject.nrrd"))
@@ -178,7 +178,7 @@ def test_resume_continues_from_the_last_step(colin27, tmp_path):
     train(TrainSettings(steps=2, **settings))
     train(TrainSettings(steps=4, resume=True, **settings))
     assert Checkpoint.load(tmp_path / "last.lcs").provenance["iterations"] == 4
-    assert len((tmp_path / "history.csv").read_text().splitlines()) == 5
+    assert len((tmp_path / "history.csv").read_text(encoding="utf-8").splitlines()) == 5
 
 
 TINY_RUN = ["--spacing", "8", "--depth", "2", "--base-channels", "4", "--labels", "Frontal_Sup_L,Frontal_Sup_R",
@@ -195,7 +195,7 @@ def _files(folder):
 
 
 def _history_steps(folder):
-    return [int(row.split(",")[0]) for row in (folder / "history.csv").read_text().splitlines()[1:]]
+    return [int(row.split(",")[0]) for row in (folder / "history.csv").read_text(encoding="utf-8").splitlines()[1:]]
 
 
 def test_a_folder_holding_a_run_is_refused_unless_overwritten(colin27, tmp_path):

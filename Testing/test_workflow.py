@@ -86,13 +86,13 @@ def test_lcs_workflow_prints_the_snakefile_and_writes_templates_it_never_overwri
     assert code == 0 and Path(stdout.strip()) == SNAKEFILE and SNAKEFILE.is_file()
     code, stdout, _ = lcs("workflow", "-o", tmp_path)
     assert code == 0 and f"--profile {tmp_path / 'slurm'}" in stdout
-    assert (tmp_path / "config.yaml").read_text() == (WORKFLOW / "config.yaml").read_text()
-    assert (tmp_path / "slurm/config.yaml").read_text() == (WORKFLOW / "slurm/config.yaml").read_text()
+    assert (tmp_path / "config.yaml").read_text(encoding="utf-8") == (WORKFLOW / "config.yaml").read_text(encoding="utf-8")
+    assert (tmp_path / "slurm/config.yaml").read_text(encoding="utf-8") == (WORKFLOW / "slurm/config.yaml").read_text(encoding="utf-8")
     (tmp_path / "config.yaml").write_text("input: my-scans/\n")  # the user's edits
     code, _, stderr = lcs("workflow", "-o", tmp_path)
     assert code == 2 and stderr.strip() == f"lcs: error: {tmp_path / 'config.yaml'} already exists; edit it, or give " \
                                           "-o another folder"
-    assert (tmp_path / "config.yaml").read_text() == "input: my-scans/\n"
+    assert (tmp_path / "config.yaml").read_text(encoding="utf-8") == "input: my-scans/\n"
 
 
 def test_a_dry_run_lists_a_job_per_bids_scan_with_memory_from_its_header(bids, tmp_path):
@@ -158,7 +158,7 @@ def test_a_failing_scan_fails_its_job_and_the_others_finish(first_run):
     for name in ("s1", "s2", "s3", "s4"):
         assert (out / f"{name}.seg.nrrd").is_file() and (out / f"{name}_labels.nii.gz").is_file()
         assert [row["name"] for row in table(out / f"{name}_volumes.csv")] == LABELS.split(",")
-    assert (out / "logs/broken.log").read_text().startswith("lcs: error: cannot read ")
+    assert (out / "logs/broken.log").read_text(encoding="utf-8").startswith("lcs: error: cannot read ")
     assert not list(out.glob("broken*")) and not (out / "volumes.csv").exists()  # the table waits for every scan
 
 
@@ -181,7 +181,7 @@ def test_the_workflow_writes_the_volumes_table_of_one_lcs_segment_call(first_run
                              tmp_path, "--checkpoint", tiny_checkpoint, "--labels", LABELS, "--labelmap", "--quiet"],
                             capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=600)
     assert cohort.returncode == 0, cohort.stderr
-    assert (folder / "out/volumes.csv").read_text() == (tmp_path / "volumes.csv").read_text()
+    assert (folder / "out/volumes.csv").read_text(encoding="utf-8") == (tmp_path / "volumes.csv").read_text(encoding="utf-8")
     assert len(table(tmp_path / "volumes.csv")) == 8
     for name in ("s1", "s2", "s3", "s4"):
         ours, theirs = (sitk.GetArrayFromImage(sitk.ReadImage(str(f / f"{name}_labels.nii.gz")))

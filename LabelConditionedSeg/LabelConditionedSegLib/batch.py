@@ -118,7 +118,7 @@ class FolderBatch:
 
 def _read_outcome(out: Path, name: str) -> Outcome:
     """A written scan's row, from its OUT/<name>_volumes.csv (so a scan done by an earlier run is listed too)."""
-    with open(out / f"{name}{EXTRAS['volumes_csv']}", newline="") as f:
+    with open(out / f"{name}{EXTRAS['volumes_csv']}", newline="", encoding="utf-8") as f:
         rows = [{**row, "voxels": int(row["voxels"]), "volume_ml": float(row["volume_ml"]),
                  "atlas_ml": float(row["atlas_ml"])} for row in csv.DictReader(f)]
     # Each row's flag is the registration check and the row's own volume flag, joined by "; " (pipeline.volumes).

@@ -411,7 +411,7 @@ def workflow(args: argparse.Namespace) -> None:
         check_writable(path, path.parent)
     for path, template in copies.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(template.read_text(), path)
+        write_text(template.read_text(encoding="utf-8"), path)
     config, profile = (shlex.quote(str(path)) for path in copies)
     print(f"wrote {', '.join(map(str, copies))}; set input and output in {config}, then run (pip install snakemake "
           f"first, or the project's 'workflow' extra):\n"

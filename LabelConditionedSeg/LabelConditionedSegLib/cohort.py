@@ -122,7 +122,7 @@ def write_table(folder: Path, scans: Sequence[Scan]) -> int:
     for scan in scans:
         own = folder / f"{scan.name}{EXTRAS['volumes_csv']}"
         if own.is_file():
-            with open(own, newline="") as f:
+            with open(own, newline="", encoding="utf-8") as f:
                 for row in csv.DictReader(f):
                     writer.writerow({"scan": scan.name, **row})
                     rows += 1

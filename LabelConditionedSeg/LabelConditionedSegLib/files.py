@@ -130,12 +130,12 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> N
 
 def write_text(text: str, path: str | Path) -> None:
     with atomic_path(path) as temporary:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8")
 
 
 def write_csv(rows: Iterable[dict], path: str | Path, fieldnames: Sequence[str]) -> None:
     """A CSV with a header line, atomically."""
-    with atomic_path(path) as temporary, open(temporary, "w", newline="") as f:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(fieldnames))
         writer.writeheader()
         writer.writerows(rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import colorsys
 import csv
 import difflib
+import io
 import itertools
 import re
 from dataclasses import dataclass, replace
@@ -199,17 +200,20 @@ class LabelTable:
     def read_csv(cls, path: str | Path) -> "LabelTable":
         """CSV with a header: value,name,r,g,b[,code]."""
         try:
-            with open(path, newline="") as f:
-                return cls.from_rows(csv.DictReader(f))
+            with open(path, newline="", encoding="utf-8") as f:
+                text = f.read()
         except OSError as error:
             raise LCSError(f"cannot read label table {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise LCSError(f"label table {path} is not UTF-8 text; save it as UTF-8 (CSV UTF-8 in a spreadsheet)") from None
+        return cls.from_rows(csv.DictReader(io.StringIO(text, newline="")))
 
     @classmethod
     def from_mricron(cls, names_txt: str | Path, lut: str | Path) -> "LabelTable":
         """MRIcron's atlas files: '<value> <name> ...' lines and a 768-byte RRR..GGG..BBB palette."""
         palette = Path(lut).read_bytes()
         labels = []
-        for line in Path(names_txt).read_text().splitlines():
+        for line in Path(names_txt).read_text(encoding="utf-8").splitlines():
             fields = line.split()
             if len(fields) >= 2 and fields[0].isdigit() and int(fields[0]) > 0:
                 v = int(fields[0])

@@ -38,5 +38,5 @@ def read_annotated(folder: Path, name: str, table: LabelTable) -> list[int] | No
     path = folder / "annotated" / f"{name}.txt"
     if not path.exists():
         return None
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return sorted({table.resolve(line).value for line in lines})
