@@ -14,7 +14,7 @@ KEEP ?= best
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[train,demo,test,workflow]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[train,demo,test,workflow,evaluate]"
 	touch $@
 
 env: $(VENV)/.installed
