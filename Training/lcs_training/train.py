@@ -456,15 +456,14 @@ def train(s: TrainSettings) -> Path:
     torch.manual_seed(s.seed + rank)
 
     table_path = s.data / "labels.csv"
-    table = LabelTable.read_csv(table_path)
+    full_table = LabelTable.read_csv(table_path)  # also names the deep grey structures of the tissue classes
     atlas = load_atlas(s.data, s.atlas, s.spacing, s.model.factor)
-    table = LabelTable([l for l in table if l.value in set(atlas.present)])
+    table = LabelTable([l for l in full_table if l.value in set(atlas.present)])
     if s.labels:
         table = LabelTable(table.resolve(x) for x in s.labels)
     cases = load_cases(s.data, atlas)
     unlabelled = [c for c in cases if c.unlabelled] + (load_unlabelled(s.unlabelled, atlas) if s.unlabelled else [])
     cases = [c for c in cases if not c.unlabelled]
-    full_table = LabelTable.read_csv(table_path)  # the deep grey structures the tissue classes name, trained or not
     tissues = [tissue_classes(c.image, c.mask, c.labels, full_table) if s.contrast_share > 0 and c.mask is not None
                else None for c in cases]
     atlas_image = normalized(atlas.image, atlas.mask)
