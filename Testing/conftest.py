@@ -77,5 +77,20 @@ def heldout_subject(colin27: Path, seed: int, strength: float = 0.6, grid: str =
                                                         skull_strip_probability=0, fov_cut_probability=0)
 
 
+def contrast_subject(colin27: Path, contrast: str, index: int = 0):
+    """(image, truth): Colin27 painted as `contrast` (lcs_training.contrasts: "pd", "t2", "flair") and made a subject
+    by the training generator with validation seed [7, 20000 + index], as the diagnostics in docs/results.md were."""
+    from lcs_training.contrasts import contrast_heads
+    heads, labels, mask = contrast_heads(colin27, "colin27", [contrast])
+    rng = np.random.default_rng([7, 20_000 + index])
+    head = heads[contrast]
+    return SubjectGenerator(head, labels, mask).sample(rng, Strength(), grid=random_grid(head, rng, spacing_range=(1.5, 2.5)))
+
+
+def mean_label_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Mean Dice over the labels `truth` holds."""
+    return float(np.mean([dice(prediction == v, truth == v) for v in np.unique(truth) if v]))
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))

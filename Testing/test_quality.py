@@ -13,12 +13,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from LabelConditionedSegLib.checkpoint import Checkpoint
+from LabelConditionedSegLib.checkpoint import Checkpoint, default_checkpoint
 from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.model import LCSNet
+from LabelConditionedSegLib.pipeline import Segmenter
 from LabelConditionedSegLib.quality import PLAUSIBLE, alignment, flag, volume_scale
 
-from conftest import heldout_subject
+from conftest import contrast_subject, heldout_subject
 
 
 def lcs(*args) -> tuple[int, str, str]:
@@ -131,3 +132,25 @@ def test_a_head_upside_down_a_phantom_and_a_deformable_prior_gone_astray_are_fla
         assert code == 0, err
         assert f"CHECK FAILED: {words}" in out and f"lcs: warning: {name}.nii.gz: {words}" in err, (name, out, err)
         assert all(r["flag"].startswith(words) for r in rows(tmp_path / f"{name}.csv"))
+
+
+@pytest.mark.slow
+def test_the_check_reads_any_contrast_and_flags_a_ball_of_noise_and_a_slab(colin27):
+    """On the demo model's 2 mm atlas, where its thresholds were set. A PD head registered right reads as a head
+    (mutual information inside the brain alone flagged it: 1.009 against the old limit 1.015); a ball of noise placed
+    over the head matches its outline but has no edges where the atlas has them; a 12-slice slab holds a seventh of
+    the brain."""
+    segmenter = Segmenter(Checkpoint.load(default_checkpoint()), "cpu")
+    head = sitk.ReadImage(str(colin27 / "images/colin27.nii.gz"))
+    zz, yy, xx = np.mgrid[:120, :120, :120]
+    ball = (((zz - 60) ** 2 + (yy - 60) ** 2 + (xx - 60) ** 2 < 50 ** 2) * 100.0
+            + np.random.default_rng(0).normal(0, 5, (120,) * 3))
+    phantom = sitk.GetImageFromArray(ball.astype(np.float32))
+    phantom.SetSpacing([1.5] * 3)
+    depth = head.GetDepth()
+    pd = segmenter.prepare(contrast_subject(colin27, "pd")[0])
+    assert pd.check == "", pd.match
+    ball = segmenter.prepare(phantom)
+    assert ball.check.startswith("the scan does not match the atlas") and ball.match.edges < 0.09, ball.match
+    slab = segmenter.prepare(head[:, :, depth // 2 - 6: depth // 2 + 6])
+    assert slab.check.startswith("the scan holds only 1") and "of the atlas's brain" in slab.check, slab.match

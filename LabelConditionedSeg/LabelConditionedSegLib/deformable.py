@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from .engine import Condition
 from .errors import Cancelled
-from .geometry import Box
+from .geometry import Box, on_grid
 
 # (shrink factor of the model grid, demons iterations), coarse to fine. Chosen on the 3 validation subjects of the demo
 # recipe (docs/results.md): the coarse levels are cheap and carry the large deformations; 40/40/10 at 1.5 voxels was 0.73.
@@ -116,16 +116,10 @@ def in_scan_contrast(atlas: np.ndarray, regions: np.ndarray, scan: np.ndarray, g
         transform = sitk.DisplacementFieldTransform(
             sitk.Resample(field, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64))
         seen_atlas, seen_regions = (sitk.GetArrayFromImage(sitk.Resample(
-            _on(a, grid), grid, transform, interpolator, 0.0)) for a, interpolator in
+            on_grid(a, grid), grid, transform, interpolator, 0.0)) for a, interpolator in
             ((atlas, sitk.sitkLinear), (regions.astype(np.float32), sitk.sitkNearestNeighbor)))
     table = contrast_table(seen_atlas, scan, seen_regions.astype(np.int64))
-    return _on(table.ravel()[_bins(atlas) + BINS * regions], grid)
-
-
-def _on(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-    image.CopyInformation(grid)
-    return image
+    return on_grid(table.ravel()[_bins(atlas) + BINS * regions], grid)
 
 
 def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Image,
@@ -136,7 +130,7 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
     skull-stripped scan. So when `atlas_mask` (the atlas's brain) is given and the scan is skull-stripped, the atlas is
     stripped with it before it is matched and registered; the network still gets the whole atlas, warped.
     `cancel` is polled every demons iteration (a few tens of milliseconds); when it returns True, Cancelled is raised."""
-    fixed, atlas = _on(image, grid), _on(atlas_image, grid)
+    fixed, atlas = on_grid(image, grid), on_grid(atlas_image, grid)
     source = atlas_image
     if atlas_mask is not None and skull_stripped(image, atlas_image, atlas_mask, grid):
         source = np.where(atlas_mask, atlas_image, 0)

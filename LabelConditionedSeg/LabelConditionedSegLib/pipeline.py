@@ -18,8 +18,9 @@ from .deformable import Prior, deformable_prior
 from .engine import Condition, Encoded, Engine, Progress
 from .errors import LCSError
 from .labels import Label, distinct_colors
-from .quality import LOW_VALIDATION_DICE, alignment, flag, registration_check, volume_scale
-from .geometry import Box, box_to_input, labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid
+from .quality import LOW_VALIDATION_DICE, Match, alignment, edges, flag, volume_scale
+from .geometry import (Box, box_to_input, labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid,
+                       with_margin)
 from .volume import check_extent, check_volume
 
 
@@ -32,7 +33,8 @@ class Prepared:
     model_image: np.ndarray  # normalized, on the model grid (z, y, x)
     encoded: Encoded
     prior: Prior | None = None  # the atlas warped onto this volume (registration "deformable")
-    check: str = ""  # what looks wrong with the registration (quality.registration_check), '' when nothing does
+    check: str = ""  # what looks wrong with the registration (quality.Match.problem), '' when nothing does
+    match: Match | None = None  # the measures the check read
 
     def conditions(self, conditions: Sequence[Condition]) -> list[Condition]:
         """The conditions as this volume is decoded with them: warped onto it under a deformable prior."""
@@ -134,9 +136,22 @@ class Segmenter:
             prior = deformable_prior(model_image, atlas, self.checkpoint.atlas_image, cancel, atlas_mask=brain)
         step(0.5, f"encoding on {self.device}")
         encoded = self.engine.encode(model_image, None if prior is None else prior.atlas_image)
-        check = registration_check(alignment(model_image, atlas, brain),
-                                   None if prior is None else alignment(model_image, prior.atlas_image, brain))
-        return Prepared(image, transform, model_image, encoded, prior, check)
+        match = self.match(image, transform, model_image, prior)
+        return Prepared(image, transform, model_image, encoded, prior, match.problem(), match)
+
+    def match(self, image: sitk.Image, transform: sitk.Transform, model_image: np.ndarray,
+              prior: Prior | None = None) -> Match:
+        """How the registered scan matches the atlas (quality.Match): what the check of every run reads."""
+        grid = self.checkpoint.atlas_image
+        atlas = sitk.GetArrayViewFromImage(grid)
+        brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
+        around = sitk.GetArrayFromImage(with_margin(self.checkpoint.atlas_mask)) > 0
+        shown = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+        shown.CopyInformation(image)
+        inside = sitk.GetArrayFromImage(sitk.Resample(shown, grid, transform, sitk.sitkNearestNeighbor, 0)) > 0  # its field of view
+        return Match(coverage=float((inside & brain).sum() / max(brain.sum(), 1)),
+                     alignment=alignment(model_image, atlas, around), edges=edges(model_image, atlas, brain & inside, grid),
+                     deformable=None if prior is None else alignment(model_image, prior.atlas_image, around))
 
     def conditions(self, labels: Sequence[str | int] = (), masks: Sequence[tuple] = ()) -> list[Condition]:
         """Atlas labels by name or value ('A+B' for a union) and masks drawn on the atlas, as conditions.

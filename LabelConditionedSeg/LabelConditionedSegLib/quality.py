@@ -2,29 +2,65 @@
 
 A scan the model cannot handle (a failed registration, not a head, a deformable prior gone astray on a contrast or a
 skull strip the atlas lacks, a barely trained model) is flagged, and the run says so instead of a clean "segmented N
-of N". Two measures, thresholds set on validation subjects (docs/results.md, "Plausibility check"):
-- alignment: normalized mutual information of the registered scan and the atlas inside the atlas's brain mask, after
-  the affine step and, in deformable mode, with the warped atlas (which must not match worse than the affine one);
+of N". Thresholds set on validation subjects of every contrast (docs/results.md, "Plausibility check"):
+- coverage: the share of the atlas's brain the scan's field of view holds after registration;
+- alignment: normalized mutual information of the registered scan and the atlas over the brain and the head around
+  it (geometry.with_margin), after the affine step and, in deformable mode, with the warped atlas (which must not
+  match worse than the affine one);
+- edges: whether the scan's edges inside the brain lie where the atlas's do (normalized gradient fields);
 - each label's volume against its atlas region's, scaled by the registration's change of volume.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+
+from .geometry import on_grid
 
 
 # Found volume / expected volume beyond which a label is implausible. On validation subjects (Colin27 under the
 # training generator's warps, other seeds and grids; the demo model, all 116 labels) the ratios spanned 0.83-1.08
 # (3 subjects, affine) and 0.57-1.68 (2 subjects, deformable); the limits leave a factor of about 3 beyond them.
 PLAUSIBLE = (0.2, 5.0)
-# Alignment (normalized mutual information, 1 = unrelated) below which the affine registration failed. Validation
-# subjects (the training generator, 6 seeds at 1x and 6 at 1.5x its deformation; noise, bias, blur, skull strip)
-# scored 1.019-1.044; heads turned upside down or front to back under --registration none, a cylinder of noise and a
-# 12-slice slab 1.004-1.013: the limit lies between. A thin margin: see docs/results.md, "Plausibility check".
-MIN_ALIGNMENT = 1.015
+# Alignment (normalized mutual information over the brain and 8 mm around it, 1 = unrelated) below which the affine
+# registration failed. Validation heads in T1, T2, PD and FLAIR (the training generator, 1x and 1.5x its
+# deformation) scored 1.034-1.069; heads turned upside down or front to back under --registration none, a cylinder
+# of noise, a 12-slice slab and PD heads whose affine step drifted (Dice 0.17-0.43) 1.015-1.028.
+MIN_ALIGNMENT = 1.03
+# Edge agreement inside the brain below which the scan is not the atlas's anatomy where the registration put it.
+# Validation heads 0.095-0.162 (PD lowest); a ball and a cylinder of noise 0.029-0.065, the failed cases above
+# 0.072-0.086 (one partly failed PD head 0.095).
+MIN_EDGES = 0.09
+MIN_COVERAGE = 0.5  # share of the atlas's brain inside the scan below which most labels lie outside what it shows
 LOW_VALIDATION_DICE = 0.1  # a model whose own validation Dice is below this is barely trained
+EDGE_SCALE_MM = 2.0  # edges are read at this scale, whatever the atlas's grid
+
+
+@dataclass(frozen=True)
+class Match:
+    """How a registered scan matches the atlas (see the module's docstring); `deformable` with the warped atlas."""
+
+    coverage: float
+    alignment: float
+    edges: float
+    deformable: float | None = None
+
+    def problem(self) -> str:
+        """What looks wrong with the registration, in one clause; '' when nothing does."""
+        if self.coverage < MIN_COVERAGE:
+            return (f"the scan holds only {self.coverage:.0%} of the atlas's brain after registration: the registration "
+                    "failed, or the field of view is too small to register")
+        if self.alignment < MIN_ALIGNMENT or self.edges < MIN_EDGES:
+            return (f"the scan does not match the atlas after registration (alignment {self.alignment:.3f}, edges "
+                    f"{self.edges:.3f}; heads score >= {MIN_ALIGNMENT} and >= {MIN_EDGES}): the registration failed, "
+                    "or this is not a head")
+        if self.deformable is not None and self.deformable < self.alignment:
+            return (f"the deformable prior matches the scan worse than the affine step (alignment "
+                    f"{self.deformable:.3f} < {self.alignment:.3f}): use --registration affine")
+        return ""
 
 
 def volume_scale(transform: sitk.Transform, grid: sitk.Image) -> float:
@@ -43,21 +79,8 @@ def flag(found_ml: float, expected_ml: float) -> str:
     return f"implausible volume: {found_ml / expected_ml:.2g}x the atlas's"
 
 
-def registration_check(affine: float, deformable: float | None = None) -> str:
-    """What looks wrong with a registration, from its alignment after the affine step and with the deformable prior;
-    '' when nothing does. On every validation subject the deformable prior matched better (1.16-1.22 against
-    1.03-1.04 after the affine step); one that matches worse has gone astray."""
-    if affine < MIN_ALIGNMENT:
-        return (f"the scan does not match the atlas after registration (alignment {affine:.3f}, heads score "
-                f">= {MIN_ALIGNMENT}): the registration failed, or this is not a head")
-    if deformable is not None and deformable < affine:
-        return (f"the deformable prior matches the scan worse than the affine step (alignment {deformable:.3f} < "
-                f"{affine:.3f}): use --registration affine")
-    return ""
-
-
 def describe(check: str, rows: Sequence[dict], shown: int = 3) -> str:
-    """A registration check (registration_check) and the flagged rows of Segmentation.volumes() in words: "...; 2
+    """A registration check (Match.problem) and the flagged rows of Segmentation.volumes() in words: "...; 2
     label volumes implausible (Hippocampus_L 12x, Amygdala_R 0.05x the atlas's)"; '' when nothing is flagged."""
     flagged = sorted((r for r in rows if "implausible volume" in r["flag"]),
                      key=lambda r: -abs(np.log(max(r["volume_ml"], 1e-6) / r["atlas_ml"])))
@@ -67,9 +90,9 @@ def describe(check: str, rows: Sequence[dict], shown: int = 3) -> str:
 
 
 def alignment(image: np.ndarray, atlas_image: np.ndarray, mask: np.ndarray, bins: int = 32) -> float:
-    """How well a registered scan matches the atlas inside the atlas's brain mask: normalized mutual information of
-    the two (both normalized to 0..1 on the model grid), from 1 (unrelated) to 2 (one determines the other). Mutual
-    information does not assume the atlas's contrast, so a T2 head that lies right scores like a T1 head."""
+    """How well a registered scan matches the atlas inside `mask`: normalized mutual information of the two (both
+    normalized to 0..1 on the model grid), from 1 (unrelated) to 2 (one determines the other). Mutual information
+    does not assume the atlas's contrast, so a T2 head that lies right scores like a T1 head."""
     joint, _, _ = np.histogram2d(image[mask], atlas_image[mask], bins=bins, range=[[0, 1], [0, 1]])
     p = joint / max(joint.sum(), 1)
 
@@ -78,3 +101,18 @@ def alignment(image: np.ndarray, atlas_image: np.ndarray, mask: np.ndarray, bins
         return float(-(q * np.log(q)).sum())
     joint_entropy = entropy(p)
     return (entropy(p.sum(0)) + entropy(p.sum(1))) / joint_entropy if joint_entropy > 0 else 1.0
+
+
+def edges(image: np.ndarray, atlas_image: np.ndarray, mask: np.ndarray, grid: sitk.Image) -> float:
+    """Whether the scan's edges lie where the atlas's do inside `mask`: the mean squared cosine of the angle between
+    the two images' gradients, each damped where it is weaker than its mean (normalized gradient fields, Haber and
+    Modersitzki 2006). About 0.03 for unrelated images. Why beside alignment: in a PD head grey and white matter look
+    nearly alike and mutual information inside the brain says little, but ventricles, sulci and the brain's outline
+    still have edges where the atlas has them; a ball of noise placed over the head has none."""
+    def unit_gradients(array: np.ndarray) -> np.ndarray:
+        smooth = sitk.SmoothingRecursiveGaussian(on_grid(array, grid), EDGE_SCALE_MM)
+        gradient = np.stack([sitk.GetArrayFromImage(sitk.Derivative(smooth, axis)) for axis in range(3)])
+        magnitude = np.sqrt((gradient ** 2).sum(0))
+        damping = magnitude[mask].mean() if mask.any() else 1.0
+        return gradient / np.sqrt(magnitude ** 2 + damping ** 2 + 1e-12)
+    return float(((unit_gradients(image) * unit_gradients(atlas_image)).sum(0) ** 2)[mask].mean()) if mask.any() else 0.0

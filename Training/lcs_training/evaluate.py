@@ -26,7 +26,7 @@ from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.files import write_csv
 from LabelConditionedSegLib.geometry import labels_to_input, to_input_grid
 from LabelConditionedSegLib.labels import LabelTable
-from LabelConditionedSegLib.pipeline import Segmenter, model_input
+from LabelConditionedSegLib.pipeline import Prepared, Segmenter, model_input
 from LabelConditionedSegLib.progress import progress_bar
 from LabelConditionedSegLib.training_folder import read_annotated
 from LabelConditionedSegLib.volume import label_values, read_image, read_volume
@@ -41,6 +41,7 @@ from .synth import Strength, SubjectGenerator, random_grid
 
 FIELDS = ["subject", "contrast", "method", "value", "name", "dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct",
           "seconds"]
+CHECK_FIELDS = ["subject", "contrast", "registration", "coverage", "alignment", "edges", "deformable_alignment", "check"]
 # What the atlas labels are propagated with, after each registration of `lcs segment --registration`.
 PROPAGATION = {"affine": "affine propagation", "deformable": "affine propagation", "rigid": "rigid propagation",
                "none": "unregistered atlas labels"}
@@ -93,14 +94,21 @@ class Scoring:
                 raise LCSError(f"--baseline wants multi-channel baseline checkpoints (lcs train --baseline), not {b.description}")
         self.rows: list[dict] = []
         self.seconds: dict[tuple[str, str], list[float]] = {}  # (contrast, method) -> seconds per case
+        self.checks: list[dict] = []  # each registration's plausibility check (quality.Match), as lcs segment's
         self.examples: dict[str, sitk.Image] = {}  # the first image of each contrast
 
     def score(self, case: str | int, image: sitk.Image, truth: np.ndarray, values: list[int], contrast: str = ""
               ) -> None:
         """Rows for each method and each of `values` (label values of the checkpoint) that `truth` holds; `truth` lies
         on `image`'s grid, which shows the sequence `contrast` ("" where it is not known)."""
-        predictions, seconds = self._predict(image)
+        predictions, seconds, prepared = self._predict(image)
         self.examples.setdefault(contrast, image)
+        for registration, p in prepared.items():
+            m = p.match
+            self.checks.append({"subject": case, "contrast": contrast, "registration": registration,
+                                "coverage": round(m.coverage, 4), "alignment": round(m.alignment, 4),
+                                "edges": round(m.edges, 4), "check": p.check,
+                                "deformable_alignment": "" if m.deformable is None else round(m.deformable, 4)})
         spacing = image.GetSpacing()[::-1]
         for method, prediction in predictions.items():
             self.seconds.setdefault((contrast, method), []).append(seconds[method])
@@ -112,8 +120,9 @@ class Scoring:
                                       "name": self.checkpoint.label_table.get(value).name,
                                       **{k: round(v, 4) for k, v in m.items()}, "seconds": round(seconds[method], 2)})
 
-    def _predict(self, image: sitk.Image) -> tuple[dict, dict[str, float]]:
-        """Each method's label map on the image's grid (the baseline's: (model, label map) pairs), and its seconds."""
+    def _predict(self, image: sitk.Image) -> tuple[dict, dict[str, float], dict[str, Prepared]]:
+        """Each method's label map on the image's grid (the baseline's: (model, label map) pairs), its seconds, and
+        the registrations made (by mode)."""
         segmenter, predictions, seconds = self.segmenter, {}, {}
         start = time.time()
         prepared = segmenter.prepare(image, self.registration)
@@ -150,7 +159,7 @@ class Scoring:
             start = time.time()
             predictions["baseline"] = [(b, _baseline_labels(b, prepared, segmenter.device)) for b in self.baselines]
             seconds["baseline"] = time.time() - start + registered
-        return predictions, seconds
+        return predictions, seconds, {self.registration: prepared, **({"deformable": warped} if warped else {})}
 
     def write(self, out: Path, heads: dict[str, sitk.Image] | None = None) -> dict[str, float]:
         """heldout_metrics.csv and the Dice and HD95 plots in `out`; returns mean Dice, HD95 and seconds per method,
@@ -160,11 +169,14 @@ class Scoring:
         rows = self.rows
         methods = list(dict.fromkeys(m for _, m in self.seconds))
         write_csv(rows, out / "heldout_metrics.csv", FIELDS)
+        write_csv(self.checks, out / "checks.csv", CHECK_FIELDS)
         summary = {m: float(np.mean([r["dice"] for r in rows if r["method"] == m])) for m in methods}
         summary.update({f"{m} hd95": float(np.nanmean([r["hd95_mm"] for r in rows if r["method"] == m])) for m in methods})
         summary.update({f"{m} seconds": float(np.mean([s for (_, method), times in self.seconds.items()
                                                          if method == m for s in times])) for m in methods})
         summary["cases"] = float(sum(len(times) for (_, m), times in self.seconds.items() if m == "lcs"))
+        summary["flagged"] = float(sum(bool(c["check"]) for c in self.checks))
+        summary["registrations"] = float(len(self.checks))
         first = PROPAGATION[self.registration]
         order = [first] + [m for m in methods if m != first]
         plot_method_dice(rows, order, summary, out / "heldout_dice.png")
@@ -308,7 +320,8 @@ def run(args: argparse.Namespace) -> None:
         if args.contrasts:
             kind += f", each as {', '.join(args.contrasts)}"
         what, count = f"held-out subjects: {args.subjects}, {kind}", f"subjects={args.subjects}"
-    methods = [k for k in s if k != "cases" and "/" not in k and not k.endswith((" seconds", " hd95"))]
+    methods = [k for k in s if k not in ("cases", "flagged", "registrations") and "/" not in k
+               and not k.endswith((" seconds", " hd95"))]
     plots = "heldout_dice.png, heldout_hd95.png" + (", heldout_contrasts.png, contrasts.png" if args.contrasts else "")
     print(f"{what}; per label and case in {args.out}/heldout_metrics.csv, plots {plots}")
     for m in methods:
@@ -316,5 +329,6 @@ def run(args: argparse.Namespace) -> None:
     for contrast in args.contrasts:
         print(f"  {contrast}: " + ", ".join(f"{m} {s[f'{contrast}/{m}']:.3f} ({s[f'{contrast}/{m} seconds']:.0f} s)"
                                             for m in methods))
+    print(f"  the check flagged {s['flagged']:.0f} of {s['registrations']:.0f} registrations (checks.csv)")
     per_contrast = [f"{c}_{m.replace(' ', '_')}_dice={s[f'{c}/{m}']:.4f}" for c in args.contrasts for m in methods]
     print(" ".join([f"{m.replace(' ', '_')}_dice={s[m]:.4f}" for m in methods] + per_contrast) + f" {count}")
