@@ -58,6 +58,12 @@ def test_paint_gives_each_tissue_class_a_random_intensity_seeded_by_the_generato
              for p in (paint_randomly(classes, np.random.default_rng(seed)) for seed in range(8))]
     assert len({tuple(np.argsort(m)) for m in means}) >= 3  # the tissues' order changes: not one contrast
     assert float(first[classes == BACKGROUND].mean()) < 0.06  # the background stays dark
+    cut = classes[classes.shape[0] // 2:]  # a field of view that loses classes (the deep grey ones, not the brain)
+    assert set(np.unique(cut)) < set(np.unique(classes))
+    part = paint_randomly(cut, np.random.default_rng(3))
+    for k in (CSF, GREY, WHITE):  # each class kept the intensity and spread it had in the whole head
+        assert float(part[cut == k].mean()) == pytest.approx(float(first[classes == k].mean()), abs=0.003)
+        assert float(part[cut == k].std()) == pytest.approx(float(first[classes == k].std()), abs=0.003)
 
 
 def test_a_subject_of_random_contrast_keeps_the_anatomy_and_labels_of_the_same_draw(colin27_2mm):
