@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import subprocess
 import sys
 
 import numpy as np
@@ -132,7 +133,11 @@ def test_evaluate_ants_without_antspyx_is_refused_before_any_work(tiny_checkpoin
     code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(colin27), "--subjects", "1",
                  "--ants", "--out", str(tmp_path / "out"), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code != 0 and "--ants needs antspyx" in err and "[evaluate]" in err and len(err.strip().splitlines()) == 1
+    assert code != 0 and "--ants needs antspyx" in err and len(err.strip().splitlines()) == 1
+    assert "pip install antspyx" in err and "label-conditioned-seg[" not in err  # no package index has the project
+    help_text = " ".join(subprocess.run([sys.executable, "-m", "LabelConditionedSegLib.cli", "evaluate", "--help"],
+                                        capture_output=True, text=True).stdout.split())
+    assert "pip install antspyx" in help_text and "conditioned-seg[" not in help_text
     assert not (tmp_path / "out" / "heldout_metrics.csv").exists()
 
 
