@@ -221,6 +221,9 @@ def test_labels_command_lists_the_atlas(tiny_checkpoint, capsys):
     code, out, _ = run(["labels", "--checkpoint", tiny_checkpoint], capsys)
     assert code == 0
     assert "6 labels" in out and "Frontal_Sup_L" in out and "\n85\tTemporal_Mid_L" in out
+    # what its validation Dice measures, and where a user's figure comes from (README quotes lcs evaluate's)
+    assert "validation Dice: the mean Dice of every label on the synthetic validation subjects" in out
+    assert "lcs evaluate" in out
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
