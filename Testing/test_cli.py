@@ -1,5 +1,6 @@
 """`lcs` end to end on real files, and one clear line (exit 2, no traceback) for every bad input."""
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -263,6 +264,17 @@ def test_every_option_of_the_training_commands_is_explained_and_quiet_exists(com
     options = [a for a in commands.choices[command]._actions if a.option_strings and a.dest != "help"]
     assert "quiet" in {a.dest for a in options}
     assert [a.option_strings for a in options if not (a.help or "").strip()] == []
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_ends_saying_how_to_put_lcs_on_path(tmp_path):
+    """After `make demo`, `lcs` lives in the Makefile's environment, not on PATH: the demo's last line says where it
+    is and how to reach it (make's plan, -n: nothing is run)."""
+    venv = tmp_path / "env"
+    result = subprocess.run(["make", "-n", "-s", "-C", str(REPO), "demo", f"VENV={venv}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert f"{venv}/bin/lcs" in last and f"source {venv}/bin/activate" in last and "PATH" in last, last
 
 
 @pytest.mark.slow
