@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
 import sys
 
 import numpy as np
@@ -135,8 +134,9 @@ def test_evaluate_ants_without_antspyx_is_refused_before_any_work(tiny_checkpoin
     err = capsys.readouterr().err
     assert code != 0 and "--ants needs antspyx" in err and len(err.strip().splitlines()) == 1
     assert "pip install antspyx" in err and "label-conditioned-seg[" not in err  # no package index has the project
-    help_text = " ".join(subprocess.run([sys.executable, "-m", "LabelConditionedSegLib.cli", "evaluate", "--help"],
-                                        capture_output=True, text=True).stdout.split())
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
     assert "pip install antspyx" in help_text and "conditioned-seg[" not in help_text
     assert not (tmp_path / "out" / "heldout_metrics.csv").exists()
 
