@@ -1,5 +1,6 @@
 """`lcs` end to end on real files, and one clear line (exit 2, no traceback) for every bad input."""
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,9 @@ def test_labels_command_lists_the_atlas(tiny_checkpoint, capsys):
     code, out, _ = run(["labels", "--checkpoint", tiny_checkpoint], capsys)
     assert code == 0
     assert "6 labels" in out and "Frontal_Sup_L" in out and "\n85\tTemporal_Mid_L" in out
+    # what its validation Dice measures, and where a user's figure comes from (README quotes lcs evaluate's)
+    assert "validation Dice: the mean Dice of every label on the synthetic validation subjects" in out
+    assert "lcs evaluate" in out
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
@@ -260,6 +264,17 @@ def test_every_option_of_the_training_commands_is_explained_and_quiet_exists(com
     options = [a for a in commands.choices[command]._actions if a.option_strings and a.dest != "help"]
     assert "quiet" in {a.dest for a in options}
     assert [a.option_strings for a in options if not (a.help or "").strip()] == []
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_ends_saying_how_to_put_lcs_on_path(tmp_path):
+    """After `make demo`, `lcs` lives in the Makefile's environment, not on PATH: the demo's last line says where it
+    is and how to reach it (make's plan, -n: nothing is run)."""
+    venv = tmp_path / "env"
+    result = subprocess.run(["make", "-n", "-s", "-C", str(REPO), "demo", f"VENV={venv}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert f"{venv}/bin/lcs" in last and f"source {venv}/bin/activate" in last and "PATH" in last, last
 
 
 @pytest.mark.slow

@@ -138,7 +138,12 @@ def test_evaluate_ants_without_antspyx_is_refused_before_any_work(tiny_checkpoin
     code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(colin27), "--subjects", "1",
                  "--ants", "--out", str(tmp_path / "out"), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code != 0 and "--ants needs antspyx" in err and "[evaluate]" in err and len(err.strip().splitlines()) == 1
+    assert code != 0 and "--ants needs antspyx" in err and len(err.strip().splitlines()) == 1
+    assert "pip install antspyx" in err and "label-conditioned-seg[" not in err  # no package index has the project
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "pip install antspyx" in help_text and "conditioned-seg[" not in help_text
     assert not (tmp_path / "out" / "heldout_metrics.csv").exists()
 
 

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from LabelConditionedSegLib import files
+from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.errors import LCSError
 from LabelConditionedSegLib.files import file_identity, only_new_files, write_text
@@ -76,6 +78,15 @@ def test_a_cohort_rerun_with_other_settings_is_refused_and_the_table_never_mixes
         code, stdout, err = lcs(*common, *change)
         assert code == 2 and err.count("\n") == 1 and words in err and "--overwrite" in err, err
         assert hashes(out) == before  # nothing skipped as done, nothing written
+    # the model is known by its content: a copy under another name is the same model, a changed one is not
+    shutil.copy(tiny_checkpoint, tmp_path / "copy.lcs")
+    code, stdout, err = lcs(*common, "--labels", "Frontal_Sup_L", "--checkpoint", tmp_path / "copy.lcs")
+    assert code == 0 and "2 skipped" in stdout, err
+    other = Checkpoint.load(tiny_checkpoint)
+    other.provenance["name"] = "another model"
+    other.save(tmp_path / "other.lcs")
+    code, stdout, err = lcs(*common, "--labels", "Frontal_Sup_L", "--checkpoint", tmp_path / "other.lcs")
+    assert code == 2 and "was segmented with model tiny.lcs (sha256 " in err and ", now other.lcs" in err, err
     # the same labels with an output not asked for before: segmented again, since nothing of other settings is lost
     code, stdout, err = lcs(*common, "--labels", "Frontal_Sup_L", "--overlay")
     assert code == 0 and "2 of 2 scans segmented" in stdout, err

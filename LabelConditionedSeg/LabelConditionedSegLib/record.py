@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -51,12 +52,19 @@ def recorded(seg: Path) -> dict | None:
         return None
 
 
+def _compared(key: str, value) -> object:
+    """What of a setting is compared: a model by its digest alone, so that a copied or renamed model is the same."""
+    if key == "model" and (digest := re.search(r"sha256 ([0-9a-f]+)", str(value))):
+        return digest[1]
+    return value
+
+
 def difference(old: dict | None, new: dict) -> str | None:
     """How `old` differs from `new`, in words ("labels Hippocampus_L, now Amygdala_L"), or None when they agree."""
     if old is None:
         return "no record of its settings (written by another tool or an older lcs)"
     for key in COMPARED:
-        if old.get(key) != new[key]:
+        if _compared(key, old.get(key)) != _compared(key, new[key]):
             if key == "conditions" and old.get("labels") == new["labels"]:
                 return "other painted masks under the same names"
             shown = (lambda text: text if len(text) <= 80 else text[:77] + "...")

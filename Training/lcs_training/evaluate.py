@@ -287,7 +287,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multi-channel baseline checkpoints (lcs train --baseline) to score beside LCS")
     parser.add_argument("--bspline", action="store_true", help="also score affine + B-spline atlas propagation (slower)")
     parser.add_argument("--ants", action="store_true", help="also score ANTs SyN atlas propagation (30-80 s a case on "
-                        "2 cores; needs antspyx: pip install 'label-conditioned-seg[evaluate]')")
+                        "2 cores; needs antspyx: pip install antspyx)")
     parser.add_argument("--unlike", action="store_true",
                         help="subjects of a second generator unlike training's in every setting (B-spline warps, coarse "
                              "grids, contrast curves, strong bias, thick slices, Rician noise; --strength unused)")

@@ -54,8 +54,8 @@ def require_ants():
     try:
         import ants
     except ImportError:
-        raise LCSError("--ants needs antspyx (ANTs SyN): pip install 'label-conditioned-seg[evaluate]', or drop --ants") \
-            from None
+        raise LCSError("--ants needs antspyx (ANTs SyN): pip install antspyx (or, in a clone of the project, "
+                       "pip install '.[evaluate]'), or drop --ants") from None
     return ants
 
 
