@@ -90,6 +90,7 @@ def test_volume_scale_is_the_registration_s_change_of_volume(tiny):
     assert volume_scale(affine, grid) == pytest.approx(1.2 * 0.9 * 1.5, rel=1e-6)
     assert volume_scale(sitk.Transform(), grid) == pytest.approx(1.0)
     assert flag(10, 10) == "" and flag(0, 10) == "" and flag(10 * PLAUSIBLE[1] * 1.01, 10).startswith("implausible")
+    assert flag(5400, 10) == "implausible volume: 540x the atlas's" and flag(0.5, 10).endswith(": 0.05x the atlas's")
 
 
 def test_alignment_is_high_for_the_atlas_itself_whatever_its_contrast_and_low_for_noise(tiny):

@@ -76,7 +76,12 @@ def flag(found_ml: float, expected_ml: float) -> str:
     """'' for a plausible volume (or a label found nowhere: the "found nowhere" list names it), else why not."""
     if found_ml <= 0 or expected_ml <= 0 or PLAUSIBLE[0] <= found_ml / expected_ml <= PLAUSIBLE[1]:
         return ""
-    return f"implausible volume: {found_ml / expected_ml:.2g}x the atlas's"
+    return f"implausible volume: {times(found_ml / expected_ml)} the atlas's"
+
+
+def times(ratio: float) -> str:
+    """A ratio as people read it: "0.05x", "12x", "540x" (not "5.4e+02x")."""
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
 
 
 def describe(check: str, rows: Sequence[dict], shown: int = 3) -> str:
@@ -84,7 +89,7 @@ def describe(check: str, rows: Sequence[dict], shown: int = 3) -> str:
     label volumes implausible (Hippocampus_L 12x, Amygdala_R 0.05x the atlas's)"; '' when nothing is flagged."""
     flagged = sorted((r for r in rows if "implausible volume" in r["flag"]),
                      key=lambda r: -abs(np.log(max(r["volume_ml"], 1e-6) / r["atlas_ml"])))
-    listed = ", ".join(f"{r['name']} {r['volume_ml'] / r['atlas_ml']:.2g}x" for r in flagged[:shown])
+    listed = ", ".join(f"{r['name']} {times(r['volume_ml'] / r['atlas_ml'])}" for r in flagged[:shown])
     volumes = f"{len(flagged)} label volumes implausible ({listed}{', ...' if len(flagged) > shown else ''} the atlas's)"
     return "; ".join(filter(None, (check, volumes if flagged else "")))
 
