@@ -10,3 +10,9 @@ class Cancelled(LCSError):
 
     def __init__(self, message: str = "cancelled by the user; nothing was changed"):
         super().__init__(message)
+
+
+def itk_message(error: RuntimeError) -> str:
+    """What a failed ITK filter says, for a one-line message: ITK's exception text names the source file and line
+    first and its message last, so the last line, cut to 120 characters."""
+    return (str(error).strip().splitlines() or [""])[-1][:120]
