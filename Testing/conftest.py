@@ -10,8 +10,9 @@ import torch
 
 from LabelConditionedSegLib.checkpoint import Checkpoint
 from LabelConditionedSegLib.model import ModelConfig
-from lcs_training.data import write_colin27_aal
+from lcs_training.data import read_table, write_colin27_aal
 from lcs_training.synth import Strength, SubjectGenerator, random_grid
+from lcs_training.tissues import tissue_classes
 from lcs_training.train import TrainSettings
 
 # Large AAL labels that a tiny model learns in a minute at 4 mm.
@@ -23,6 +24,19 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def colin27(tmp_path_factory) -> Path:
     return write_colin27_aal(tmp_path_factory.mktemp("colin27"))
+
+
+@pytest.fixture(scope="session")
+def colin27_2mm(colin27):
+    """Colin27's image, labels, brain mask and tissue classes at 2 mm (fast enough for the fast tier)."""
+    def read(kind: str, interpolator: int) -> sitk.Image:
+        image = sitk.ReadImage(str(colin27 / f"{kind}/colin27.nii.gz"))
+        size = [s // 2 for s in image.GetSize()]
+        return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), [2.0] * 3,
+                             image.GetDirection())
+    image, labels, mask = read("images", sitk.sitkLinear), read("labels", sitk.sitkNearestNeighbor), \
+        read("masks", sitk.sitkNearestNeighbor)
+    return image, labels, mask, tissue_classes(image, mask, labels, read_table(colin27))
 
 
 MODELS = Path(__file__).resolve().parent / "models"  # tiny trained models, made by Testing/make_test_models.py

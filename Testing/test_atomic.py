@@ -295,6 +295,7 @@ def _complete(out: Path) -> int:
     return step
 
 
+@pytest.mark.slow  # four training runs; test_training.py's resume tests keep resuming in the fast tier
 def test_a_run_resumes_from_what_a_kill_leaves_at_each_point(colin27, tmp_path):
     """The files a kill leaves, made by hand from real runs: checkpoints ahead of state.pt (killed before it was
     replaced), history.csv behind it (killed before the history), and a killed process's temporary file. Each resumes with a

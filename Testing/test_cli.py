@@ -155,7 +155,7 @@ def write_dicom_series(image: sitk.Image, folder: Path) -> None:
 
 
 def test_dicom_folder_input(tiny_checkpoint, colin27, tmp_path, capsys):
-    image, _ = heldout_subject(colin27, seed=41, grid="atlas")
+    image, _ = heldout_subject(colin27, seed=41)
     image = sitk.Resample(image, model_grid(image, 3.0, 1), sitk.Transform(), sitk.sitkLinear, 0.0)
     write_dicom_series(image, tmp_path / "dicom")
     code, _, err = run(["segment", tmp_path / "dicom", "-o", tmp_path / "d.seg.nrrd", "--checkpoint", tiny_checkpoint,

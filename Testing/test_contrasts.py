@@ -16,20 +16,7 @@ from lcs_training.metrics import dice_per_label
 from lcs_training.propagation import ants_propagate
 from lcs_training.synth import SubjectGenerator, random_grid
 from lcs_training.synth import paint as paint_randomly
-from lcs_training.tissues import BACKGROUND, BRIGHT_HEAD, CSF, DARK_HEAD, GREY, NAMES, SOFT_HEAD, WHITE, tissue_classes
-
-
-@pytest.fixture(scope="module")
-def colin27_2mm(colin27):
-    """Colin27's image, labels, brain mask and tissue classes at 2 mm (fast enough for the fast tier)."""
-    def read(kind: str, interpolator: int) -> sitk.Image:
-        image = sitk.ReadImage(str(colin27 / f"{kind}/colin27.nii.gz"))
-        size = [s // 2 for s in image.GetSize()]
-        return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), [2.0] * 3,
-                             image.GetDirection())
-    image, labels, mask = read("images", sitk.sitkLinear), read("labels", sitk.sitkNearestNeighbor), \
-        read("masks", sitk.sitkNearestNeighbor)
-    return image, labels, mask, tissue_classes(image, mask, labels, read_table(colin27))
+from lcs_training.tissues import BACKGROUND, BRIGHT_HEAD, CSF, DARK_HEAD, GREY, NAMES, SOFT_HEAD, WHITE
 
 
 def test_tissue_classes_of_colin27_follow_its_t1_anatomy(colin27_2mm, colin27):

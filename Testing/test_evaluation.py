@@ -11,7 +11,6 @@ from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.labels import Label, LabelTable
 from LabelConditionedSegLib.training_folder import write_case
 from conftest import TINY_LABELS, heldout_subject
-from lcs_training.data import case_files
 from lcs_training.evaluate import FIELDS
 from lcs_training.metrics import label_metrics
 from lcs_training import propagation
@@ -45,15 +44,19 @@ def test_evaluate_scores_lcs_registration_and_the_baseline(tiny, tiny_baseline, 
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_the_unlike_generator_makes_other_scans_whose_labels_registration_recovers(tiny_checkpoint, colin27, tmp_path,
-                                                                                      capsys):
-    """The second held-out generator: coarser grids than any training subject, the same subject from the same seed,
-    and truth labels that move with the image (affine registration of the atlas recovers them well above chance)."""
-    image, labels, mask = (sitk.ReadImage(str(p)) for p in case_files(colin27)["colin27"])
+def test_the_unlike_generator_makes_other_scans_on_coarser_grids_the_same_from_the_same_seed(colin27_2mm):
+    """The second held-out generator: coarser grids than any training subject, the same subject from the same seed."""
+    image, labels, mask, _ = colin27_2mm
     first = unlike_subject(SubjectGenerator(image, labels, mask), np.random.default_rng([7, 30_000]))
     again = unlike_subject(SubjectGenerator(image, labels, mask), np.random.default_rng([7, 30_000]))
     assert min(first[0].GetSpacing()) >= 1.2 * min(image.GetSpacing())
     assert all(np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b)) for a, b in zip(first, again))
+
+
+@pytest.mark.slow  # lcs evaluate end to end: 15-20 s on 2 cores; the folder evaluation below keeps it in the fast tier
+def test_the_unlike_generator_s_labels_move_with_the_image(tiny_checkpoint, colin27, tmp_path, capsys):
+    """`lcs evaluate --unlike`: the truth labels move with the image (affine registration of the atlas recovers them
+    well above chance)."""
     code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(colin27), "--subjects", "1",
                  "--unlike", "--out", str(tmp_path), "--device", "cpu"])
     out = capsys.readouterr().out

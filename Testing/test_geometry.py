@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from LabelConditionedSegLib.checkpoint import Checkpoint, default_checkpoint
-from LabelConditionedSegLib.errors import Cancelled
+from LabelConditionedSegLib.errors import Cancelled, LCSError
 from LabelConditionedSegLib.geometry import as_affine, labels_to_input, model_grid, register, to_input_grid
 from LabelConditionedSegLib.pipeline import Segmenter
 from lcs_training.data import load_atlas
@@ -154,3 +154,16 @@ def test_labels_map_back_smoothly_and_at_least_as_well_as_nearest_neighbour(coli
 
     assert mean_dice(smooth) > 0.9
     assert mean_dice(smooth) >= mean_dice(nearest)
+
+
+def test_a_registration_itk_gives_up_on_is_one_line_that_says_what_to_try(tiny):
+    """A scan 5 m away from the atlas: ITK's several lines (source file, line, message) end as one line holding ITK's
+    message alone (errors.itk_message) and the registrations to try instead."""
+    far = sitk.Image([40, 40, 40], sitk.sitkFloat32) + 1.0
+    far.SetSpacing([4.0] * 3)
+    far.SetOrigin([5000.0] * 3)
+    with pytest.raises(LCSError) as caught:
+        register(far, tiny.atlas_image, "affine", fixed_mask=tiny.atlas_mask)
+    message = str(caught.value)
+    assert message.startswith("registration to the atlas failed (") and "--registration rigid or none" in message
+    assert "\n" not in message and ".cxx" not in message and len(message) < 200, message

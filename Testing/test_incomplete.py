@@ -46,6 +46,7 @@ def test_smile_loss_ignores_exactly_the_unannotated_voxels():
     assert masked_dice_loss(logits.detach(), t, full).item() == pytest.approx(DiceLoss(sigmoid=True)(logits.detach(), t).item())
 
 
+@pytest.mark.slow  # writes and registers partial cohorts at 2 mm: 15-25 s on 2 cores
 def test_the_annotated_sidecar_decides_what_a_case_annotates(colin27, tiny_checkpoint, tmp_path):
     data = write_partial_cohort(colin27, tmp_path / "cohort", RELABEL_LABELS, 2, 0.5, seed=3, claim_complete=False)
     table = LabelTable.read_csv(data / "labels.csv")
@@ -73,6 +74,7 @@ def test_the_annotated_sidecar_decides_what_a_case_annotates(colin27, tiny_check
         load_cases(data, atlas)
 
 
+@pytest.mark.slow  # writes and registers partial cohorts at 2 mm: 15-25 s on 2 cores
 def test_training_samples_teach_a_missing_organ_only_where_the_case_labels_something(colin27, tmp_path):
     """The wiring from a cohort's annotated/ sidecars to the weights the loss sees, for both models and both views.
     (Whether SMILE beats the naive view is an experiment, not a test: docs/results.md, incomplete annotations.)"""

@@ -21,8 +21,8 @@ import vtk
 
 from .apply import Apply
 from .atlas import Atlases
-from .cohort import EXTRAS
-from .errors import Cancelled, LCSError
+from .cohort import EXTRAS, check_cohort, check_done, list_scans, load_model, segment_scan, summarize
+from .errors import Cancelled, LCSError, one_line
 from .jobs import CACHE_ENTRIES, Job
 from .quality import describe
 from .segmenters import Segmenters, checkpoint_file
@@ -57,8 +57,6 @@ class SceneBatch:
         return next((job.segmenter for _, job in self.jobs if job.segmenter is not None), None)
 
     def run(self, progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None) -> None:
-        from .cli import _reason
-
         report, stop = progress or (lambda f, m: None), cancel or (lambda: False)
         for i, (name, job) in enumerate(self.jobs):  # Job.run checks Cancel from its first step on
             head = f"scan {i + 1} of {len(self.jobs)}: {name}"
@@ -68,7 +66,7 @@ class SceneBatch:
                 self.cancelled = True
                 return
             except Exception as error:  # noqa: BLE001 - a failing scan is listed and the batch goes on
-                self.outcomes.append(Outcome(name, failed=_reason(error)))
+                self.outcomes.append(Outcome(name, failed=one_line(error)))
                 continue
             self.done.append(job)
             for earlier in self.done[:-CACHE_ENTRIES]:  # encodings (on the GPU when there is one) beyond what the
@@ -88,12 +86,10 @@ class FolderBatch:
     cancelled: bool = False
 
     def run(self, progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None) -> None:
-        from .cli import _check_done, _cohort_scan, _model, _reason, _report
-
         report, stop = progress or (lambda f, m: None), cancel or (lambda: False)
         report(0.0, "loading the model")
-        self.segmenter, conditions, settings = _model(self.args, self.args.device)
-        _check_done(self.args, self.scans, settings)
+        self.segmenter, conditions, settings = load_model(self.args, self.args.device)
+        check_done(self.args, self.scans, settings)
         self.args.output.mkdir(parents=True, exist_ok=True)
         started, done, skipped, failed = time.time(), [], [], []
         for i, scan in enumerate(self.scans):
@@ -102,18 +98,18 @@ class FolderBatch:
                 break
             head = f"scan {i + 1} of {len(self.scans)}: {scan.name}"
             try:
-                summary = _cohort_scan(self.args, self.segmenter, conditions, settings, scan,
-                                       lambda f, m: report((i + f) / len(self.scans), f"{head}: {m}"), stop)
+                summary = segment_scan(self.args, self.segmenter, conditions, settings, scan,
+                                      lambda f, m: report((i + f) / len(self.scans), f"{head}: {m}"), stop)
             except Cancelled:
                 self.cancelled = True
                 break
             except Exception as error:  # noqa: BLE001 - as lcs segment: the scan is listed and the cohort goes on
-                failed.append((scan.name, str(scan.path), _reason(error)))
+                failed.append((scan.name, str(scan.path), one_line(error)))
                 self.outcomes.append(Outcome(scan.name, failed=failed[-1][2]))
                 continue
             (done if summary else skipped).append(scan.name)
             self.outcomes.append(_read_outcome(self.args.output, scan.name))
-        _report(self.args.output, self.scans, [(done, skipped, failed)], time.time() - started, settings)
+        summarize(self.args.output, self.scans, [(done, skipped, failed)], time.time() - started, settings)
 
 
 def _read_outcome(out: Path, name: str) -> Outcome:
@@ -156,8 +152,7 @@ class Batch:
                      overwrite: bool = False) -> FolderBatch:
         """The scans of `folder` (image files, a BIDS dataset or a .csv list, as lcs segment reads them) into
         `output`; refuses now (LCSError) what lcs segment would refuse before any work."""
-        from .cli import _check_cohort, build_parser
-        from .cohort import list_scans
+        from .cli import build_parser
 
         folder, output = Path(str(folder or "")), Path(str(output or ""))
         if not str(folder).strip(".") or not (folder.is_dir() or folder.suffix.lower() == ".csv"):
@@ -175,7 +170,7 @@ class Batch:
         scans, cohort = list_scans(args.input)
         if not cohort:
             raise LCSError(f"{folder} holds no image files (nor a BIDS dataset's T1w scans); choose a folder of scans")
-        _check_cohort(args, scans)
+        check_cohort(args, scans)
         return FolderBatch(args, scans)
 
     def finish(self, batch: SceneBatch | FolderBatch):

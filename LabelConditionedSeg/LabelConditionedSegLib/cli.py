@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 import time
@@ -16,49 +15,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from .checkpoint import default_checkpoint
-from .errors import Cancelled, LCSError
-from .files import check_writable, file_identity
+from .errors import Cancelled, LCSError, one_line
+from .files import check_output, check_writable
 from .progress import set_quiet
-
-def _writable(path: Path | None, overwrite: bool, folder: bool = False) -> None:
-    """Refuse before any work: an existing output (without --overwrite) or a folder we cannot write."""
-    if path is None:
-        return
-    if not folder and path.is_dir():
-        raise LCSError(f"{path} is a folder; give a file name for this output")
-    if path.exists() and not overwrite and not (folder and path.is_dir() and not any(path.iterdir())):
-        raise LCSError(f"{path} already exists; choose another name or pass --overwrite")
-    check_writable(path, path if folder and path.is_dir() else path.parent)
-
-
-def _input_files(args: argparse.Namespace, scans: list[Path]) -> list[tuple[str, Path]]:
-    """Every file the run reads, with what it is: the scans (each file of a DICOM folder), the .csv lists, the
-    checkpoint and the painted masks."""
-    named = [*(("the scan", p) for p in scans), *(("the list", p) for p in args.input if p.suffix.lower() == ".csv"),
-             ("the checkpoint", args.checkpoint), *(("the --condition mask", p) for p in args.condition)]
-    return [(what, f) for what, p in named for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
-
-
-def _check_apart(inputs: list[tuple[str, Path]], outputs: list[tuple[str, Path]], folders: list[Path] = ()) -> None:
-    """Refuse, before any work, an output that is an input of the run or another of its outputs, however its path is
-    spelled (links, ./, letter case on disks that ignore it): --overwrite never covers that. `folders` (of
-    probability maps) may hold no input."""
-    seen: dict[tuple, tuple[str, Path]] = {}
-    for what, path in inputs:
-        seen.setdefault(file_identity(path), (what, path))
-    for option, path in outputs:
-        key = file_identity(path)
-        if key in seen:
-            what, other = seen[key]
-            same = "" if str(other) == str(path) else f" {other}"
-            raise LCSError(f"{option} {path} is {what}{same}: an output never replaces an input or another output, "
-                           "not even with --overwrite; give it another name")
-        seen[key] = (f"the {option} output", path)
-    for folder in folders:
-        inside = next((p for _, p in inputs if file_identity(p.parent) == file_identity(folder)), None)
-        if inside is not None:
-            raise LCSError(f"--probabilities {folder} holds the input {inside}; give the probability maps a folder "
-                           "of their own")
 
 
 def _console_progress():
@@ -80,67 +39,6 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _model(args: argparse.Namespace, device: str):
-    """The checkpoint loaded once, its Segmenter on `device`, the conditions asked for (the same for every scan) and
-    the settings each result records (record.run_settings)."""
-    from .checkpoint import Checkpoint
-    from .pipeline import Segmenter
-    from .record import run_settings
-    from .volume import read_volume
-
-    checkpoint = Checkpoint.load(args.checkpoint)
-    segmenter = Segmenter(checkpoint, device, messages=lambda m: print(f"lcs: {m}", file=sys.stderr))
-    masks = [(name, read_volume(path, mask=True)) for name, path in zip(args.name, args.condition)]
-    names = [x for x in (args.labels or "").split(",") if x.strip()]
-    if args.labels is not None and not names:
-        raise LCSError(f"--labels {args.labels!r} names no label; give names or values separated by commas, or use --all")
-    if args.all or (not names and not masks):
-        names = [str(label.value) for label in checkpoint.label_table]
-    conditions = segmenter.conditions(names, masks)
-    return segmenter, conditions, run_settings(args.checkpoint, conditions, args.registration, args.threshold)
-
-
-def _segment_scan(segmenter, conditions, settings: dict, image, image_name: str, args: argparse.Namespace,
-                  seg: Path, extras: dict[str, Path], progress, cancel=None) -> str:
-    """Segment one image and write its outputs, the .seg.nrrd last: a cohort takes that file as the sign that the
-    scan is done. Returns the summary ("segmented 5 of 6 labels (found nowhere: X)"). `cancel()` true stops the
-    computation (Cancelled), before anything is written."""
-    from .files import write_image
-    from .outputs import write_labelmap, write_overlay_png, write_seg_nrrd, write_volumes_csv
-    from .quality import describe
-
-    prepared = segmenter.prepare(image, args.registration, lambda f, m: progress(0.3 * f, m), cancel)
-    on_probability = None
-    if "probabilities" in extras:
-        folder = extras["probabilities"]
-        folder.mkdir(parents=True, exist_ok=True)
-
-        def on_probability(condition, probability):
-            safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", condition.name)
-            write_image(probability, folder / f"{condition.value}_{safe}.nii.gz")
-
-    result = segmenter.segment(prepared, conditions, args.threshold, on_probability,
-                               lambda f, m: progress(0.3 + 0.7 * f, m), cancel)
-    missing = result.missing
-    summary = f"segmented {len(conditions) - len(missing)} of {len(conditions)} labels" + (
-        f" (found nowhere: {', '.join(missing)})" if missing else "")
-    if check := describe(result.check, result.volumes()):
-        summary += f"; CHECK FAILED: {check}"
-        print(f"lcs: warning: {image_name}: {check}; the registration may have failed, or the scan is not the "
-              "anatomy or contrast this model knows: look at it with --overlay, try another --registration, and do "
-              "not use these volumes unchecked", file=sys.stderr, flush=True)
-    seg.parent.mkdir(parents=True, exist_ok=True)
-    if "labelmap" in extras:
-        write_labelmap(result.labelmap, max(c.value for c in conditions), extras["labelmap"])
-    if "volumes_csv" in extras:
-        write_volumes_csv(result, extras["volumes_csv"])
-    if "overlay" in extras:
-        write_overlay_png(image, result.labelmap, conditions, extras["overlay"], title=summary, scan=image_name,
-                          model=segmenter.checkpoint.provenance.get("name"), registration=args.registration)
-    write_seg_nrrd(result, seg, settings)
-    return summary
-
-
 def segment(args: argparse.Namespace) -> int:
     from .cohort import list_scans
 
@@ -154,8 +52,8 @@ def segment(args: argparse.Namespace) -> int:
 
 def _segment_single(args: argparse.Namespace) -> int:
     """One scan: -o names its .seg.nrrd; an extra given without a file name is named after it."""
-    from .cohort import EXTRAS, extra_paths
-    from .files import only_new_files
+    from .cohort import EXTRAS, extra_paths, input_files, load_model, segment_image
+    from .files import check_apart, only_new_files
     from .volume import read_volume
 
     if not str(args.output).endswith((".seg.nrrd", ".nrrd")):
@@ -163,19 +61,19 @@ def _segment_single(args: argparse.Namespace) -> int:
                        ".seg.nrrd (-o is a folder only for a cohort: several scans, a folder of scans or a .csv list)")
     named = extra_paths(args.output)
     extras = {key: named[key] if value is True else value for key in EXTRAS if (value := getattr(args, key))}
-    _writable(args.output, args.overwrite)
+    check_output(args.output, args.overwrite)
     for key, path in extras.items():
-        _writable(path, args.overwrite, folder=key == "probabilities")
-    _check_apart(_input_files(args, args.input[:1]),
-                 [("-o", args.output), *((f"--{k.replace('_', '-')}", p) for k, p in extras.items() if k != "probabilities")],
-                 [extras["probabilities"]] if "probabilities" in extras else [])
+        check_output(path, args.overwrite, folder=key == "probabilities")
+    check_apart(input_files(args, args.input[:1]),
+                [("-o", args.output), *((f"--{k.replace('_', '-')}", p) for k, p in extras.items() if k != "probabilities")],
+                [extras["probabilities"]] if "probabilities" in extras else [])
 
     started = time.time()
-    segmenter, conditions, settings = _model(args, args.device)
+    segmenter, conditions, settings = load_model(args, args.device)
     image = read_volume(args.input[0], series=args.series)
     progress, bar = _console_progress()
     with nullcontext() if args.overwrite else only_new_files():  # another run writing these names meanwhile: lose
-        summary = _segment_scan(segmenter, conditions, settings, image, args.input[0].name, args, args.output, extras,
+        summary = segment_image(segmenter, conditions, settings, image, args.input[0].name, args, args.output, extras,
                                 progress)
     progress(1.0, "done")
     bar.close()
@@ -197,14 +95,15 @@ def _segment_cohort(args: argparse.Namespace, scans: list) -> int:
     import torch
 
     from . import distributed
+    from .cohort import check_cohort, check_done, load_model, summarize
 
-    out = _check_cohort(args, scans)
+    out = check_cohort(args, scans)
     rank, world, local_rank = distributed.ranks()
     device = args.device
     if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
-    segmenter, conditions, settings = _model(args, device)
-    _check_done(args, scans, settings)
+    segmenter, conditions, settings = load_model(args, device)
+    check_done(args, scans, settings)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     mine = _run_share(args, segmenter, conditions, settings, scans, rank, world)
@@ -212,7 +111,7 @@ def _segment_cohort(args: argparse.Namespace, scans: list) -> int:
     try:
         everyone = distributed.gather(mine)
         if rank == 0:
-            _report(out, scans, everyone, time.time() - started, settings)
+            summarize(out, scans, everyone, time.time() - started, settings)
     except BaseException:
         distributed.finish(wait=False)
         raise
@@ -220,59 +119,10 @@ def _segment_cohort(args: argparse.Namespace, scans: list) -> int:
     return 2 if any(failed for _, _, failed in everyone) else 0
 
 
-def _check_cohort(args: argparse.Namespace, scans: list) -> Path:
-    """Refuse, before any work, what a cohort cannot do; returns the output folder."""
-    from .cohort import EXTRAS, TABLE, VOLUME_SUFFIXES
-
-    out = args.output
-    if args.series:
-        raise LCSError("--series picks a series of one DICOM folder; it does not apply to a cohort")
-    if out.name.lower().endswith(VOLUME_SUFFIXES) or out.is_file():
-        raise LCSError(f"-o {out}: {len(scans)} scans are segmented into a folder; give -o a folder "
-                       "(each scan writes FOLDER/<name>.seg.nrrd)")
-    for key, suffix in EXTRAS.items():
-        if getattr(args, key) not in (None, True):
-            also = f", and {out}/{TABLE} gathers them" if key == "volumes_csv" else ""
-            raise LCSError(f"--{key.replace('_', '-')} {getattr(args, key)}: in a cohort this option takes no file "
-                           f"name; each scan writes {out}/<name>{suffix}{also}")
-    if out.resolve() in {p.resolve() for p in args.input if p.is_dir()}:
-        raise LCSError(f"-o {out} is the folder of the scans; write the results into another folder")
-    _writable(out, overwrite=True, folder=True)
-    outputs = [("the cohort table", out / TABLE)]
-    for scan in scans:
-        named = _cohort_paths(args, scan)
-        outputs += [(f"output of scan {scan.name}", path) for key, path in named.items() if key != "probabilities"]
-    _check_apart(_input_files(args, [scan.path for scan in scans]), outputs,
-                 [out / f"{scan.name}{EXTRAS['probabilities']}" for scan in scans] if args.probabilities else [])
-    return out
-
-
-def _cohort_paths(args: argparse.Namespace, scan) -> dict[str, Path]:
-    """A cohort scan's outputs: OUT/NAME.seg.nrrd ("seg"), its volumes CSV and the extras asked for."""
-    from .cohort import extra_paths
-
-    seg = args.output / f"{scan.name}.seg.nrrd"
-    return {"seg": seg, **{key: path for key, path in extra_paths(seg).items() if key == "volumes_csv" or getattr(args, key)}}
-
-
-def _check_done(args: argparse.Namespace, scans: list, settings: dict) -> None:
-    """Refuse, before any work, a rerun into a folder whose done scans were made with other settings (labels, model,
-    registration, threshold): skipping them would give old results, and the table would mix them. --overwrite
-    segments them again."""
-    from .record import difference, recorded
-
-    if args.overwrite:
-        return
-    for scan in scans:
-        seg = _cohort_paths(args, scan)["seg"]
-        if seg.is_file() and (change := difference(recorded(seg), settings)):
-            raise LCSError(f"{seg} was segmented with {change}; segment into another folder, or pass --overwrite "
-                           f"to segment the scans of {args.output} again")
-
-
 def _run_share(args: argparse.Namespace, segmenter, conditions, settings: dict, scans: list, rank: int, world: int):
     """Segment this process's share of the scans, one line each; returns (done names, skipped names,
     [(name, path, reason)] of the failed). A KeyboardInterrupt stops the run (Cancelled)."""
+    from .cohort import segment_scan
     from .progress import progress_bar
 
     where = f" (process {rank} of {world})" if world > 1 else ""
@@ -287,9 +137,9 @@ def _run_share(args: argparse.Namespace, segmenter, conditions, settings: dict, 
                 bar.set_description_str(f"{name}: {message}"[:48].ljust(48))
                 bar.refresh()
             try:
-                summary = _cohort_scan(args, segmenter, conditions, settings, scan, progress)
+                summary = segment_scan(args, segmenter, conditions, settings, scan, progress)
             except Exception as error:  # noqa: BLE001 - a failing scan is reported and the cohort goes on
-                failed.append((scan.name, str(scan.path), _reason(error)))
+                failed.append((scan.name, str(scan.path), one_line(error)))
                 _say(f"{head}: failed: {failed[-1][2]}{where}")
             else:
                 (done if summary else skipped).append(scan.name)
@@ -302,65 +152,6 @@ def _run_share(args: argparse.Namespace, segmenter, conditions, settings: dict, 
     finally:
         bar.close()
     return done, skipped, failed
-
-
-def _cohort_scan(args: argparse.Namespace, segmenter, conditions, settings: dict, scan, progress,
-                 cancel=None) -> str | None:
-    """One scan of a cohort into OUT/<name>.seg.nrrd and the extras asked for: its summary with the time it took,
-    or None when a previous run did it with these settings (the .seg.nrrd is written last, so its presence means
-    done). The scan's lock keeps a second run off its files meanwhile."""
-    from .files import claim
-    from .record import difference, recorded
-    from .volume import read_volume
-
-    extras = _cohort_paths(args, scan)
-    seg = extras.pop("seg")
-    with claim(args.output, scan.name) as mine:
-        if not mine:
-            raise LCSError(f"another run is segmenting it into {args.output} now (lock {args.output}/.{scan.name}.lock; "
-                           "delete that file if no run is)")
-        if seg.exists() and not args.overwrite:
-            if change := difference(recorded(seg), settings):  # another run finished it meanwhile
-                raise LCSError(f"{seg} was segmented meanwhile with {change}; pass --overwrite to segment it again")
-            if all(path.exists() for path in extras.values()):
-                return None
-            # done with these settings, but without an output asked for now: segment it again
-        began = time.time()
-        summary = _segment_scan(segmenter, conditions, settings, read_volume(scan.path), scan.name, args, seg, extras,
-                                progress, cancel)
-    return f"{summary} in {time.time() - began:.1f} s"
-
-
-def _report(out: Path, scans: list, everyone: list, seconds: float, settings: dict) -> None:
-    """Rank 0, once every process is done: the cohort table (the scans done with this run's settings only), a
-    summary line and the failures of all processes."""
-    from .cohort import TABLE, write_table
-    from .record import difference, recorded
-
-    done, skipped, failed = ([x for part in everyone for x in part[i]] for i in range(3))
-    current = [s for s in scans if difference(recorded(out / f"{s.name}.seg.nrrd"), settings) is None]
-    rows = write_table(out, current)
-    older = sum((out / f"{s.name}.seg.nrrd").is_file() for s in scans) - len(current)
-    left_out = f"; {older} scans with results of other settings left out of it" if older else ""
-    rate = f" ({60 * len(done) / seconds:.2f} scans per minute)" if done else ""
-    print(f"{len(done)} of {len(scans)} scans segmented in {seconds:.1f} s{rate}, {len(skipped)} skipped (done "
-          f"before), {len(failed)} failed; wrote {out / TABLE} ({rows} rows{left_out})", flush=True)
-    if failed:
-        print(f"lcs: error: {len(failed)} of {len(scans)} scans failed:", file=sys.stderr)
-        for name, path, reason in failed:
-            print(f"lcs:   {name}: {reason}" + ("" if path in reason else f" ({path})"), file=sys.stderr, flush=True)
-
-
-def _reason(error: Exception) -> str:
-    """A failure on one line: an LCSError or OSError says what to do; anything else also names its type."""
-    if isinstance(error, OSError):
-        text = f"{error.strerror or error} ({error.filename or 'output'})"
-    else:
-        lines = str(error).strip().splitlines() or [""]
-        text = lines[-1] if isinstance(error, RuntimeError) else lines[0]  # ITK puts its message last
-        if not isinstance(error, LCSError):
-            text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text[:300]
 
 
 def labels(args: argparse.Namespace) -> None:
@@ -384,7 +175,7 @@ def atlas(args: argparse.Namespace) -> None:
     from .outputs import ATLAS_FILES, write_atlas
 
     for name in ATLAS_FILES.values():
-        _writable(args.output / name, args.overwrite)
+        check_output(args.output / name, args.overwrite)
     written = write_atlas(Checkpoint.load(args.checkpoint), args.output)
     print("wrote " + ", ".join(str(path) for path in written))
     print(f"paint a region on {written[0]} (in Slicer: load it with {written[1].name}, add a segment in Segment Editor, "

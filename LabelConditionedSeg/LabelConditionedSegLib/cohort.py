@@ -1,17 +1,23 @@
-"""A cohort for `lcs segment`: which scans, under which names, and the one volumes table that gathers them.
+"""A cohort for `lcs segment`: which scans, under which names, the checks before any work, each scan segmented and
+written, and the one volumes table that gathers them. The CLI (a cohort, or one scan) and a Slicer folder batch
+(batch.py) take these same steps.
 
 Each scan writes OUT/<name>.seg.nrrd, last, and OUT/<name>_volumes.csv beside it, so a re-run, or another process
 of a torchrun job, tells a done scan from its files alone, and the cohort table is rebuilt from those files."""
 from __future__ import annotations
 
+import argparse
 import csv
 import io
+import re
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from .errors import LCSError
-from .files import write_text
+from .files import check_apart, check_output, write_text
 
 # Image files that make a folder a cohort (a folder without any is read as one DICOM series).
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".mnc")
@@ -128,3 +134,164 @@ def write_table(folder: Path, scans: Sequence[Scan]) -> int:
                     rows += 1
     write_text(text.getvalue(), folder / TABLE)
     return rows
+
+
+def input_files(args: argparse.Namespace, scans: list[Path]) -> list[tuple[str, Path]]:
+    """Every file the run reads, with what it is: the scans (each file of a DICOM folder), the .csv lists, the
+    checkpoint and the painted masks."""
+    named = [*(("the scan", p) for p in scans), *(("the list", p) for p in args.input if p.suffix.lower() == ".csv"),
+             ("the checkpoint", args.checkpoint), *(("the --condition mask", p) for p in args.condition)]
+    return [(what, f) for what, p in named for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+
+
+def load_model(args: argparse.Namespace, device: str):
+    """The checkpoint loaded once, its Segmenter on `device`, the conditions asked for (the same for every scan) and
+    the settings each result records (record.run_settings)."""
+    from .checkpoint import Checkpoint
+    from .pipeline import Segmenter
+    from .record import run_settings
+    from .volume import read_volume
+
+    checkpoint = Checkpoint.load(args.checkpoint)
+    segmenter = Segmenter(checkpoint, device, messages=lambda m: print(f"lcs: {m}", file=sys.stderr))
+    masks = [(name, read_volume(path, mask=True)) for name, path in zip(args.name, args.condition)]
+    names = [x for x in (args.labels or "").split(",") if x.strip()]
+    if args.labels is not None and not names:
+        raise LCSError(f"--labels {args.labels!r} names no label; give names or values separated by commas, or use --all")
+    if args.all or (not names and not masks):
+        names = [str(label.value) for label in checkpoint.label_table]
+    conditions = segmenter.conditions(names, masks)
+    return segmenter, conditions, run_settings(args.checkpoint, conditions, args.registration, args.threshold)
+
+
+def segment_image(segmenter, conditions, settings: dict, image, image_name: str, args: argparse.Namespace,
+                  seg: Path, extras: dict[str, Path], progress, cancel=None) -> str:
+    """Segment one image and write its outputs, the .seg.nrrd last: a cohort takes that file as the sign that the
+    scan is done. Returns the summary ("segmented 5 of 6 labels (found nowhere: X)"). `cancel()` true stops the
+    computation (Cancelled), before anything is written."""
+    from .files import write_image
+    from .outputs import write_labelmap, write_overlay_png, write_seg_nrrd, write_volumes_csv
+    from .quality import describe
+
+    prepared = segmenter.prepare(image, args.registration, lambda f, m: progress(0.3 * f, m), cancel)
+    on_probability = None
+    if "probabilities" in extras:
+        folder = extras["probabilities"]
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def on_probability(condition, probability):
+            safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", condition.name)
+            write_image(probability, folder / f"{condition.value}_{safe}.nii.gz")
+
+    result = segmenter.segment(prepared, conditions, args.threshold, on_probability,
+                               lambda f, m: progress(0.3 + 0.7 * f, m), cancel)
+    missing = result.missing
+    summary = f"segmented {len(conditions) - len(missing)} of {len(conditions)} labels" + (
+        f" (found nowhere: {', '.join(missing)})" if missing else "")
+    if check := describe(result.check, result.volumes()):
+        summary += f"; CHECK FAILED: {check}"
+        print(f"lcs: warning: {image_name}: {check}; the registration may have failed, or the scan is not the "
+              "anatomy or contrast this model knows: look at it with --overlay, try another --registration, and do "
+              "not use these volumes unchecked", file=sys.stderr, flush=True)
+    seg.parent.mkdir(parents=True, exist_ok=True)
+    if "labelmap" in extras:
+        write_labelmap(result.labelmap, max(c.value for c in conditions), extras["labelmap"])
+    if "volumes_csv" in extras:
+        write_volumes_csv(result, extras["volumes_csv"])
+    if "overlay" in extras:
+        write_overlay_png(image, result.labelmap, conditions, extras["overlay"], title=summary, scan=image_name,
+                          model=segmenter.checkpoint.provenance.get("name"), registration=args.registration)
+    write_seg_nrrd(result, seg, settings)
+    return summary
+
+
+def check_cohort(args: argparse.Namespace, scans: list) -> Path:
+    """Refuse, before any work, what a cohort cannot do; returns the output folder."""
+    out = args.output
+    if args.series:
+        raise LCSError("--series picks a series of one DICOM folder; it does not apply to a cohort")
+    if out.name.lower().endswith(VOLUME_SUFFIXES) or out.is_file():
+        raise LCSError(f"-o {out}: {len(scans)} scans are segmented into a folder; give -o a folder "
+                       "(each scan writes FOLDER/<name>.seg.nrrd)")
+    for key, suffix in EXTRAS.items():
+        if getattr(args, key) not in (None, True):
+            also = f", and {out}/{TABLE} gathers them" if key == "volumes_csv" else ""
+            raise LCSError(f"--{key.replace('_', '-')} {getattr(args, key)}: in a cohort this option takes no file "
+                           f"name; each scan writes {out}/<name>{suffix}{also}")
+    if out.resolve() in {p.resolve() for p in args.input if p.is_dir()}:
+        raise LCSError(f"-o {out} is the folder of the scans; write the results into another folder")
+    check_output(out, overwrite=True, folder=True)
+    outputs = [("the cohort table", out / TABLE)]
+    for scan in scans:
+        named = _outputs(args, scan)
+        outputs += [(f"output of scan {scan.name}", path) for key, path in named.items() if key != "probabilities"]
+    check_apart(input_files(args, [scan.path for scan in scans]), outputs,
+                [out / f"{scan.name}{EXTRAS['probabilities']}" for scan in scans] if args.probabilities else [])
+    return out
+
+
+def _outputs(args: argparse.Namespace, scan) -> dict[str, Path]:
+    """A cohort scan's outputs: OUT/NAME.seg.nrrd ("seg"), its volumes CSV and the extras asked for."""
+    seg = args.output / f"{scan.name}.seg.nrrd"
+    return {"seg": seg, **{key: path for key, path in extra_paths(seg).items() if key == "volumes_csv" or getattr(args, key)}}
+
+
+def check_done(args: argparse.Namespace, scans: list, settings: dict) -> None:
+    """Refuse, before any work, a rerun into a folder whose done scans were made with other settings (labels, model,
+    registration, threshold): skipping them would give old results, and the table would mix them. --overwrite
+    segments them again."""
+    from .record import difference, recorded
+
+    if args.overwrite:
+        return
+    for scan in scans:
+        seg = _outputs(args, scan)["seg"]
+        if seg.is_file() and (change := difference(recorded(seg), settings)):
+            raise LCSError(f"{seg} was segmented with {change}; segment into another folder, or pass --overwrite "
+                           f"to segment the scans of {args.output} again")
+
+
+def segment_scan(args: argparse.Namespace, segmenter, conditions, settings: dict, scan, progress,
+                 cancel=None) -> str | None:
+    """One scan of a cohort into OUT/<name>.seg.nrrd and the extras asked for: its summary with the time it took,
+    or None when a previous run did it with these settings (the .seg.nrrd is written last, so its presence means
+    done). The scan's lock keeps a second run off its files meanwhile."""
+    from .files import claim
+    from .record import difference, recorded
+    from .volume import read_volume
+
+    extras = _outputs(args, scan)
+    seg = extras.pop("seg")
+    with claim(args.output, scan.name) as mine:
+        if not mine:
+            raise LCSError(f"another run is segmenting it into {args.output} now (lock {args.output}/.{scan.name}.lock; "
+                           "delete that file if no run is)")
+        if seg.exists() and not args.overwrite:
+            if change := difference(recorded(seg), settings):  # another run finished it meanwhile
+                raise LCSError(f"{seg} was segmented meanwhile with {change}; pass --overwrite to segment it again")
+            if all(path.exists() for path in extras.values()):
+                return None
+            # done with these settings, but without an output asked for now: segment it again
+        began = time.time()
+        summary = segment_image(segmenter, conditions, settings, read_volume(scan.path), scan.name, args, seg, extras,
+                                progress, cancel)
+    return f"{summary} in {time.time() - began:.1f} s"
+
+
+def summarize(out: Path, scans: list, everyone: list, seconds: float, settings: dict) -> None:
+    """Rank 0, once every process is done: the cohort table (the scans done with this run's settings only), a
+    summary line and the failures of all processes."""
+    from .record import difference, recorded
+
+    done, skipped, failed = ([x for part in everyone for x in part[i]] for i in range(3))
+    current = [s for s in scans if difference(recorded(out / f"{s.name}.seg.nrrd"), settings) is None]
+    rows = write_table(out, current)
+    older = sum((out / f"{s.name}.seg.nrrd").is_file() for s in scans) - len(current)
+    left_out = f"; {older} scans with results of other settings left out of it" if older else ""
+    rate = f" ({60 * len(done) / seconds:.2f} scans per minute)" if done else ""
+    print(f"{len(done)} of {len(scans)} scans segmented in {seconds:.1f} s{rate}, {len(skipped)} skipped (done "
+          f"before), {len(failed)} failed; wrote {out / TABLE} ({rows} rows{left_out})", flush=True)
+    if failed:
+        print(f"lcs: error: {len(failed)} of {len(scans)} scans failed:", file=sys.stderr)
+        for name, path, reason in failed:
+            print(f"lcs:   {name}: {reason}" + ("" if path in reason else f" ({path})"), file=sys.stderr, flush=True)

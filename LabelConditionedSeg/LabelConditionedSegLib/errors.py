@@ -10,3 +10,21 @@ class Cancelled(LCSError):
 
     def __init__(self, message: str = "cancelled by the user; nothing was changed"):
         super().__init__(message)
+
+
+def itk_message(error: RuntimeError) -> str:
+    """What a failed ITK filter says, for a one-line message: ITK's exception text names the source file and line
+    first and its message last, so the last line, cut to 120 characters."""
+    return (str(error).strip().splitlines() or [""])[-1][:120]
+
+
+def one_line(error: Exception) -> str:
+    """A failure on one line: an LCSError or OSError says what to do; anything else also names its type."""
+    if isinstance(error, OSError):
+        text = f"{error.strerror or error} ({error.filename or 'output'})"
+    else:
+        lines = str(error).strip().splitlines() or [""]
+        text = lines[-1] if isinstance(error, RuntimeError) else lines[0]  # ITK puts its message last
+        if not isinstance(error, LCSError):
+            text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text[:300]

@@ -117,6 +117,39 @@ def file_identity(path: Path) -> tuple:
         return ("path", real.casefold() if CASE_INSENSITIVE else real)
 
 
+def check_output(path: Path | None, overwrite: bool, folder: bool = False) -> None:
+    """Refuse before any work: an existing output (without --overwrite) or a folder we cannot write."""
+    if path is None:
+        return
+    if not folder and path.is_dir():
+        raise LCSError(f"{path} is a folder; give a file name for this output")
+    if path.exists() and not overwrite and not (folder and path.is_dir() and not any(path.iterdir())):
+        raise LCSError(f"{path} already exists; choose another name or pass --overwrite")
+    check_writable(path, path if folder and path.is_dir() else path.parent)
+
+
+def check_apart(inputs: list[tuple[str, Path]], outputs: list[tuple[str, Path]], folders: list[Path] = ()) -> None:
+    """Refuse, before any work, an output that is an input of the run or another of its outputs, however its path is
+    spelled (links, ./, letter case on disks that ignore it): --overwrite never covers that. `folders` (of
+    probability maps) may hold no input."""
+    seen: dict[tuple, tuple[str, Path]] = {}
+    for what, path in inputs:
+        seen.setdefault(file_identity(path), (what, path))
+    for option, path in outputs:
+        key = file_identity(path)
+        if key in seen:
+            what, other = seen[key]
+            same = "" if str(other) == str(path) else f" {other}"
+            raise LCSError(f"{option} {path} is {what}{same}: an output never replaces an input or another output, "
+                           "not even with --overwrite; give it another name")
+        seen[key] = (f"the {option} output", path)
+    for folder in folders:
+        inside = next((p for _, p in inputs if file_identity(p.parent) == file_identity(folder)), None)
+        if inside is not None:
+            raise LCSError(f"--probabilities {folder} holds the input {inside}; give the probability maps a folder "
+                           "of their own")
+
+
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> None:
     """sitk.WriteImage, atomically (but for formats of two files, DETACHED, written in place)."""
     if str(path).lower().endswith(DETACHED):

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import Cancelled, LCSError
+from .errors import Cancelled, LCSError, itk_message
 
 REGISTRATIONS = ("affine", "rigid", "none", "deformable")  # deformable: affine here, then deformable.py
 SAMPLING = 0.1  # share of the atlas voxels (of its mask) that mutual information is computed on
@@ -210,7 +210,7 @@ def _execute(method: sitk.ImageRegistrationMethod, fixed, moving, cancel) -> sit
     except RuntimeError as error:
         if cancel is not None and cancel():
             raise Cancelled() from None
-        raise LCSError(f"registration to the atlas failed ({str(error).strip().splitlines()[-1][:100]}); "
+        raise LCSError(f"registration to the atlas failed ({itk_message(error)}); "
                        "try --registration rigid or none") from None
     if cancel is not None and cancel():
         raise Cancelled()

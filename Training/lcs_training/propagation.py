@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from LabelConditionedSegLib.errors import LCSError
+from LabelConditionedSegLib.errors import LCSError, itk_message
 from LabelConditionedSegLib.geometry import no_finer_than
 
 FOLD_FREE = 0.4  # B-spline coefficients below this share of the control-point spacing keep the warp free of folds
@@ -44,7 +44,7 @@ def bspline_propagate(subject: sitk.Image, atlas_image: sitk.Image, atlas_labels
         method.Execute(fixed, sitk.Cast(atlas_image, sitk.sitkFloat32))
         transform = sitk.CompositeTransform([to_atlas, bspline])
     except RuntimeError as error:
-        say(f"B-spline registration failed ({str(error).strip().splitlines()[-1][:120]}); its labels are the affine's")
+        say(f"B-spline registration failed ({itk_message(error)}); its labels are the affine's")
         transform = to_atlas
     return sitk.Resample(atlas_labels, subject, transform, sitk.sitkNearestNeighbor, 0)
 
