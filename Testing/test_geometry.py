@@ -56,6 +56,7 @@ def test_registration_recovers_a_moved_reoriented_cropped_scan(colin27, tiny, up
     assert brain > dice(t > 0, unregistered > 0) + 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("angles", [(0.45, 0.0, 0.3), (0.0, 0.4, -0.4)])
 def test_registration_recovers_a_head_turned_beyond_the_reach_of_a_descent_from_the_centres_of_mass(colin27, demo,
                                                                                                    upright, angles):
@@ -70,6 +71,7 @@ def test_registration_recovers_a_head_turned_beyond_the_reach_of_a_descent_from_
     assert dice(sitk.GetArrayFromImage(truth) > 0, sitk.GetArrayFromImage(propagated) > 0) > 0.9
 
 
+@pytest.mark.slow
 def test_affine_registration_finds_a_pd_head_whose_grey_and_white_matter_look_alike(colin27, demo):
     """Fitted on the brain alone, the affine step drifted on PD-like heads (affine propagation Dice 0.17 on this
     one); the fit on the brain with the head around it matches better there and wins (0.64)."""

@@ -65,6 +65,7 @@ def test_file_identity_sees_one_file_in_every_spelling(tmp_path, monkeypatch):
     assert file_identity(tmp_path / "New.csv") == file_identity(tmp_path / "new.csv")
 
 
+@pytest.mark.slow
 def test_a_cohort_rerun_with_other_settings_is_refused_and_the_table_never_mixes_them(scans, tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     common = ["segment", scans, "-o", out, "--checkpoint", tiny_checkpoint, "--device", "cpu", "--quiet"]

@@ -151,6 +151,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_folder_batch_writes_what_lcs_segment_writes_and_goes_on_after_cancel(scene, folder, tiny_checkpoint,
                                                                                tmp_path):
     assert main(["segment", str(folder), "-o", str(tmp_path / "cli"), "--checkpoint", str(tiny_checkpoint),

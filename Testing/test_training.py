@@ -225,6 +225,7 @@ def test_resume_needs_a_saved_state_with_its_settings(colin27, tmp_path, capsys)
     assert len(err) == 1 and "without the run's settings" in err[0], err
 
 
+@pytest.mark.slow
 def test_the_cli_resumes_a_run_with_its_saved_settings(colin27, tmp_path, capsys):
     """`lcs train -o OUT --resume` continues a 8 mm run on its 8 mm grid; an option given with another value is refused,
     even when that value is the option's default."""
