@@ -33,8 +33,12 @@ class Prepared:
     model_image: np.ndarray  # normalized, on the model grid (z, y, x)
     encoded: Encoded
     prior: Prior | None = None  # the atlas warped onto this volume (registration "deformable")
-    check: str = ""  # what looks wrong with the registration (quality.Match.problem), '' when nothing does
-    match: Match | None = None  # the measures the check read
+    match: Match | None = None  # how the registered volume matches the atlas (Segmenter.match)
+
+    @property
+    def check(self) -> str:
+        """What looks wrong with the registration (quality.Match.problem), '' when nothing does."""
+        return self.match.problem() if self.match is not None else ""
 
     def conditions(self, conditions: Sequence[Condition]) -> list[Condition]:
         """The conditions as this volume is decoded with them: warped onto it under a deformable prior."""
@@ -136,8 +140,7 @@ class Segmenter:
             prior = deformable_prior(model_image, atlas, self.checkpoint.atlas_image, cancel, atlas_mask=brain)
         step(0.5, f"encoding on {self.device}")
         encoded = self.engine.encode(model_image, None if prior is None else prior.atlas_image)
-        match = self.match(image, transform, model_image, prior)
-        return Prepared(image, transform, model_image, encoded, prior, match.problem(), match)
+        return Prepared(image, transform, model_image, encoded, prior, self.match(image, transform, model_image, prior))
 
     def match(self, image: sitk.Image, transform: sitk.Transform, model_image: np.ndarray,
               prior: Prior | None = None) -> Match:
