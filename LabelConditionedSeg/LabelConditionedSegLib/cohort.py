@@ -190,8 +190,7 @@ def segment_image(segmenter, conditions, settings: dict, image, image_name: str,
         f" (found nowhere: {', '.join(missing)})" if missing else "")
     if check := describe(result.check, result.volumes()):
         summary += f"; CHECK FAILED: {check}"
-        print(f"lcs: warning: {image_name}: {check}; the registration may have failed, or the scan is not the "
-              "anatomy or contrast this model knows: look at it with --overlay, try another --registration, and do "
+        print(f"lcs: warning: {image_name}: {check}. Look at it with --overlay, try another --registration, and do "
               "not use these volumes unchecked", file=sys.stderr, flush=True)
     seg.parent.mkdir(parents=True, exist_ok=True)
     if "labelmap" in extras:

@@ -14,8 +14,8 @@ class Cancelled(LCSError):
 
 def itk_message(error: RuntimeError) -> str:
     """What a failed ITK filter says, for a one-line message: ITK's exception text names the source file and line
-    first and its message last, so the last line, cut to 120 characters."""
-    return (str(error).strip().splitlines() or [""])[-1][:120]
+    first and its message last, so the last line, cut to 200 characters."""
+    return (str(error).strip().splitlines() or [""])[-1][:200]
 
 
 def one_line(error: Exception) -> str:
@@ -23,8 +23,7 @@ def one_line(error: Exception) -> str:
     if isinstance(error, OSError):
         text = f"{error.strerror or error} ({error.filename or 'output'})"
     else:
-        lines = str(error).strip().splitlines() or [""]
-        text = lines[-1] if isinstance(error, RuntimeError) else lines[0]  # ITK puts its message last
+        text = itk_message(error) if isinstance(error, RuntimeError) else (str(error).strip().splitlines() or [""])[0]
         if not isinstance(error, LCSError):
             text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text[:300]

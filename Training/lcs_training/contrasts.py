@@ -74,11 +74,11 @@ def contrast_heads(data: Path, atlas: str, contrasts: list[str]
     return {c: image if c == "t1" else paint(image, classes, c) for c in contrasts}, labels, mask
 
 
-def contrast_subjects(heads: dict[str, sitk.Image], labels: sitk.Image, mask: sitk.Image, count: int, seed: int
-                      ) -> Iterator[tuple[str, sitk.Image, sitk.Image]]:
-    """(contrast, image, truth) of `count` held-out subjects of each head (contrast_heads), made by the unlike
-    generator from the seeds of `lcs evaluate --unlike` (never those of training or validation)."""
+def contrast_subjects(heads: dict[str, sitk.Image], labels: sitk.Image, mask: sitk.Image, count: int, seed: int,
+                      stream: int = 30_000) -> Iterator[tuple[str, sitk.Image, sitk.Image]]:
+    """(contrast, image, truth) of `count` subjects of each head (contrast_heads), made by the unlike generator from
+    the seeds [seed, stream + i]: by default those of `lcs evaluate --unlike`'s held-out subjects."""
     for contrast, head in heads.items():
         generator = SubjectGenerator(head, labels, mask)
         for i in range(count):
-            yield (contrast, *unlike_subject(generator, np.random.default_rng([seed, 30_000 + i])))
+            yield (contrast, *unlike_subject(generator, np.random.default_rng([seed, stream + i])))

@@ -42,23 +42,30 @@ from .synth import Strength, SubjectGenerator, random_grid
 FIELDS = ["subject", "contrast", "method", "value", "name", "dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct",
           "seconds"]
 CHECK_FIELDS = ["subject", "contrast", "registration", "coverage", "alignment", "edges", "deformable_alignment", "check"]
+# Subject i of a kind is drawn from the seeds [--seed, stream + i]. Held-out subjects are a test set that never picks
+# anything; settings and thresholds are chosen on the validation streams (--validation), which share no seed with
+# them nor with training's validation ([seed, 10000]).
+HELDOUT_STREAMS = {"like": 20_000, "unlike": 30_000}
+VALIDATION_STREAMS = {"like": 40_000, "unlike": 50_000}
 # What the atlas labels are propagated with, after each registration of `lcs segment --registration`.
 PROPAGATION = {"affine": "affine propagation", "deformable": "affine propagation", "rigid": "rigid propagation",
                "none": "unregistered atlas labels"}
 
 
-def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: int, unlike: bool = False):
+def heldout_subjects(data: Path, atlas: str, count: int, strength: float, seed: int, unlike: bool = False,
+                     streams: dict[str, int] = HELDOUT_STREAMS):
     """(image, truth) pairs on random grids (0.9-1.6x the source spacing), from the data folder's atlas case; or
-    the second generator's, unlike training's in every setting (`strength` is then unused)."""
+    the second generator's, unlike training's in every setting (`strength` is then unused). `streams`:
+    VALIDATION_STREAMS gives validation subjects of the same kinds instead."""
     if unlike:
-        subjects = contrast_subjects(*contrast_heads(data, atlas, ["t1"]), count, seed)
+        subjects = contrast_subjects(*contrast_heads(data, atlas, ["t1"]), count, seed, streams["unlike"])
         yield from ((image, truth) for _, image, truth in subjects)
         return
     heads, labels, mask = contrast_heads(data, atlas, ["t1"])
     image = heads["t1"]
     generator = SubjectGenerator(image, labels, mask)
     for i in range(count):
-        rng = np.random.default_rng([seed, 20_000 + i])
+        rng = np.random.default_rng([seed, streams["like"] + i])
         grid = random_grid(image, rng, spacing_range=(0.9 * min(image.GetSpacing()), 1.6 * min(image.GetSpacing())))
         yield generator.sample(rng, Strength().times(strength), grid=grid)
 
@@ -193,10 +200,12 @@ class Scoring:
 
 def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength: float, seed: int, out: Path,
              device: str = "auto", baselines: list[Path] = (), bspline: bool = False, unlike: bool = False,
-             registration: str = "affine", contrasts: list[str] = (), ants: bool = False) -> dict[str, float]:
+             registration: str = "affine", contrasts: list[str] = (), ants: bool = False,
+             streams: dict[str, int] = HELDOUT_STREAMS) -> dict[str, float]:
     """Mean Dice per method (see Scoring) over labels and synthetic held-out subjects (and seconds per case); writes
     CSV and PNGs to `out`. The atlas labels propagated are the data folder's atlas case, at its own resolution.
-    `contrasts` (of contrasts.CONTRASTS): `count` subjects of the unlike generator in each, scored per contrast."""
+    `contrasts` (of contrasts.CONTRASTS): `count` subjects of the unlike generator in each, scored per contrast.
+    `streams`: VALIDATION_STREAMS scores validation subjects instead of held-out ones."""
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Checkpoint.load(checkpoint_path)
     values = checkpoint.label_table.values
@@ -205,11 +214,11 @@ def evaluate(checkpoint_path: Path, data: Path, atlas: str, count: int, strength
     heads = None
     if contrasts:
         heads, labels, mask = contrast_heads(data, atlas, list(contrasts))
-        subjects = contrast_subjects(heads, labels, mask, count, seed)
+        subjects = contrast_subjects(heads, labels, mask, count, seed, streams["unlike"])
     else:
-        subjects = (("t1", *subject) for subject in heldout_subjects(data, atlas, count, strength, seed, unlike))
+        subjects = (("t1", *subject) for subject in heldout_subjects(data, atlas, count, strength, seed, unlike, streams))
     total = count * max(1, len(contrasts))
-    for i, (contrast, image, truth) in enumerate(progress_bar(subjects, total=total, desc="held-out subjects")):
+    for i, (contrast, image, truth) in enumerate(progress_bar(subjects, total=total, desc="subjects")):
         scoring.score(i % count, image, sitk.GetArrayFromImage(truth), values, contrast)
     return scoring.write(out, heads)
 
@@ -294,6 +303,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contrasts", type=parse_contrasts, default=[], metavar="LIST",
                         help=f"the --unlike subjects (implied) as these sequences show them, --subjects of each, scored "
                              f"per contrast: a comma-separated list of {', '.join(CONTRASTS)}")
+    parser.add_argument("--validation", action="store_true",
+                        help="score validation subjects of the same kind (other seeds) instead of the held-out ones: "
+                             "choose settings and thresholds on these, and report the held-out figures")
     parser.add_argument("--registration", default="affine", choices=list(PROPAGATION),
                         help="registration of 'lcs' and of the atlas propagation, as in lcs segment")
     parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
@@ -303,9 +315,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.folder is not None:
-        if args.data is not None or args.unlike or args.contrasts:
-            raise LCSError("--folder scores real test scans; --data, --unlike and --contrasts are for synthetic "
-                           "subjects: drop them")
+        if args.data is not None or args.unlike or args.contrasts or args.validation:
+            raise LCSError("--folder scores real test scans; --data, --unlike, --contrasts and --validation are for "
+                           "synthetic subjects: drop them")
         s = evaluate_folder(args.checkpoint, args.folder, args.out, args.device, args.baseline, args.bspline,
                             args.registration, args.ants)
         what, count = f"test scans of {args.folder}: {s['cases']:.0f} scored", f"cases={s['cases']:.0f}"
@@ -315,11 +327,12 @@ def run(args: argparse.Namespace) -> None:
             data = args.data or write_colin27_aal(Path(tmp) / "colin27")
             s = evaluate(args.checkpoint, data, args.atlas, args.subjects, args.strength, args.seed, args.out,
                          args.device, args.baseline, args.bspline, args.unlike, args.registration, args.contrasts,
-                         args.ants)
+                         args.ants, VALIDATION_STREAMS if args.validation else HELDOUT_STREAMS)
         kind = "unlike training's" if args.unlike or args.contrasts else f"strength {args.strength}"
         if args.contrasts:
             kind += f", each as {', '.join(args.contrasts)}"
-        what, count = f"held-out subjects: {args.subjects}, {kind}", f"subjects={args.subjects}"
+        what = f"{'validation' if args.validation else 'held-out'} subjects: {args.subjects}, {kind}"
+        count = f"subjects={args.subjects}"
     methods = [k for k in s if k not in ("cases", "flagged", "registrations") and "/" not in k
                and not k.endswith((" seconds", " hd95"))]
     plots = "heldout_dice.png, heldout_hd95.png" + (", heldout_contrasts.png, contrasts.png" if args.contrasts else "")
