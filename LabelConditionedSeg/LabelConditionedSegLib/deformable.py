@@ -108,36 +108,49 @@ def _bins(x: np.ndarray) -> np.ndarray:
 
 
 def in_scan_contrast(atlas: np.ndarray, regions: np.ndarray, scan: np.ndarray, grid: sitk.Image,
-                     field: sitk.Image | None = None) -> sitk.Image:
+                     field: sitk.Image | None = None, seen: np.ndarray | None = None) -> sitk.Image:
     """The atlas (normalized, on the model grid) painted in the scan's contrast (contrast_table), its tissues read
-    where the displacement `field` (of any level's grid) puts them, or where the affine step did."""
+    where the displacement `field` (of any level's grid) puts them, or where the affine step did; only where the scan
+    holds signal (`seen`), when given."""
     seen_atlas, seen_regions = atlas, regions
     if field is not None:
-        transform = sitk.DisplacementFieldTransform(
-            sitk.Resample(field, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64))
-        seen_atlas, seen_regions = (sitk.GetArrayFromImage(sitk.Resample(
-            on_grid(a, grid), grid, transform, interpolator, 0.0)) for a, interpolator in
-            ((atlas, sitk.sitkLinear), (regions.astype(np.float32), sitk.sitkNearestNeighbor)))
-    table = contrast_table(seen_atlas, scan, seen_regions.astype(np.int64))
+        seen_atlas, seen_regions = (pulled(a, field, grid, interpolator) for a, interpolator in
+                                    ((atlas, sitk.sitkLinear), (regions.astype(np.float32), sitk.sitkNearestNeighbor)))
+    keep = np.ones(scan.shape, bool) if seen is None else seen
+    table = contrast_table(seen_atlas[keep], scan[keep], seen_regions[keep].astype(np.int64))
     return on_grid(table.ravel()[_bins(atlas) + BINS * regions], grid)
 
 
+def pulled(array: np.ndarray, field: sitk.Image, grid: sitk.Image, interpolator: int = sitk.sitkLinear) -> np.ndarray:
+    """An array of the model grid pulled through a displacement field of any level's grid."""
+    transform = sitk.DisplacementFieldTransform(
+        sitk.Resample(field, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64))
+    return sitk.GetArrayFromImage(sitk.Resample(on_grid(array, grid), grid, transform, interpolator, 0.0))
+
+
 def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Image,
-                     cancel: Callable[[], bool] | None = None, atlas_mask: np.ndarray | None = None) -> Prior:
+                     cancel: Callable[[], bool] | None = None, atlas_mask: np.ndarray | None = None,
+                     seen: np.ndarray | None = None) -> Prior:
     """Demons registration of the atlas to a scan, both normalized on the model grid `grid` (z, y, x arrays).
 
     Demons pulls edges onto edges: the atlas's scalp would drag its brain into the black surroundings of a
     skull-stripped scan. So when `atlas_mask` (the atlas's brain) is given and the scan is skull-stripped, the atlas is
     stripped with it before it is matched and registered; the network still gets the whole atlas, warped.
+    Where the scan holds no signal (`seen` False: outside its field of view, a slab zeroed by defacing or a cut), the
+    atlas stands in for it, painted and warped as it is, so it pulls nothing there: otherwise the edge where the
+    scan's signal ends drags the atlas's head across it.
     `cancel` is polled every demons iteration (a few tens of milliseconds); when it returns True, Cancelled is raised."""
     fixed, atlas = on_grid(image, grid), on_grid(atlas_image, grid)
     source = atlas_image
     if atlas_mask is not None and skull_stripped(image, atlas_image, atlas_mask, grid):
         source = np.where(atlas_mask, atlas_image, 0)
     regions = np.zeros(atlas_image.shape, np.int64) if atlas_mask is None else atlas_mask.astype(np.int64)
-    moving = in_scan_contrast(source, regions, image, grid)  # demons compares intensities: make them comparable
+    moving = in_scan_contrast(source, regions, image, grid, seen=seen)  # demons compares intensities: comparable
     field = None
     for shrink, iterations in LEVELS:
+        if seen is not None:
+            painted = sitk.GetArrayViewFromImage(moving)
+            fixed = on_grid(np.where(seen, image, painted if field is None else pulled(painted, field, grid)), grid)
         level_fixed, level_moving = (sitk.Shrink(i, [shrink] * 3) if shrink > 1 else i for i in (fixed, moving))
         demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
         demons.SetNumberOfIterations(iterations)
@@ -152,7 +165,7 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
         if cancel is not None and cancel():
             raise Cancelled()
         if shrink > 1:  # read the atlas's tissues in the scan again, now that they lie closer to the scan's
-            moving = in_scan_contrast(source, regions, image, grid, field)
+            moving = in_scan_contrast(source, regions, image, grid, field, seen)
     field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
     reach = int(np.ceil(np.sqrt((sitk.GetArrayViewFromImage(field) ** 2).sum(-1)).max() / min(grid.GetSpacing())))
     transform = sitk.DisplacementFieldTransform(field)  # takes the field over: read it before

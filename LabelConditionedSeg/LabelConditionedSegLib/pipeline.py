@@ -90,7 +90,11 @@ class Proposal:
 
 def model_input(checkpoint: Checkpoint, image: sitk.Image, transform: sitk.Transform) -> np.ndarray:
     """A registered scan as the network sees it: on the checkpoint's model grid, intensity-normalized."""
-    moved = to_model_grid(image, checkpoint.atlas_image, transform)
+    return normalized_input(checkpoint, to_model_grid(image, checkpoint.atlas_image, transform))
+
+
+def normalized_input(checkpoint: Checkpoint, moved: sitk.Image) -> np.ndarray:
+    """A scan already on the model grid (to_model_grid), intensity-normalized as the network sees it."""
     mask = sitk.GetArrayFromImage(checkpoint.atlas_mask) > 0
     if not sitk.GetArrayViewFromImage(moved)[mask].any():
         raise LCSError("the input does not overlap the atlas after registration; is it the anatomy this model was trained on?")
@@ -128,7 +132,8 @@ class Segmenter:
         step(0.0, f"registering to the atlas ({registration})")
         transform = register(image, self.checkpoint.atlas_image, registration, fixed_mask=self.checkpoint.atlas_mask,
                              cancel=cancel)
-        model_image = model_input(self.checkpoint, image, transform)
+        moved = to_model_grid(image, self.checkpoint.atlas_image, transform)
+        model_image = normalized_input(self.checkpoint, moved)
         brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
         atlas = sitk.GetArrayViewFromImage(self.checkpoint.atlas_image)
         prior = None
@@ -137,7 +142,8 @@ class Segmenter:
                 self.messages(f"{self.checkpoint.provenance.get('name', 'this model')} was not trained on deformable "
                               "priors; its results may be worse than with --registration affine")
             step(0.3, "warping the atlas onto the volume (deformable)")
-            prior = deformable_prior(model_image, atlas, self.checkpoint.atlas_image, cancel, atlas_mask=brain)
+            seen = sitk.GetArrayViewFromImage(moved) != 0  # outside its field of view or zeroed: no signal
+            prior = deformable_prior(model_image, atlas, self.checkpoint.atlas_image, cancel, brain, seen)
         step(0.5, f"encoding on {self.device}")
         encoded = self.engine.encode(model_image, None if prior is None else prior.atlas_image)
         return Prepared(image, transform, model_image, encoded, prior, self.match(image, transform, model_image, prior))

@@ -194,7 +194,7 @@ class Scoring:
                                                             if r["contrast"] == contrast and r["method"] == m]))
                 summary[f"{contrast}/{m} seconds"] = float(np.mean(times))
             plot_contrast_dice(rows, order, out / "heldout_contrasts.png")
-            plot_contrast_slices({"source head": heads, "held-out subject 0": self.examples}, out / "contrasts.png")
+            plot_contrast_slices({"source head": heads, "subject 0": self.examples}, out / "contrasts.png")
         return summary
 
 
