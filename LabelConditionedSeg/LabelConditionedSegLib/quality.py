@@ -28,11 +28,14 @@ PLAUSIBLE = (0.2, 5.0)
 # Alignment (normalized mutual information over the brain and 8 mm around it, 1 = unrelated) below which the affine
 # registration failed. Validation heads in T1, T2, PD and FLAIR (the training generator, 1x and 1.5x its
 # deformation) scored 1.034-1.069; heads turned upside down or front to back under --registration none, a cylinder
-# of noise, a 12-slice slab and PD heads whose affine step drifted (Dice 0.17-0.43) 1.015-1.028.
+# of noise, a 12-slice slab and PD heads whose affine step drifted (Dice 0.17-0.43) 1.015-1.028. Validation heads of
+# the unlike generator (lcs evaluate --validation, 3 in each contrast): the 4 registered 1.035-1.042, the 8 failed
+# (Dice 0.004-0.20) 1.006-1.019.
 MIN_ALIGNMENT = 1.03
 # Edge agreement inside the brain below which the scan is not the atlas's anatomy where the registration put it.
 # Validation heads 0.095-0.162 (PD lowest); a ball and a cylinder of noise 0.029-0.065, the failed cases above
-# 0.072-0.086 (one partly failed PD head 0.095).
+# 0.072-0.086 (one partly failed PD head 0.095). Unlike-generator validation heads: registered 0.093-0.131, failed
+# 0.061-0.078.
 MIN_EDGES = 0.09
 MIN_COVERAGE = 0.5  # share of the atlas's brain inside the scan below which most labels lie outside what it shows
 LOW_VALIDATION_DICE = 0.1  # a model whose own validation Dice is below this is barely trained
