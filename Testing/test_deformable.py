@@ -223,9 +223,8 @@ def test_where_the_scan_shows_nothing_the_atlas_is_not_dragged_across_the_edge(c
             prior.field, sitk.sitkVectorFloat64, atlas.image.GetSize(), atlas.image.GetOrigin(),
             atlas.image.GetSpacing(), atlas.image.GetDirection()))
         return float(np.linalg.norm(found - truth, axis=-1)[brain & seen].mean())
-    whole = error(deformable_prior(subject, image, atlas.image, atlas_mask=brain))
     told = error(deformable_prior(cut, image, atlas.image, atlas_mask=brain, seen=seen))
     blind = error(deformable_prior(cut, image, atlas.image, atlas_mask=brain))
     moved = float(np.linalg.norm(truth, axis=-1)[brain & seen].mean())
-    # measured: the warp moves the seen brain 4.3 mm; error 0.96 mm whole, 1.06 mm told, 4.5 mm blind
-    assert told < 1.25 * whole and blind > 3 * told and blind > 0.8 * moved, (moved, whole, told, blind)
+    # measured: the warp moves the seen brain 4.3 mm; error 1.06 mm told (0.96 mm on the whole head), 4.5 mm blind
+    assert told < 0.35 * moved and blind > 3 * told and blind > 0.8 * moved, (moved, told, blind)

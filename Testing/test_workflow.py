@@ -95,6 +95,7 @@ def test_lcs_workflow_prints_the_snakefile_and_writes_templates_it_never_overwri
     assert (tmp_path / "config.yaml").read_text(encoding="utf-8") == "input: my-scans/\n"
 
 
+@pytest.mark.slow  # snakemake runs (5-10 s each on 2 cores): the slow tier, which CI runs too
 def test_a_dry_run_lists_a_job_per_bids_scan_with_memory_from_its_header(bids, tmp_path):
     out = tmp_path / "out"
     done = snakemake(tmp_path, "--dry-run", input=bids, output=out, labels=LABELS, gpus=1, threads=2,
@@ -111,6 +112,7 @@ def test_a_dry_run_lists_a_job_per_bids_scan_with_memory_from_its_header(bids, t
     assert not out.exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow  # snakemake runs (5-10 s each on 2 cores): the slow tier, which CI runs too
 def test_the_workflow_says_what_to_set_or_fix(bids, tmp_path):
     done = snakemake(tmp_path, "--dry-run", output=tmp_path / "out")
     assert done.returncode != 0
