@@ -408,6 +408,7 @@ def ctrl_c_interrupts():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.slow  # 5-8 s on 2 cores: the fast tier stays under 5 minutes; CI runs both
 def test_ctrl_c_during_an_update_saves_that_step_whole_and_resume_continues(colin27, tmp_path, ctrl_c_interrupts):
     """A real SIGINT while the optimizer applies step 3 (from a step hook, after the weights changed and before the
     step is counted): the step is completed, saved (last.lcs without validation, state.pt with the optimizer's own

@@ -227,6 +227,7 @@ def test_labels_command_lists_the_atlas(tiny_checkpoint, capsys):
     assert "lcs evaluate" in out
 
 
+@pytest.mark.slow  # 5-8 s on 2 cores: the fast tier stays under 5 minutes; CI runs both
 def test_console_script_reports_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "LabelConditionedSegLib.cli", "segment", str(tmp_path / "missing.nii.gz"),
                              "-o", str(tmp_path / "x.seg.nrrd")], capture_output=True, text=True, cwd=REPO)
@@ -236,6 +237,7 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert help_text.returncode == 0 and "--labels" in help_text.stdout and "--registration" in help_text.stdout
 
 
+@pytest.mark.slow  # 5-8 s on 2 cores: the fast tier stays under 5 minutes; CI runs both
 def test_messages_name_the_right_package_command_and_provenance(tiny_checkpoint, subject, tmp_path, capsys):
     import tomllib
     distribution = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["name"]

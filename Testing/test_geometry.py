@@ -123,6 +123,7 @@ def test_segmentation_lies_on_the_input_grid_and_matches_ground_truth(tiny, coli
     assert np.mean(scores) > 0.45, scores
 
 
+@pytest.mark.slow  # 5-8 s on 2 cores: the fast tier stays under 5 minutes; CI runs both
 def test_registration_none_for_scans_already_in_atlas_space(tiny, colin27):
     image, truth = heldout_subject(colin27, seed=3, strength=0.3, grid="atlas")
     segmenter = Segmenter(tiny, "cpu")
@@ -140,6 +141,7 @@ def test_random_grids_differ_from_the_source(colin27):
     assert all(g.GetSpacing() != image.GetSpacing() for g in grids)
 
 
+@pytest.mark.slow  # 5-8 s on 2 cores: the fast tier stays under 5 minutes; CI runs both
 def test_labels_map_back_smoothly_and_at_least_as_well_as_nearest_neighbour(colin27):
     aal = sitk.ReadImage(str(colin27 / "labels/colin27.nii.gz"))
     grid = model_grid(aal, 2.0, 16)

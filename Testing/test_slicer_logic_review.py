@@ -346,6 +346,7 @@ def test_segment_observers_follow_list_changes_not_strokes_and_go_away(scene, sc
 
 
 # ---- 7: the encoded-volume cache ----------------------------------------------------------------------------------
+@pytest.mark.slow  # 5-8 s on 2 cores: the fast tier stays under 5 minutes; CI runs both
 def test_the_encoding_cache_is_bounded_and_emptied(scene, scans, tiny_checkpoint):
     logic = SegmentationLogic(scene)
     assert logic.cacheSize() == 0 and logic.cacheDescription() == "No encoded volume cached."
