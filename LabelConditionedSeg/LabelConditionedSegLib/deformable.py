@@ -141,6 +141,7 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
     scan's signal ends drags the atlas's head across it.
     `cancel` is polled every demons iteration (a few tens of milliseconds); when it returns True, Cancelled is raised."""
     fixed, atlas = on_grid(image, grid), on_grid(atlas_image, grid)
+    seen = None if seen is None or seen.all() else seen
     source = atlas_image
     if atlas_mask is not None and skull_stripped(image, atlas_image, atlas_mask, grid):
         source = np.where(atlas_mask, atlas_image, 0)
