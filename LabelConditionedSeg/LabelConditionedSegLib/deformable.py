@@ -108,24 +108,30 @@ def _bins(x: np.ndarray) -> np.ndarray:
 
 
 def in_scan_contrast(atlas: np.ndarray, regions: np.ndarray, scan: np.ndarray, grid: sitk.Image,
-                     field: sitk.Image | None = None, seen: np.ndarray | None = None) -> sitk.Image:
+                     to_atlas: sitk.Transform | None = None, seen: np.ndarray | None = None) -> sitk.Image:
     """The atlas (normalized, on the model grid) painted in the scan's contrast (contrast_table), its tissues read
-    where the displacement `field` (of any level's grid) puts them, or where the affine step did; only where the scan
-    holds signal (`seen`), when given."""
+    where the warp `to_atlas` (field_on_grid) puts them, or where the affine step did; only where the scan holds
+    signal (`seen`), when given."""
     seen_atlas, seen_regions = atlas, regions
-    if field is not None:
-        seen_atlas, seen_regions = (pulled(a, field, grid, interpolator) for a, interpolator in
+    if to_atlas is not None:
+        seen_atlas, seen_regions = (pulled(a, to_atlas, grid, interpolator) for a, interpolator in
                                     ((atlas, sitk.sitkLinear), (regions.astype(np.float32), sitk.sitkNearestNeighbor)))
-    keep = np.ones(scan.shape, bool) if seen is None else seen
-    table = contrast_table(seen_atlas[keep], scan[keep], seen_regions[keep].astype(np.int64))
+    if seen is not None:
+        seen_atlas, scan, seen_regions = seen_atlas[seen], scan[seen], seen_regions[seen]
+    table = contrast_table(seen_atlas, scan, seen_regions.astype(np.int64))
     return on_grid(table.ravel()[_bins(atlas) + BINS * regions], grid)
 
 
-def pulled(array: np.ndarray, field: sitk.Image, grid: sitk.Image, interpolator: int = sitk.sitkLinear) -> np.ndarray:
-    """An array of the model grid pulled through a displacement field of any level's grid."""
-    transform = sitk.DisplacementFieldTransform(
+def field_on_grid(field: sitk.Image, grid: sitk.Image) -> sitk.Transform:
+    """A displacement field of any level's grid as a transform on the model grid (scan points -> atlas points)."""
+    return sitk.DisplacementFieldTransform(
         sitk.Resample(field, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64))
-    return sitk.GetArrayFromImage(sitk.Resample(on_grid(array, grid), grid, transform, interpolator, 0.0))
+
+
+def pulled(array: np.ndarray, to_atlas: sitk.Transform, grid: sitk.Image, interpolator: int = sitk.sitkLinear
+           ) -> np.ndarray:
+    """An array of the model grid pulled through the warp `to_atlas` (field_on_grid)."""
+    return sitk.GetArrayFromImage(sitk.Resample(on_grid(array, grid), grid, to_atlas, interpolator, 0.0))
 
 
 def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Image,
@@ -147,11 +153,12 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
         source = np.where(atlas_mask, atlas_image, 0)
     regions = np.zeros(atlas_image.shape, np.int64) if atlas_mask is None else atlas_mask.astype(np.int64)
     moving = in_scan_contrast(source, regions, image, grid, seen=seen)  # demons compares intensities: comparable
-    field = None
+    field = to_atlas = None
     for shrink, iterations in LEVELS:
-        if seen is not None:
+        if seen is not None:  # where the scan shows nothing, the atlas as warped so far stands in for it
             painted = sitk.GetArrayViewFromImage(moving)
-            fixed = on_grid(np.where(seen, image, painted if field is None else pulled(painted, field, grid)), grid)
+            warped_so_far = painted if to_atlas is None else pulled(painted, to_atlas, grid)
+            fixed = on_grid(np.where(seen, image, warped_so_far), grid)
         level_fixed, level_moving = (sitk.Shrink(i, [shrink] * 3) if shrink > 1 else i for i in (fixed, moving))
         demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
         demons.SetNumberOfIterations(iterations)
@@ -166,7 +173,8 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
         if cancel is not None and cancel():
             raise Cancelled()
         if shrink > 1:  # read the atlas's tissues in the scan again, now that they lie closer to the scan's
-            moving = in_scan_contrast(source, regions, image, grid, field, seen)
+            to_atlas = field_on_grid(field, grid)
+            moving = in_scan_contrast(source, regions, image, grid, to_atlas, seen)
     field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
     reach = int(np.ceil(np.sqrt((sitk.GetArrayViewFromImage(field) ** 2).sum(-1)).max() / min(grid.GetSpacing())))
     transform = sitk.DisplacementFieldTransform(field)  # takes the field over: read it before
