@@ -16,6 +16,7 @@ import torch
 from LabelConditionedSegLib.checkpoint import Checkpoint, default_checkpoint
 from LabelConditionedSegLib.cli import main
 from LabelConditionedSegLib.deformable import deformable_prior
+from LabelConditionedSegLib.geometry import with_margin
 from LabelConditionedSegLib.model import LCSNet
 from LabelConditionedSegLib.pipeline import Segmenter
 from LabelConditionedSegLib.quality import PLAUSIBLE, alignment, flag, volume_scale
@@ -162,3 +163,26 @@ def test_the_check_reads_any_contrast_and_flags_a_ball_of_noise_and_a_slab(colin
     assert ball.check.startswith("the scan does not match the atlas") and ball.match.edges < 0.09, ball.match
     slab = segmenter.prepare(head[:, :, depth // 2 - 6: depth // 2 + 6])
     assert slab.check.startswith("the scan holds only 1") and "of the atlas's brain" in slab.check, slab.match
+
+
+def test_the_check_reads_only_what_the_scan_shows(tiny, colin27):
+    """A head registered right (Colin27 blurred, with other intensities and noise) whose field of view lost its top
+    half reads as aligned as the whole head: coverage says what is missing, and the black slab does not pull the
+    alignment below a head's (over the whole brain it did)."""
+    segmenter = Segmenter(tiny, "cpu")
+    head = sitk.SmoothingRecursiveGaussian(sitk.ReadImage(str(colin27 / "images/colin27.nii.gz")), 2.0)
+    scan = np.sqrt(np.clip(sitk.GetArrayFromImage(head), 0, None)) + np.random.default_rng(0).normal(0, 1, head.GetSize()[::-1])
+    images = []
+    for keep in (1.0, 0.5):
+        array = scan.copy()
+        array[int(array.shape[0] * keep):] = 0
+        images.append(sitk.GetImageFromArray(array.astype(np.float32)))
+        images[-1].CopyInformation(head)
+    whole, top_cut = (segmenter.prepare(image, "none") for image in images)
+    assert whole.match.coverage > 0.99 and 0.5 < top_cut.match.coverage < 0.8, top_cut.match
+    assert top_cut.match.alignment == pytest.approx(whole.match.alignment, abs=0.01), (whole.match, top_cut.match)
+    assert top_cut.match.edges == pytest.approx(whole.match.edges, abs=0.01), (whole.match, top_cut.match)
+    assert whole.check == top_cut.check == "", top_cut.match
+    atlas = sitk.GetArrayFromImage(tiny.atlas_image)
+    around = sitk.GetArrayFromImage(with_margin(tiny.atlas_mask)) > 0
+    assert alignment(top_cut.model_image, atlas, around) < whole.match.alignment - 0.01  # what the slab did before

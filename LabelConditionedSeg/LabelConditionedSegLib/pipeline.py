@@ -18,7 +18,7 @@ from .deformable import Prior, deformable_prior
 from .engine import Condition, Encoded, Engine, Progress
 from .errors import LCSError
 from .labels import Label, distinct_colors
-from .quality import LOW_VALIDATION_DICE, Match, alignment, edges, flag, volume_scale
+from .quality import EDGE_SCALE_MM, LOW_VALIDATION_DICE, Match, alignment, edges, flag, volume_scale
 from .geometry import (Box, box_to_input, labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid,
                        with_margin)
 from .volume import check_extent, check_volume
@@ -155,12 +155,15 @@ class Segmenter:
         atlas = sitk.GetArrayViewFromImage(grid)
         brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
         around = sitk.GetArrayFromImage(with_margin(self.checkpoint.atlas_mask)) > 0
-        shown = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
-        shown.CopyInformation(image)
-        inside = sitk.GetArrayFromImage(sitk.Resample(shown, grid, transform, sitk.sitkNearestNeighbor, 0)) > 0  # its field of view
-        return Match(coverage=float((inside & brain).sum() / max(brain.sum(), 1)),
-                     alignment=alignment(model_image, atlas, around), edges=edges(model_image, atlas, brain & inside, grid),
-                     deformable=None if prior is None else alignment(model_image, prior.atlas_image, around))
+        # Where the scan shows something: inside its field of view and not a zeroed slab. Only there can it match.
+        seen_image = sitk.Resample(image != 0, grid, transform, sitk.sitkNearestNeighbor, 0)
+        seen = sitk.GetArrayFromImage(seen_image) > 0
+        # Edges only away from where the signal ends: that edge is the scan's, not anatomy the atlas could share.
+        clear = sitk.GetArrayFromImage(sitk.BinaryErode(seen_image, [int(np.ceil(2 * EDGE_SCALE_MM / s))
+                                                                     for s in grid.GetSpacing()])) > 0
+        return Match(coverage=float((seen & brain).sum() / max(brain.sum(), 1)),
+                     alignment=alignment(model_image, atlas, around & seen), edges=edges(model_image, atlas, brain & clear, grid),
+                     deformable=None if prior is None else alignment(model_image, prior.atlas_image, around & seen))
 
     def conditions(self, labels: Sequence[str | int] = (), masks: Sequence[tuple] = ()) -> list[Condition]:
         """Atlas labels by name or value ('A+B' for a union) and masks drawn on the atlas, as conditions.
