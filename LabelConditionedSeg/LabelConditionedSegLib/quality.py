@@ -31,16 +31,17 @@ PLAUSIBLE = (0.2, 5.0)
 # deformation) scored 1.034-1.069; heads turned upside down or front to back under --registration none, a cylinder
 # of noise, a 12-slice slab and PD heads whose affine step drifted (Dice 0.17-0.43) 1.015-1.028. Validation heads of
 # the unlike generator (lcs evaluate --validation, 3 in each contrast): the 4 registered 1.035-1.042, the 8 failed
-# (Dice 0.004-0.20) 1.006-1.019. Since the affine step searches shifts and reads only the scan's signal, 5 of each
-# contrast: 18 of 20 register (Dice 0.47-0.70, 1.031-1.057 where the scan shows something; over the whole brain, the
-# black of a field of view cut by a quarter pulled 3 of them to 1.024-1.029); failed cases 1.012-1.024 (a ball of
-# noise 1.038: its edges flag it).
+# (Dice 0.004-0.20) 1.006-1.019. Since the affine step searches shifts and reads only the scan's signal
+# (geometry._rigid), 5 of each contrast, read where the scan shows something: the 18 registered (Dice 0.50-0.70)
+# 1.040-1.057, the 2 failed (PD, 0.16-0.19) 1.016-1.022; over the whole brain, the black of a field of view cut by a
+# quarter had pulled 3 registered heads to 1.024-1.029. Failed cases 1.012-1.024 (a ball of noise 1.039: its edges
+# flag it).
 MIN_ALIGNMENT = 1.03
 # Edge agreement inside the brain below which the scan is not the atlas's anatomy where the registration put it.
 # Validation heads 0.095-0.162 (PD lowest); a ball and a cylinder of noise 0.029-0.065, the failed cases above
 # 0.072-0.086 (one partly failed PD head 0.095). Unlike-generator validation heads: registered 0.093-0.131, failed
-# 0.061-0.078; after the affine step's change, registered 0.084-0.139 (the lowest a PD head of Dice 0.47), failed
-# 0.077 (PD, Dice 0.10) and 0.093 (T2, Dice 0.34: a partial failure the check misses).
+# 0.061-0.078; after the affine step's change (edges read 4 mm away from where the scan's signal ends), registered
+# 0.092-0.147, failed 0.074-0.079.
 MIN_EDGES = 0.09
 MIN_COVERAGE = 0.5  # share of the atlas's brain the scan shows, below which most labels lie outside what it shows
 LOW_VALIDATION_DICE = 0.1  # a model whose own validation Dice is below this is barely trained
