@@ -54,6 +54,7 @@ def table(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # the first run segments three scans (23 s)
 def test_a_folder_cohort_segments_each_scan_lists_the_failure_and_writes_one_table(scans, first_run):
     out, (code, stdout, stderr, _) = first_run
     assert code == 2, stderr
@@ -79,6 +80,7 @@ def test_a_folder_cohort_segments_each_scan_lists_the_failure_and_writes_one_tab
     assert not (out / "broken.seg.nrrd").exists() and not list(out.glob(".*"))  # nothing half-written
 
 
+@pytest.mark.slow  # the first run segments three scans (23 s)
 def test_a_rerun_skips_the_done_scans_and_still_writes_the_whole_table(scans, first_run, tiny_checkpoint):
     out, (_, _, _, first_seconds) = first_run
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "volumes.csv"}

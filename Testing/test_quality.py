@@ -110,6 +110,7 @@ def write(image: sitk.Image, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # 23 s: three registrations and a deformable prior
 def test_a_head_upside_down_a_phantom_and_a_deformable_prior_gone_astray_are_flagged(tiny_checkpoint, colin27, tmp_path):
     """The issue's deliberately failed cases, end to end: Colin27 turned upside down with --registration none and a
     cylinder of noise (not a head). Then a deformable prior gone astray: the atlas warped onto the head moved 12 mm
