@@ -151,6 +151,7 @@ def test_scans(colin27, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # 13 s: registers and scores two scans three ways
 def test_evaluate_scores_a_folder_of_labelled_test_scans(tiny_checkpoint, test_scans, tmp_path, capsys):
     """Each scan segmented as lcs segment does and scored on its own grid, beside affine propagation: one row per case,
     method and label the model has (by name), only the annotated ones where a case says; the rest reported once."""

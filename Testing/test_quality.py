@@ -68,6 +68,7 @@ def test_a_barely_trained_model_says_so_and_its_implausible_volumes_are_flagged(
     assert all(float(r["volume_ml"]) > PLAUSIBLE[1] * float(r["atlas_ml"]) for r in table)
 
 
+@pytest.mark.slow  # 14 s: a cohort of two registered heads
 def test_a_trained_model_on_a_head_is_silent_and_a_cohort_table_carries_the_flag(tiny_checkpoint, untrained, scans,
                                                                                  tmp_path):
     code, out, err = lcs("segment", scans / "head.nrrd", "-o", tmp_path / "good.seg.nrrd", "--checkpoint",
