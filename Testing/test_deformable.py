@@ -10,14 +10,14 @@ import pytest
 import SimpleITK as sitk
 
 from LabelConditionedSegLib.checkpoint import Checkpoint, default_checkpoint
-from LabelConditionedSegLib.deformable import deformable_prior, skull_stripped
+from LabelConditionedSegLib.deformable import deformable_prior, flat_brain, in_scan_contrast, skull_stripped
 from LabelConditionedSegLib.engine import Condition
 from LabelConditionedSegLib.errors import Cancelled
 from LabelConditionedSegLib.pipeline import Segmenter, model_input
 from lcs_training.data import load_atlas, normalized
 from lcs_training.synth import Strength, SubjectGenerator
 
-from conftest import TINY_LABELS, dice, heldout_subject
+from conftest import TINY_LABELS, contrast_subject, dice, heldout_subject
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +177,22 @@ def test_a_skull_stripped_scan_is_told_from_a_whole_head(colin27, colin27_brain)
     stripped = [skull_stripped(model_input(demo, image, sitk.AffineTransform(3)), atlas, brain, demo.atlas_image)
                 for image in (head, colin27_brain[0])]
     assert stripped == [False, True]
+
+
+@pytest.mark.slow  # two heads registered on the demo model's 2 mm grid: about 20 s on 2 cores
+def test_a_scan_that_barely_tells_the_brain_s_tissues_apart_gets_a_smoother_field(colin27):
+    """A PD head of the training generator (grey and white matter alike, under noise and a bias field) reads as flat
+    where a T2 head of the same anatomy does not: its demons field is smoothed more (FLAT_SMOOTHING_VOXELS), since
+    demons there follows noise (docs/results.md, "The deformable prior on PD")."""
+    demo = Checkpoint.load(default_checkpoint())
+    segmenter = Segmenter(demo, "cpu")
+    atlas, brain = sitk.GetArrayFromImage(demo.atlas_image), sitk.GetArrayFromImage(demo.atlas_mask) > 0
+    flat = {}
+    for contrast in ("pd", "t2"):
+        scan = segmenter.prepare(contrast_subject(colin27, contrast)[0]).model_image
+        painted = sitk.GetArrayFromImage(in_scan_contrast(atlas, brain.astype(np.int64), scan, demo.atlas_image))
+        flat[contrast] = flat_brain(painted, brain, None)
+    assert flat == {"pd": True, "t2": False}
 
 
 @pytest.mark.slow  # the demo model on a 2 mm scan, registered twice: about 25 s on 2 cores

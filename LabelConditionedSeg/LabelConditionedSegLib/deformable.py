@@ -24,6 +24,14 @@ from .geometry import Box, on_grid
 # recipe (docs/results.md): the coarse levels are cheap and carry the large deformations; 40/40/10 at 1.5 voxels was 0.73.
 LEVELS = ((4, 300), (2, 150), (1, 30))
 SMOOTHING_VOXELS = 1.25  # Gaussian regularization of the displacement field, in voxels of each level
+# A scan that barely tells the brain's tissues apart under its noise (PD: grey and white matter alike) gets a smoother
+# field: demons there follows noise, and the prior lost to the affine one on the 3 registered PD validation heads of
+# the unlike kind (-0.02 to -0.04; with 2.0 voxels +0.01 to +0.02; on 2 PD heads of the training kind 2.0 voxels cost
+# 0.00 and 0.02). Such a scan is one where the atlas painted in its contrast varies by less than FLAT_BRAIN inside
+# the brain (standard deviation, normalized intensities): validation PD heads 0.010-0.025, T2 0.035-0.064, FLAIR
+# 0.054-0.080, T1 0.053-0.104 (docs/results.md, "The deformable prior on PD").
+FLAT_BRAIN = 0.03
+FLAT_SMOOTHING_VOXELS = 2.0
 # A scan is skull-stripped when more than STRIPPED_SHARE of the atlas's head tissue (normalized atlas intensity above
 # HEAD_TISSUE) farther than STRIP_MARGIN_MM from its brain mask is DARK in it (normalized). Chosen on Colin27 with and
 # without skull, MNI152 and subjects of both generators with seeds of their own (docs/results.md, "Skull-stripped
@@ -84,6 +92,15 @@ def skull_stripped(image: np.ndarray, atlas_image: np.ndarray, atlas_mask: np.nd
     near_brain = sitk.GetArrayFromImage(sitk.BinaryDilate(mask, [margin] * 3)) > 0
     around = (atlas_image > HEAD_TISSUE) & ~near_brain
     return bool(around.any() and np.mean(image[around] < DARK) > STRIPPED_SHARE)
+
+
+def flat_brain(painted: np.ndarray, atlas_mask: np.ndarray | None, seen: np.ndarray | None) -> bool:
+    """Whether the atlas painted in a scan's contrast (in_scan_contrast) barely varies inside its brain, where the
+    scan shows it: the scan barely tells grey matter, white matter and CSF apart."""
+    inside = np.ones(painted.shape, bool) if atlas_mask is None else atlas_mask.astype(bool)
+    if seen is not None:
+        inside = inside & seen
+    return bool(inside.any() and painted[inside].std() < FLAT_BRAIN)
 
 
 def contrast_table(atlas: np.ndarray, scan: np.ndarray, regions: np.ndarray) -> np.ndarray:
@@ -153,6 +170,8 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
         source = np.where(atlas_mask, atlas_image, 0)
     regions = np.zeros(atlas_image.shape, np.int64) if atlas_mask is None else atlas_mask.astype(np.int64)
     moving = in_scan_contrast(source, regions, image, grid, seen=seen)  # demons compares intensities: comparable
+    smoothing = FLAT_SMOOTHING_VOXELS if flat_brain(sitk.GetArrayViewFromImage(moving), atlas_mask, seen) else \
+        SMOOTHING_VOXELS
     field = to_atlas = None
     for shrink, iterations in LEVELS:
         if seen is not None:  # where the scan shows nothing, the atlas as warped so far stands in for it
@@ -162,7 +181,7 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
         level_fixed, level_moving = (sitk.Shrink(i, [shrink] * 3) if shrink > 1 else i for i in (fixed, moving))
         demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
         demons.SetNumberOfIterations(iterations)
-        demons.SetStandardDeviations(SMOOTHING_VOXELS)
+        demons.SetStandardDeviations(smoothing)
         if cancel is not None:
             demons.AddCommand(sitk.sitkIterationEvent, lambda d=demons: cancel() and d.StopRegistration())
         if field is None:

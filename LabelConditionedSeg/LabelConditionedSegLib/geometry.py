@@ -22,6 +22,10 @@ SAMPLING = 0.1  # share of the atlas voxels (of its mask) that mutual informatio
 # already more than this.
 AFFINE_SAMPLES = 10_000
 AFFINE_MARGIN_MM = 8.0  # the brain and this much of the head around it: the affine step's second mask (_affine)
+# The rigid step's search (_rigid): rotations of -20, 0 and 20 degrees about each axis, and shifts along each axis of
+# (step in mm, steps each side). NEAR: -15, 0, 15 mm (729 poses), always; WIDE: -20 to 20 mm by 10 (3,375 poses, 4.6
+# times the cost), only when the check of the first registration fails (pipeline.Segmenter.prepare).
+NEAR, WIDE = (15.0, 1), (10.0, 2)
 
 
 def bounding_box(array: np.ndarray) -> tuple[list[int], list[int]] | None:
@@ -90,9 +94,10 @@ def normalize_intensity(image: sitk.Image, mask: np.ndarray | None = None, low: 
 
 
 def register(moving: sitk.Image, fixed: sitk.Image, mode: str = "affine", fixed_mask: sitk.Image | None = None,
-             seed: int = 1, cancel: Callable[[], bool] | None = None) -> sitk.AffineTransform:
+             seed: int = 1, cancel: Callable[[], bool] | None = None, wide: bool = False) -> sitk.AffineTransform:
     """Atlas-to-input transform by mutual information: centre of mass, then rigid (see _rigid), then affine.
 
+    `wide` searches the WIDE range of rigid poses instead of the NEAR one: for a scan whose first registration failed.
     `cancel` is polled every optimizer iteration; when it returns True, Cancelled is raised."""
     if mode not in REGISTRATIONS:
         raise LCSError(f"registration must be one of {', '.join(REGISTRATIONS)}, not {mode!r}")
@@ -100,7 +105,7 @@ def register(moving: sitk.Image, fixed: sitk.Image, mode: str = "affine", fixed_
         return sitk.AffineTransform(3)
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = no_finer_than(sitk.Cast(moving, sitk.sitkFloat32), min(fixed.GetSpacing()))
-    rigid = _rigid(fixed, moving, fixed_mask, seed, cancel)
+    rigid = _rigid(fixed, moving, fixed_mask, seed, cancel, WIDE if wide else NEAR)
     if mode == "rigid":
         return as_affine(min(rigid, key=lambda fit: fit[1])[0])
     center = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
@@ -146,23 +151,25 @@ def with_margin(mask: sitk.Image | None, margin_mm: float = AFFINE_MARGIN_MM) ->
     return sitk.Cast(sitk.BinaryDilate(sitk.Cast(mask > 0, sitk.sitkUInt8), radius), sitk.sitkUInt8)
 
 
-def _rigid(fixed, moving, fixed_mask, seed, cancel) -> list[tuple[sitk.Transform, float]]:
-    """The rigid fits (and their metric) from the centres of mass and from the best of 729 poses about them
-    (rotations of -20, 0 and 20 degrees about each axis and shifts of -15, 0 and 15 mm along each, scored at 4 mm).
+def _rigid(fixed, moving, fixed_mask, seed, cancel, shifts: tuple[float, int] = NEAR
+           ) -> list[tuple[sitk.Transform, float]]:
+    """The rigid fits (and their metric) from the centres of mass and from the best of the poses about them (NEAR or
+    WIDE: rotations of -20, 0 and 20 degrees about each axis, `shifts` along each), scored at 4 mm.
 
     Why a search: from the centres of mass alone, the descent stays in a local optimum on a head turned 20 degrees
     or more (affine propagation Dice 0.17 instead of 0.64 on one such held-out scan). Why shifts, at 4 mm: where the
     field of view is cut, the centre of mass lies 20-30 mm off the brain's. The search of rotations alone (at 8 mm)
     left 12 of 20 unlike-generator validation heads (5 heads x 4 contrasts) failed (Dice 0.004-0.20); with shifts,
-    the signal mask and affine fits from both rigid fits (_affine), 2 (PD, flagged). 3,375 poses (shifts of -20 to
-    20 mm in 10 mm steps) rescued one more, at 4.6 times the cost (a registration on the tests' 4 mm atlas took
-    12.4 s against 3.7 s); the same at 8 mm left 2 failed and lost 0.19 on a T2 head."""
+    the signal mask and affine fits from both rigid fits (_affine), 2 (PD, flagged). WIDE rescued one more, at 4.6
+    times the cost (a registration on the tests' 4 mm atlas took 12.4 s against 3.7 s): hence only as a second try;
+    WIDE at 8 mm left 2 failed and lost 0.19 on a T2 head."""
     start = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
     levels = _shrink_factors(fixed, [8.0, 4.0])
     search = _method(fixed_mask, seed, cancel, sampling=0.2)
-    search.SetOptimizerAsExhaustive([1] * 6, stepLength=1.0)
-    search.SetOptimizerScales([np.radians(20.0)] * 3 + [15.0] * 3)  # each parameter's step
+    shift_mm, steps = shifts
+    search.SetOptimizerAsExhaustive([1] * 3 + [steps] * 3, stepLength=1.0)
+    search.SetOptimizerScales([np.radians(20.0)] * 3 + [shift_mm] * 3)  # each parameter's step
     search.SetShrinkFactorsPerLevel(levels[-1:])
     search.SetSmoothingSigmasPerLevel([levels[-1] / 2])
     search.SetInitialTransform(start, inPlace=False)

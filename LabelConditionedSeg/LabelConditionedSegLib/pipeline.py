@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import count
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,6 +22,15 @@ from .quality import EDGE_SCALE_MM, LOW_VALIDATION_DICE, Match, alignment, edges
 from .geometry import (Box, box_to_input, labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid,
                        with_margin)
 from .volume import check_extent, check_volume
+
+
+class Registered(NamedTuple):
+    """One registration of a scan: its transform, the scan on the model grid, as the network sees it, its check."""
+
+    transform: sitk.Transform
+    moved: sitk.Image
+    model_image: np.ndarray
+    match: Match
 
 
 @dataclass
@@ -126,14 +135,19 @@ class Segmenter:
 
     def prepare(self, image: sitk.Image, registration: str = "affine", progress: Progress | None = None,
                 cancel: Callable[[], bool] | None = None) -> Prepared:
+        """Register the volume (once more from farther poses when the check says the first try failed), warp the
+        atlas onto it (deformable), encode it, and check the result."""
         check_volume(image)
         check_extent(image, self.checkpoint.atlas_image)
         step = progress or (lambda fraction, message: None)
         step(0.0, f"registering to the atlas ({registration})")
-        transform = register(image, self.checkpoint.atlas_image, registration, fixed_mask=self.checkpoint.atlas_mask,
-                             cancel=cancel)
-        moved = to_model_grid(image, self.checkpoint.atlas_image, transform)
-        model_image = normalized_input(self.checkpoint, moved)
+        found = self._registered(image, registration, cancel)
+        if registration != "none" and found.match.problem():  # a second try from farther poses (geometry.WIDE)
+            step(0.15, "the registration looks wrong: searching farther poses")
+            wider = self._registered(image, registration, cancel, wide=True)
+            if not wider.match.problem() or wider.match.alignment > found.match.alignment:
+                found = wider
+        transform, moved, model_image, match = found
         brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
         atlas = sitk.GetArrayViewFromImage(self.checkpoint.atlas_image)
         prior = None
@@ -146,7 +160,17 @@ class Segmenter:
             prior = deformable_prior(model_image, atlas, self.checkpoint.atlas_image, cancel, brain, seen)
         step(0.5, f"encoding on {self.device}")
         encoded = self.engine.encode(model_image, None if prior is None else prior.atlas_image)
-        return Prepared(image, transform, model_image, encoded, prior, self.match(image, transform, model_image, prior))
+        if prior is not None:
+            match = self.match(image, transform, model_image, prior)
+        return Prepared(image, transform, model_image, encoded, prior, match)
+
+    def _registered(self, image: sitk.Image, registration: str, cancel: Callable[[], bool] | None, wide: bool = False
+                    ) -> Registered:
+        transform = register(image, self.checkpoint.atlas_image, registration, fixed_mask=self.checkpoint.atlas_mask,
+                             cancel=cancel, wide=wide)
+        moved = to_model_grid(image, self.checkpoint.atlas_image, transform)
+        model_image = normalized_input(self.checkpoint, moved)
+        return Registered(transform, moved, model_image, self.match(image, transform, model_image))
 
     def match(self, image: sitk.Image, transform: sitk.Transform, model_image: np.ndarray,
               prior: Prior | None = None) -> Match:
