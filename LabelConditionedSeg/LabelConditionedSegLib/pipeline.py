@@ -172,13 +172,19 @@ class Segmenter:
         model_image = normalized_input(self.checkpoint, moved)
         return Registered(transform, moved, model_image, self.match(image, transform, model_image))
 
+    @cached_property
+    def _around_brain(self) -> np.ndarray:
+        """The atlas's brain and the head around it (geometry.with_margin) on the model grid: the same for every scan,
+        read by every check."""
+        return sitk.GetArrayFromImage(with_margin(self.checkpoint.atlas_mask)) > 0
+
     def match(self, image: sitk.Image, transform: sitk.Transform, model_image: np.ndarray,
               prior: Prior | None = None) -> Match:
         """How the registered scan matches the atlas (quality.Match): what the check of every run reads."""
         grid = self.checkpoint.atlas_image
         atlas = sitk.GetArrayViewFromImage(grid)
         brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
-        around = sitk.GetArrayFromImage(with_margin(self.checkpoint.atlas_mask)) > 0
+        around = self._around_brain
         # Where the scan shows something: inside its field of view and not a zeroed slab. Only there can it match.
         seen_image = sitk.Resample(image != 0, grid, transform, sitk.sitkNearestNeighbor, 0)
         seen = sitk.GetArrayFromImage(seen_image) > 0
