@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from LabelConditionedSegLib import deformable
 from LabelConditionedSegLib.checkpoint import Checkpoint, default_checkpoint
 from LabelConditionedSegLib.deformable import deformable_prior, flat_brain, in_scan_contrast, skull_stripped
 from LabelConditionedSegLib.engine import Condition
@@ -179,20 +180,32 @@ def test_a_skull_stripped_scan_is_told_from_a_whole_head(colin27, colin27_brain)
     assert stripped == [False, True]
 
 
-@pytest.mark.slow  # two heads registered on the demo model's 2 mm grid: about 20 s on 2 cores
-def test_a_scan_that_barely_tells_the_brain_s_tissues_apart_gets_a_smoother_field(colin27):
+@pytest.mark.slow  # two heads registered and two priors on the demo model's 2 mm grid: about 40 s on 2 cores
+def test_a_scan_that_barely_tells_the_brain_s_tissues_apart_gets_a_smoother_field(colin27, monkeypatch):
     """A PD head of the training generator (grey and white matter alike, under noise and a bias field) reads as flat
     where a T2 head of the same anatomy does not: its demons field is smoothed more (FLAT_SMOOTHING_VOXELS), since
     demons there follows noise (docs/results.md, "The deformable prior on PD")."""
     demo = Checkpoint.load(default_checkpoint())
     segmenter = Segmenter(demo, "cpu")
     atlas, brain = sitk.GetArrayFromImage(demo.atlas_image), sitk.GetArrayFromImage(demo.atlas_mask) > 0
-    flat = {}
+    scans, flat = {}, {}
     for contrast in ("pd", "t2"):
-        scan = segmenter.prepare(contrast_subject(colin27, contrast)[0]).model_image
-        painted = sitk.GetArrayFromImage(in_scan_contrast(atlas, brain.astype(np.int64), scan, demo.atlas_image))
+        scans[contrast] = segmenter.prepare(contrast_subject(colin27, contrast)[0]).model_image
+        painted = sitk.GetArrayFromImage(in_scan_contrast(atlas, brain.astype(np.int64), scans[contrast],
+                                                          demo.atlas_image))
         flat[contrast] = flat_brain(painted, brain, None)
     assert flat == {"pd": True, "t2": False}
+
+    def field(scan: np.ndarray) -> np.ndarray:
+        prior = deformable_prior(scan, atlas, demo.atlas_image, atlas_mask=brain)
+        return sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+            prior.field, sitk.sitkVectorFloat64, demo.atlas_image.GetSize(), demo.atlas_image.GetOrigin(),
+            demo.atlas_image.GetSpacing(), demo.atlas_image.GetDirection()))
+    smoother = field(scans["pd"])
+    monkeypatch.setattr(deformable, "FLAT_SMOOTHING_VOXELS", deformable.SMOOTHING_VOXELS)
+    default = field(scans["pd"])
+    roughness = [np.abs(np.diff(f, axis=axis)).mean() for f in (smoother, default) for axis in range(3)]
+    assert all(a < b for a, b in zip(roughness[:3], roughness[3:])), roughness  # the PD head's field is the smoother
 
 
 @pytest.mark.slow  # the demo model on a 2 mm scan, registered twice: about 25 s on 2 cores

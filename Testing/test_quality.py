@@ -20,6 +20,8 @@ from LabelConditionedSegLib.geometry import labels_to_input, with_margin
 from LabelConditionedSegLib.model import LCSNet
 from LabelConditionedSegLib.pipeline import Segmenter
 from LabelConditionedSegLib.quality import PLAUSIBLE, alignment, flag, volume_scale
+from lcs_training.contrasts import contrast_heads, contrast_subjects
+from lcs_training.evaluate import VALIDATION_STREAMS
 
 from conftest import contrast_subject, heldout_subject, mean_label_dice
 
@@ -176,8 +178,6 @@ def test_a_registration_the_check_flags_is_tried_again_from_farther_poses(colin2
     """A validation head of the unlike generator (PD, its field of view cut) fails the check after the first
     registration (affine propagation Dice 0.19, docs/results.md); the second search, shifts up to 20 mm, registers
     it and the check is silent."""
-    from lcs_training.contrasts import contrast_heads, contrast_subjects
-    from lcs_training.evaluate import VALIDATION_STREAMS
     checkpoint = Checkpoint.load(default_checkpoint())
     *_, (_, image, truth) = contrast_subjects(*contrast_heads(colin27, "colin27", ["pd"]), 3, 7,
                                               VALIDATION_STREAMS["unlike"])
