@@ -168,7 +168,7 @@ def test_the_check_reads_any_contrast_and_flags_a_ball_of_noise_and_a_slab(colin
     said.clear()
     ball = segmenter.prepare(phantom, progress=lambda fraction, message: said.append(message))
     assert ball.check.startswith("the scan does not match the atlas") and ball.match.edges < 0.09, ball.match
-    assert "the registration looks wrong: searching farther poses" in said  # tried again, and still flagged
+    assert "registration looks wrong: trying farther poses" in said  # tried again, and still flagged
     slab = segmenter.prepare(head[:, :, depth // 2 - 6: depth // 2 + 6])
     assert slab.check.startswith("the scan holds only 1") and "of the atlas's brain" in slab.check, slab.match
 
@@ -183,7 +183,7 @@ def test_a_registration_the_check_flags_is_tried_again_from_farther_poses(colin2
                                               VALIDATION_STREAMS["unlike"])
     said = []
     prepared = Segmenter(checkpoint, "cpu").prepare(image, progress=lambda fraction, message: said.append(message))
-    assert "the registration looks wrong: searching farther poses" in said  # the first registration was flagged
+    assert "registration looks wrong: trying farther poses" in said  # the first registration was flagged
     found = labels_to_input(checkpoint.atlas_labels, image, prepared.transform)
     assert mean_label_dice(sitk.GetArrayFromImage(found), sitk.GetArrayFromImage(truth)) > 0.6
     assert prepared.check == "", prepared.match

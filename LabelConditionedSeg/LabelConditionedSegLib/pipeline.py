@@ -143,7 +143,7 @@ class Segmenter:
         step(0.0, f"registering to the atlas ({registration})")
         found = self._registered(image, registration, cancel)
         if registration != "none" and found.match.problem():  # a second try from farther poses (geometry.WIDE)
-            step(0.15, "the registration looks wrong: searching farther poses")
+            step(0.15, "registration looks wrong: trying farther poses")
             wider = self._registered(image, registration, cancel, wide=True)
             if not wider.match.problem() or wider.match.alignment > found.match.alignment:
                 found = wider
