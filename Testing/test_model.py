@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from LabelConditionedSegLib.model import LCSNet, ModelConfig
 
@@ -89,11 +90,12 @@ def test_with_a_prior_weight_an_untrained_network_outputs_its_prior_and_learns_w
 
 def test_a_graded_prior_is_the_chessboard_distance_to_the_boundary_capped_at_its_radius():
     """prior_radius r: the logits start as w / r times the signed chessboard distance to the other side of the mask's
-    boundary (+1 on its boundary voxels, -1 just outside, capped at +-r), checked against a brute-force distance;
-    thresholded, it is still the mask."""
+    boundary (+1 on its boundary voxels, -1 just outside, capped at +-r), checked against a brute-force distance
+    (the erosions run one axis at a time); thresholded, it is still the mask."""
     mask = np.zeros((12, 16, 16), bool)
     mask[2:10, 3:13, 2:8] = True
     mask[5:7, 6:8, 8:14] = True  # a thin arm
+    mask[0:3, 0:4, 12:16] = True  # a corner on the grid's edge: beyond the grid is neither inside nor outside
     points = np.argwhere(np.ones_like(mask))
     distance = np.abs(points[:, None] - points[None]).max(-1)  # chessboard, every pair of voxels
     other = mask.ravel()[:, None] != mask.ravel()[None]
@@ -104,3 +106,25 @@ def test_a_graded_prior_is_the_chessboard_distance_to_the_boundary_capped_at_its
     logits = model(torch.randn_like(tensor), torch.randn_like(tensor), tensor)[0, 0].detach().numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     assert np.array_equal(logits > 0, mask)
+
+
+def test_inference_on_the_cpu_takes_onednn_for_every_convolution_with_the_same_logits(monkeypatch):
+    """model.Conv3d sends one volume with few channels to oneDNN at inference (PyTorch's own choice there is its
+    reference kernel, several times slower): the logits are those of the reference path, and training (gradients on)
+    keeps PyTorch's choice."""
+    torch.manual_seed(0)
+    model = LCSNet(ModelConfig(base_channels=8, depth=3, condition_levels="all", prior_weight=6.0, prior_radius=4)).eval()
+    nn.init.normal_(model.head.weight)  # a head that is not zero: the convolutions show in the logits
+    image, atlas = torch.rand(2, 1, 1, 24, 32, 16)
+    mask = (torch.rand(1, 1, 24, 32, 16) > 0.5).float()
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        fast = model(image, atlas, mask)
+    assert any(e.key == "aten::mkldnn_convolution" for e in profile.key_averages())
+    assert not any(e.key == "aten::slow_conv3d_forward" for e in profile.key_averages())
+    with torch.profiler.profile() as profile:
+        model(image, atlas, mask).sum().backward()
+    assert any(e.key == "aten::slow_conv3d_forward" for e in profile.key_averages())  # PyTorch's own choice
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    with torch.no_grad():
+        reference = model(image, atlas, mask)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)

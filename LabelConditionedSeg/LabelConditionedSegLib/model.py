@@ -81,11 +81,26 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that gives one volume with few channels to oneDNN on the CPU too, at inference.
+
+    PyTorch sends a single volume whose channels x first two axes hold under 20,480 voxels to its reference kernel,
+    7-12x slower than oneDNN's on the decoder's coarse levels (measured, 2 cores): most labels' boxes are that small
+    there. The same weights, the same state dict; training and other devices take the usual path."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple) and torch.backends.mkldnn.enabled
+                and torch.backends.mkldnn.is_available()):
+            return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
+        return super()._conv_forward(x, weight, bias)
+
+
 class ConvBlock(nn.Sequential):
     """3x3x3 convolution, normalization, LeakyReLU (one per scale, as in the paper)."""
 
     def __init__(self, cin: int, cout: int, norm: str, dropout: float = 0.0):
-        layers = [nn.Conv3d(cin, cout, 3, padding=1), _norm(norm, cout), nn.LeakyReLU(0.1, inplace=True)]
+        layers = [Conv3d(cin, cout, 3, padding=1), _norm(norm, cout), nn.LeakyReLU(0.1, inplace=True)]
         if dropout > 0:
             layers.append(nn.Dropout3d(dropout))
         super().__init__(*layers)
@@ -111,7 +126,7 @@ class LCSNet(nn.Module):
         self.bottleneck = ConvBlock(c[-1] + atlas, c[-1], n, p)
         self.upsample = nn.ModuleList([nn.ConvTranspose3d(c[i + 1], c[i], 2, stride=2) for i in range(config.depth)])
         self.up = nn.ModuleList([ConvBlock(2 * c[i] + extra, c[i], n, p) for i in range(config.depth)])
-        self.head = nn.Conv3d(c[0], config.baseline_labels or 1, 1)
+        self.head = Conv3d(c[0], config.baseline_labels or 1, 1)
         if config.conditioned and config.prior_weight > 0:
             self.prior_weight = nn.Parameter(torch.tensor(float(config.prior_weight)))
             nn.init.zeros_(self.head.weight)
@@ -153,10 +168,22 @@ class LCSNet(nn.Module):
 
 def signed_depth(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """+k on voxels of a binary mask k voxels deep, -k outside k voxels from it (chessboard distance, capped at
-    `radius`); radius 1 gives 2 * mask - 1. Repeated erosions of the mask and of its background (min pooling)."""
+    `radius`); radius 1 gives 2 * mask - 1. Repeated erosions of the mask and of its background."""
     inside, outside = mask, 1 - mask
     depth = inside - outside
     for _ in range(radius - 1):
-        inside, outside = -F.max_pool3d(-inside, 3, 1, 1), -F.max_pool3d(-outside, 3, 1, 1)
+        inside, outside = erode(inside), erode(outside)
         depth = depth + inside - outside
     return depth
+
+
+def erode(x: torch.Tensor) -> torch.Tensor:
+    """Minimum over each voxel's 3x3x3 cube (within the tensor), one axis at a time, in place on a copy: the cube's
+    minimum is the minimum of three 1D minima, and shifted views cost a twelfth of a 3D min-pooling on a CPU.
+    For masks (no gradient)."""
+    for dim in (2, 3, 4):
+        n, out = x.shape[dim], x.clone()
+        torch.minimum(out.narrow(dim, 1, n - 1), x.narrow(dim, 0, n - 1), out=out.narrow(dim, 1, n - 1))
+        torch.minimum(out.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1), out=out.narrow(dim, 0, n - 1))
+        x = out
+    return x
