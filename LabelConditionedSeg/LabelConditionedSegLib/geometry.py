@@ -116,7 +116,8 @@ def register(moving: sitk.Image, fixed: sitk.Image, mode: str = "affine", fixed_
 def _affine(fixed, moving, starts, fixed_mask, signal, seed, cancel) -> sitk.Transform:
     """The affine fits from each rigid one, under the brain mask and under the brain with the head around it
     (with_margin), each counting only atlas voxels that land where the scan holds signal: the fit that matches better
-    over the brain with the head around it (signal or not) wins.
+    over the brain with the head around it (signal or not) wins. They are fitted at the coarse level (4 mm) and only
+    the winner is refined at the finer one.
 
     Why from each rigid fit: the rigid fits are compared over the brain alone, where a PD head's grey and white
     matter look alike; one such head (the training generator's) was turned the wrong way by the search's start
@@ -127,18 +128,27 @@ def _affine(fixed, moving, starts, fixed_mask, signal, seed, cancel) -> sitk.Tra
     Why only where there is signal: where a field of view is cut, the edge of the black slab pulled the fit off the
     head. Started from the best affine fit of the atlas's labels to the truth, three unlike-generator validation heads
     walked 17-95 mm away from it (Dice 0.00-0.24); with the scan's signal as moving mask they stayed within 3-6 mm
-    (Dice 0.63-0.70)."""
+    (Dice 0.63-0.70).
+    Why the winner is chosen at the coarse level: on 25 validation heads (both kinds, four contrasts) refining every
+    distinct fit and choosing after gave the same Dice as refining the coarse winner alone (within 0.002 on 24, 0.0023
+    on one), which takes 40 % less time (9.6 s to 5.7 s on 2 mm T1 heads; docs/results.md, "A faster affine step")."""
     masks = [fixed_mask] if fixed_mask is None else [fixed_mask, with_margin(fixed_mask)]
-    fits = [_optimize(fixed, moving, start, mask, seed, _shrink_factors(fixed, [4.0, 2.0]), cancel,
-                      final_samples=AFFINE_SAMPLES, moving_mask=signal)[0] for start in starts for mask in masks]
-    if len(fits) == 1:
-        return fits[0]
-    method = _method(masks[-1], seed, cancel)
+    levels = _shrink_factors(fixed, [4.0, 2.0])
+    samples = AFFINE_SAMPLES if len(levels) == 1 else 0  # the last level's fit samples enough (AFFINE_SAMPLES)
+    fits = [(_optimize(fixed, moving, start, mask, seed, levels[:1], cancel, final_samples=samples,
+                       moving_mask=signal)[0], mask) for start in starts for mask in masks]
+    if len(fits) > 1:
+        method = _method(masks[-1], seed, cancel)
 
-    def mismatch(transform: sitk.Transform) -> float:
-        method.SetInitialTransform(transform, inPlace=False)
-        return method.MetricEvaluate(fixed, moving)
-    return min(fits, key=mismatch)
+        def mismatch(fit: tuple[sitk.Transform, sitk.Image | None]) -> float:
+            method.SetInitialTransform(fit[0], inPlace=False)
+            return method.MetricEvaluate(fixed, moving)
+        fits = [min(fits, key=mismatch)]
+    (best, mask), = fits
+    if len(levels) == 1:
+        return best
+    return _optimize(fixed, moving, best, mask, seed, levels[1:], cancel, final_samples=AFFINE_SAMPLES,
+                     moving_mask=signal)[0]
 
 
 def with_margin(mask: sitk.Image | None, margin_mm: float = AFFINE_MARGIN_MM) -> sitk.Image | None:
