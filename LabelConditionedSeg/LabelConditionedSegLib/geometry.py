@@ -129,9 +129,10 @@ def _affine(fixed, moving, starts, fixed_mask, signal, seed, cancel) -> sitk.Tra
     head. Started from the best affine fit of the atlas's labels to the truth, three unlike-generator validation heads
     walked 17-95 mm away from it (Dice 0.00-0.24); with the scan's signal as moving mask they stayed within 3-6 mm
     (Dice 0.63-0.70).
-    Why the winner is chosen at the coarse level: on 25 validation heads (both kinds, four contrasts) refining every
-    distinct fit and choosing after gave the same Dice as refining the coarse winner alone (within 0.002 on 24, 0.0023
-    on one), which takes 40 % less time (9.6 s to 5.7 s on 2 mm T1 heads; docs/results.md, "A faster affine step")."""
+    Why the winner is chosen at the coarse level: on 16 validation heads (both kinds, T1, T2, PD) refining every
+    distinct fit and choosing after gave the Dice of refining the coarse winner alone (within 0.002 on 15, 0.0023 on
+    one), and the step took 40 % less time (9.6 s to 5.7 s on the unlike kind's T1 heads; docs/results.md, "Faster on
+    the CPU")."""
     masks = [fixed_mask] if fixed_mask is None else [fixed_mask, with_margin(fixed_mask)]
     levels = _shrink_factors(fixed, [4.0, 2.0])
     samples = AFFINE_SAMPLES if len(levels) == 1 else 0  # the last level's fit samples enough (AFFINE_SAMPLES)
