@@ -27,10 +27,10 @@ UNCERTAINTY_TAG = "LCS.uncertainty"  # segment tag of a proposal: its mean uncer
 PROPOSAL_BATCH = 8  # labels proposed at a time: full-size maps are held for these only
 PROPOSAL_THRESHOLD = 0.5  # a voxel is proposed where a label's mean probability over the passes reaches this
 # Seconds per label and pass of a proposal run (decode, fold, map back to the scan) until a run here measured it, and
-# seconds to register (affine) and encode a volume: the demo model on Colin27 (1 mm) on a shared 2-core CPU
-# (docs/results.md, "Speed", proposals).
-DECODE_SECONDS = 0.49
-PREPARE_SECONDS = 8.5
+# seconds to register (affine) and encode a volume: the demo model on Colin27 (1 mm) on an idle 2-core CPU, since
+# decoding within the prior's radius and the coarse winner of the affine fits (docs/results.md, "Speed", proposals).
+DECODE_SECONDS = 0.24
+PREPARE_SECONDS = 5.1
 
 
 def uncertainty_meaning(passes: int) -> str:
