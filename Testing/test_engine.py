@@ -48,11 +48,12 @@ def test_a_model_with_an_atlas_prior_is_decoded_within_its_radius_around_each_la
     moved.SetMatrix((np.eye(3) * 1.05).ravel().tolist())
     moved.SetTranslation((3.0, -3.0, 3.0))
     volume = model_input(demo, colin27_2mm[0], moved)
-    near, wide = (Engine(demo.build_model(), sitk.GetArrayFromImage(demo.atlas_image), "cpu", margin=margin)
-                  for margin in (None, MARGIN))
-    assert (near.margin, wide.margin) == (4, MARGIN)
-    conds = Segmenter(demo, "cpu").conditions(["Hippocampus_L", "Thalamus_R", "Precentral_L", "Cerebelum_6_R",
-                                               "Caudate_L", "Vermis_3"])
+    segmenter = Segmenter(demo, "cpu")
+    near = segmenter.engine  # what lcs segment decodes with
+    wide = Engine(demo.build_model(), sitk.GetArrayFromImage(demo.atlas_image), "cpu", margin=MARGIN)
+    assert near.margin == 4
+    conds = segmenter.conditions(["Hippocampus_L", "Thalamus_R", "Precentral_L", "Cerebelum_6_R", "Caudate_L",
+                                  "Vermis_3"])
     decoded_voxels = [sum(np.prod(e._box(c, volume.shape)[1]) for c in conds) for e in (near, wide)]
     assert decoded_voxels[0] < 0.6 * decoded_voxels[1], decoded_voxels
     a, b = (e.segment(e.encode(volume), conds).labels for e in (near, wide))

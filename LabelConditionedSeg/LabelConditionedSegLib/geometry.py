@@ -138,14 +138,12 @@ def _affine(fixed, moving, starts, fixed_mask, signal, seed, cancel) -> sitk.Tra
     samples = AFFINE_SAMPLES if len(levels) == 1 else 0  # the last level's fit samples enough (AFFINE_SAMPLES)
     fits = [(_optimize(fixed, moving, start, mask, seed, levels[:1], cancel, final_samples=samples,
                        moving_mask=signal)[0], mask) for start in starts for mask in masks]
-    if len(fits) > 1:
-        method = _method(masks[-1], seed, cancel)
+    method = _method(masks[-1], seed, cancel)
 
-        def mismatch(fit: tuple[sitk.Transform, sitk.Image | None]) -> float:
-            method.SetInitialTransform(fit[0], inPlace=False)
-            return method.MetricEvaluate(fixed, moving)
-        fits = [min(fits, key=mismatch)]
-    (best, mask), = fits
+    def mismatch(fit: tuple[sitk.Transform, sitk.Image | None]) -> float:
+        method.SetInitialTransform(fit[0], inPlace=False)
+        return method.MetricEvaluate(fixed, moving)
+    best, mask = min(fits, key=mismatch) if len(fits) > 1 else fits[0]
     if len(levels) == 1:
         return best
     return _optimize(fixed, moving, best, mask, seed, levels[1:], cancel, final_samples=AFFINE_SAMPLES,
