@@ -81,6 +81,9 @@ def test_the_unlike_generator_s_labels_move_with_the_image(tiny_checkpoint, coli
     assert code == 0 and "unlike training's" in out
     figures = dict(item.split("=") for item in out.strip().splitlines()[-1].split())
     assert float(figures["affine_propagation_dice"]) > 0.3 and float(figures["lcs_dice"]) > 0.2, figures  # 0.45, 0.31 measured
+    with open(tmp_path / "checks.csv", newline="") as f:  # the held-out head's check: silent, the right way round
+        checks = list(csv.DictReader(f))
+    assert checks and all(c["check"] == "" and float(c["mirror_alignment"]) < float(c["alignment"]) for c in checks), checks
 
 
 def test_metrics_match_known_shapes():

@@ -19,7 +19,7 @@ from LabelConditionedSegLib.deformable import deformable_prior
 from LabelConditionedSegLib.geometry import labels_to_input, with_margin
 from LabelConditionedSegLib.model import LCSNet
 from LabelConditionedSegLib.pipeline import Segmenter
-from LabelConditionedSegLib.quality import PLAUSIBLE, alignment, flag, volume_scale
+from LabelConditionedSegLib.quality import PLAUSIBLE, alignment, flag, mirror_image, volume_scale
 from lcs_training.contrasts import contrast_heads, contrast_subjects
 from lcs_training.evaluate import VALIDATION_STREAMS
 
@@ -108,27 +108,49 @@ def test_alignment_is_high_for_the_atlas_itself_whatever_its_contrast_and_low_fo
     assert noise < 1.05
 
 
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1)])  # LPS, RAS axes
+def test_the_atlas_mirror_image_is_reflected_left_to_right_about_its_brain_centre(direction):
+    """x index i of the mirror image holds the atlas's 2c - i, c the brain's centre along x, whichever way the
+    grid's axes point; beyond the grid it is 0."""
+    image = np.random.default_rng(0).random((5, 6, 21)).astype(np.float32)
+    brain = np.zeros(image.shape, np.uint8)
+    brain[:, :, 4:15] = 1  # centre: x index 9
+    atlas, mask = sitk.GetImageFromArray(image), sitk.GetImageFromArray(brain)
+    for grid in (atlas, mask):
+        grid.SetSpacing([2.0, 1.5, 3.0])
+        grid.SetOrigin([30.0, -7.0, 12.0])
+        grid.SetDirection(direction)
+    mirrored = mirror_image(atlas, mask)
+    np.testing.assert_allclose(mirrored[:, :, :19], image[:, :, 18::-1], atol=1e-5)
+    assert not mirrored[:, :, 19:].any()
+
+
 def write(image: sitk.Image, path: Path) -> Path:
     sitk.WriteImage(image, str(path))
     return path
 
 
-@pytest.mark.slow  # 23 s: three registrations and a deformable prior
-def test_a_head_upside_down_a_phantom_and_a_deformable_prior_gone_astray_are_flagged(tiny_checkpoint, colin27, tmp_path):
-    """The issue's deliberately failed cases, end to end: Colin27 turned upside down with --registration none and a
-    cylinder of noise (not a head). Then a deformable prior gone astray: the atlas warped onto the head moved 12 mm
-    up, laid over the head where it is. (The issue's own case, Colin27 with its contrast inverted, no longer goes
-    astray: its prior is painted in the scan's contrast and ignores the black around the head.)"""
+@pytest.mark.slow  # 25 s: four registrations and a deformable prior
+def test_a_head_upside_down_or_mirrored_a_phantom_and_a_deformable_prior_gone_astray_are_flagged(tiny_checkpoint,
+                                                                                                colin27, tmp_path):
+    """The issue's deliberately failed cases, end to end: Colin27 turned upside down and mirrored left to right with
+    --registration none, and a cylinder of noise (not a head). Then a deformable prior gone astray: the atlas warped
+    onto the head moved 12 mm up, laid over the head where it is. (The issue's own case, Colin27 with its contrast
+    inverted, no longer goes astray: its prior is painted in the scan's contrast and ignores the black around the
+    head.)"""
     head = sitk.ReadImage(str(colin27 / "images/colin27.nii.gz"))
-    coarse = sitk.BinShrink(head, [2] * 3)  # turned upside down at 2 mm: as plainly wrong, and quicker
-    upside = sitk.GetImageFromArray(sitk.GetArrayFromImage(coarse)[::-1].copy())
+    coarse = sitk.BinShrink(head, [2] * 3)  # turned at 2 mm: as plainly wrong, and quicker
+    upside, mirrored = (sitk.GetImageFromArray(np.ascontiguousarray(flip(sitk.GetArrayFromImage(coarse))))
+                        for flip in (lambda a: a[::-1], lambda a: a[:, :, ::-1]))
     upside.CopyInformation(coarse)
+    mirrored.CopyInformation(coarse)
     zz, yy, _ = np.mgrid[:96, :96, :96]
     cylinder = ((zz - 48) ** 2 + (yy - 48) ** 2 < 32 ** 2) * 100.0 + np.random.default_rng(0).normal(0, 5, (96,) * 3)
     phantom = sitk.GetImageFromArray(cylinder.astype(np.float32))
     phantom.SetSpacing([2.0] * 3)
-    words = "the scan does not match the atlas after registration"
-    for name, image, registration in (("upside", upside, "none"), ("phantom", phantom, "affine")):
+    failed = "the scan does not match the atlas after registration"
+    for name, image, registration, words in (("upside", upside, "none", failed), ("phantom", phantom, "affine", failed),
+                                             ("mirrored", mirrored, "none", "the scan matches the atlas's mirror image")):
         scan = write(image, tmp_path / f"{name}.nii.gz")
         code, out, err = lcs("segment", scan, "-o", tmp_path / f"{name}.seg.nrrd", "--checkpoint", tiny_checkpoint,
                              "--registration", registration, "--volumes-csv", tmp_path / f"{name}.csv", "--device",
@@ -187,6 +209,24 @@ def test_a_registration_the_check_flags_is_tried_again_from_farther_poses(colin2
     found = labels_to_input(checkpoint.atlas_labels, image, prepared.transform)
     assert mean_label_dice(sitk.GetArrayFromImage(found), sitk.GetArrayFromImage(truth)) > 0.6
     assert prepared.check == "", prepared.match
+
+
+def test_a_head_mirrored_left_to_right_is_flagged_and_not_searched_again(tiny, scans):
+    """A held-out head registers as well mirrored as it is (a registration cannot mirror), but then matches the
+    atlas's mirror image better than the atlas: its left and right look swapped. A search from farther poses cannot
+    mend that, so none is made."""
+    head = sitk.ReadImage(str(scans / "head.nrrd"))
+    mirror = sitk.AffineTransform(3)
+    mirror.SetMatrix([-1.0, 0, 0, 0, 1, 0, 0, 0, 1])
+    mirror.SetCenter(head.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in head.GetSize()]))
+    segmenter, said = Segmenter(tiny, "cpu"), []
+    as_it_is = segmenter.prepare(head)
+    mirrored = segmenter.prepare(sitk.Resample(head, head, mirror, sitk.sitkLinear, 0.0),
+                                 progress=lambda fraction, message: said.append(message))
+    assert as_it_is.check == "" and as_it_is.match.mirror < as_it_is.match.alignment, as_it_is.match
+    assert mirrored.check.startswith("the scan matches the atlas's mirror image better than the atlas"), mirrored.match
+    assert "left and right look swapped" in mirrored.check and not mirrored.match.misregistered()
+    assert not any("farther poses" in message for message in said), said
 
 
 def test_the_check_reads_only_what_the_scan_shows(tiny, colin27):

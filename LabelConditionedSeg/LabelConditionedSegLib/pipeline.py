@@ -18,7 +18,8 @@ from .deformable import Prior, deformable_prior
 from .engine import Condition, Encoded, Engine, Progress
 from .errors import LCSError
 from .labels import Label, distinct_colors
-from .quality import EDGE_SCALE_MM, LOW_VALIDATION_DICE, Match, alignment, edges, flag, volume_scale
+from .quality import (EDGE_SCALE_MM, LOW_VALIDATION_DICE, Match, alignment, edges, flag, mirror_image,
+                      volume_scale)
 from .geometry import (Box, box_to_input, labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid,
                        with_margin)
 from .volume import check_extent, check_volume
@@ -142,10 +143,10 @@ class Segmenter:
         step = progress or (lambda fraction, message: None)
         step(0.0, f"registering to the atlas ({registration})")
         found = self._registered(image, registration, cancel)
-        if registration != "none" and found.match.problem():  # a second try from farther poses (geometry.WIDE)
+        if registration != "none" and found.match.misregistered():  # a second try from farther poses (geometry.WIDE)
             step(0.15, "registration looks wrong: trying farther poses")
             wider = self._registered(image, registration, cancel, wide=True)
-            if not wider.match.problem() or wider.match.alignment > found.match.alignment:
+            if not wider.match.misregistered() or wider.match.alignment > found.match.alignment:
                 found = wider
         transform, moved, model_image, match = found
         brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
@@ -178,6 +179,11 @@ class Segmenter:
         read by every check."""
         return sitk.GetArrayFromImage(with_margin(self.checkpoint.atlas_mask)) > 0
 
+    @cached_property
+    def _mirror(self) -> np.ndarray:
+        """The atlas's mirror image (quality.mirror_image), which a scan with left and right swapped matches best."""
+        return mirror_image(self.checkpoint.atlas_image, self.checkpoint.atlas_mask)
+
     def match(self, image: sitk.Image, transform: sitk.Transform, model_image: np.ndarray,
               prior: Prior | None = None) -> Match:
         """How the registered scan matches the atlas (quality.Match): what the check of every run reads."""
@@ -193,6 +199,7 @@ class Segmenter:
                                                                      for s in grid.GetSpacing()])) > 0
         return Match(coverage=float((seen & brain).sum() / max(brain.sum(), 1)),
                      alignment=alignment(model_image, atlas, around & seen), edges=edges(model_image, atlas, brain & clear, grid),
+                     mirror=alignment(model_image, self._mirror, around & seen),
                      deformable=None if prior is None else alignment(model_image, prior.atlas_image, around & seen))
 
     def conditions(self, labels: Sequence[str | int] = (), masks: Sequence[tuple] = ()) -> list[Condition]:

@@ -9,6 +9,7 @@ three are read only where the registered scan shows something (inside its field 
   it (geometry.with_margin), after the affine step and, in deformable mode, with the warped atlas (which must not
   match worse than the affine one);
 - edges: whether the scan's edges inside the brain lie where the atlas's do (normalized gradient fields);
+- mirror: alignment with the atlas's mirror image, which a scan whose left and right are swapped matches better;
 - each label's volume against its atlas region's, scaled by the registration's change of volume.
 """
 from __future__ import annotations
@@ -43,6 +44,13 @@ MIN_ALIGNMENT = 1.03
 # 0.061-0.078; after the affine step's change (edges read 4 mm away from where the scan's signal ends), registered
 # 0.092-0.147, failed 0.074-0.079.
 MIN_EDGES = 0.09
+# How much better the atlas's mirror image may match than the atlas itself, (mirror - 1) / (alignment - 1), before
+# the scan's left and right look swapped. Validation heads (unlike generator, T1/T2/PD/FLAIR, and the training
+# generator's T1 at 1.5x; 3 each), registered right: 0.83-0.93; the same heads mirrored: 1.067-1.30; Colin27
+# mirrored with --registration none 2.9; MNI152 2009, a template made symmetric (its mirror image is itself): 1.027.
+# A brain's asymmetries are its own: a scan of another person mirrored is caught only as far as its asymmetries
+# follow the atlas's.
+MAX_MIRROR = 1.05
 MIN_COVERAGE = 0.5  # share of the atlas's brain the scan shows, below which most labels lie outside what it shows
 LOW_VALIDATION_DICE = 0.1  # a model whose own validation Dice is below this is barely trained
 EDGE_SCALE_MM = 2.0  # edges are read at this scale, whatever the atlas's grid
@@ -50,15 +58,30 @@ EDGE_SCALE_MM = 2.0  # edges are read at this scale, whatever the atlas's grid
 
 @dataclass(frozen=True)
 class Match:
-    """How a registered scan matches the atlas (see the module's docstring); `deformable` with the warped atlas."""
+    """How a registered scan matches the atlas (see the module's docstring); `mirror` with the atlas's mirror image
+    (mirror_image), `deformable` with the warped atlas."""
 
     coverage: float
     alignment: float
     edges: float
+    mirror: float  # alignment with the atlas's mirror image (mirror_image)
     deformable: float | None = None
 
     def problem(self) -> str:
         """What looks wrong with the registration, in one clause; '' when nothing does."""
+        if failed := self.misregistered():
+            return failed
+        if self.mirror - 1 > MAX_MIRROR * (self.alignment - 1):
+            return (f"the scan matches the atlas's mirror image better than the atlas (alignment {self.mirror:.3f} "
+                    f"against {self.alignment:.3f}): its left and right look swapped; check the orientation in its "
+                    "header, or whether it was flipped")
+        if self.deformable is not None and self.deformable < self.alignment:
+            return (f"the deformable prior matches the scan worse than the affine step (alignment "
+                    f"{self.deformable:.3f} < {self.alignment:.3f}): use --registration affine")
+        return ""
+
+    def misregistered(self) -> str:
+        """What says the registration itself failed (what a search from farther poses may mend), '' nothing."""
         if self.coverage < MIN_COVERAGE:
             return (f"the scan holds only {self.coverage:.0%} of the atlas's brain after registration: the registration "
                     "failed, or the field of view is too small to register")
@@ -66,10 +89,17 @@ class Match:
             return (f"the scan does not match the atlas after registration (alignment {self.alignment:.3f}, edges "
                     f"{self.edges:.3f}; heads score >= {MIN_ALIGNMENT} and >= {MIN_EDGES}): the registration failed, "
                     "or this is not a head")
-        if self.deformable is not None and self.deformable < self.alignment:
-            return (f"the deformable prior matches the scan worse than the affine step (alignment "
-                    f"{self.deformable:.3f} < {self.alignment:.3f}): use --registration affine")
         return ""
+
+
+def mirror_image(atlas_image: sitk.Image, atlas_mask: sitk.Image) -> np.ndarray:
+    """The atlas image mirrored left to right about the plane through its brain's centre (array, model grid): what a
+    scan whose left and right are swapped looks like once registered, since a registration cannot mirror."""
+    brain = np.argwhere(sitk.GetArrayViewFromImage(atlas_mask) > 0).mean(0)[::-1]
+    mirror = sitk.AffineTransform(3)
+    mirror.SetMatrix([-1.0, 0, 0, 0, 1, 0, 0, 0, 1])  # x is left-right in every patient frame (LPS, RAS)
+    mirror.SetCenter(atlas_image.TransformContinuousIndexToPhysicalPoint(brain.tolist()))
+    return sitk.GetArrayFromImage(sitk.Resample(atlas_image, atlas_image, mirror, sitk.sitkLinear, 0.0))
 
 
 def volume_scale(transform: sitk.Transform, grid: sitk.Image) -> float:
