@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -218,10 +219,15 @@ print(json.dumps(report))
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
-def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temporary(colin27, tiny_checkpoint, tmp_path):
+def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temporary(colin27_2mm, tiny_checkpoint, tmp_path):
     """A real failure of the file system half way through each writer (the new file larger than the limit): the writer
-    raises, the old output is there byte for byte, and no temporary file is left."""
-    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(colin27), str(tiny_checkpoint), str(tmp_path)],
+    raises, the old output is there byte for byte, and no temporary file is left. Colin27 at 2 mm: the same writes,
+    an eighth of the bytes."""
+    data = tmp_path / "colin27"
+    for sub, image in (("images", colin27_2mm[0]), ("labels", colin27_2mm[1])):
+        (data / sub).mkdir(parents=True)
+        sitk.WriteImage(image, str(data / sub / "colin27.nii.gz"))
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(data), str(tiny_checkpoint), str(tmp_path)],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
