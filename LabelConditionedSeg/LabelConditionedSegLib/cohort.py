@@ -190,8 +190,8 @@ def segment_image(segmenter, conditions, settings: dict, image, image_name: str,
         f" (found nowhere: {', '.join(missing)})" if missing else "")
     if check := describe(result.check, result.volumes()):
         summary += f"; CHECK FAILED: {check}"
-        print(f"lcs: warning: {image_name}: {check}. Look at it with --overlay, try another --registration, and do "
-              "not use these volumes unchecked", file=sys.stderr, flush=True)
+        print(f"lcs: warning: {image_name}: {check}. Look at it with --overlay and do not use these volumes unchecked",
+              file=sys.stderr, flush=True)
     seg.parent.mkdir(parents=True, exist_ok=True)
     if "labelmap" in extras:
         write_labelmap(result.labelmap, max(c.value for c in conditions), extras["labelmap"])

@@ -84,11 +84,11 @@ class Match:
         """What says the registration itself failed (what a search from farther poses may mend), '' nothing."""
         if self.coverage < MIN_COVERAGE:
             return (f"the scan holds only {self.coverage:.0%} of the atlas's brain after registration: the registration "
-                    "failed, or the field of view is too small to register")
+                    "failed (try another registration mode), or the field of view is too small to register")
         if self.alignment < MIN_ALIGNMENT or self.edges < MIN_EDGES:
             return (f"the scan does not match the atlas after registration (alignment {self.alignment:.3f}, edges "
-                    f"{self.edges:.3f}; heads score >= {MIN_ALIGNMENT} and >= {MIN_EDGES}): the registration failed, "
-                    "or this is not a head")
+                    f"{self.edges:.3f}; heads score >= {MIN_ALIGNMENT} and >= {MIN_EDGES}): the registration failed "
+                    "(try another registration mode), or this is not a head")
         return ""
 
 
