@@ -19,7 +19,7 @@ from LabelConditionedSegLib.deformable import deformable_prior
 from LabelConditionedSegLib.geometry import labels_to_input, with_margin
 from LabelConditionedSegLib.model import LCSNet
 from LabelConditionedSegLib.pipeline import Segmenter
-from LabelConditionedSegLib.quality import PLAUSIBLE, alignment, flag, mirror_image, volume_scale
+from LabelConditionedSegLib.quality import PLAUSIBLE, alignment, flag, mirror_image, mirror_ratio, volume_scale
 from lcs_training.contrasts import contrast_heads, contrast_subjects
 from lcs_training.evaluate import VALIDATION_STREAMS
 
@@ -125,6 +125,15 @@ def test_the_atlas_mirror_image_is_reflected_left_to_right_about_its_brain_centr
     assert not mirrored[:, :, 19:].any()
 
 
+def test_the_mirror_ratio_tells_the_atlas_from_its_mirror_image_whatever_the_contrast(tiny):
+    """Below 1 for the atlas itself, far above 1 for its mirror image, in its own contrast or inverted."""
+    atlas = sitk.GetArrayFromImage(tiny.atlas_image)
+    around = sitk.GetArrayFromImage(with_margin(tiny.atlas_mask)) > 0
+    mirror = mirror_image(tiny.atlas_image, tiny.atlas_mask)
+    assert mirror_ratio(atlas, atlas, mirror, around) < 0.5 and mirror_ratio(1 - atlas, atlas, mirror, around) < 0.5
+    assert mirror_ratio(mirror, atlas, mirror, around) > 2 and mirror_ratio(1 - mirror, atlas, mirror, around) > 2
+
+
 def write(image: sitk.Image, path: Path) -> Path:
     sitk.WriteImage(image, str(path))
     return path
@@ -223,7 +232,7 @@ def test_a_head_mirrored_left_to_right_is_flagged_and_not_searched_again(tiny, s
     as_it_is = segmenter.prepare(head)
     mirrored = segmenter.prepare(sitk.Resample(head, head, mirror, sitk.sitkLinear, 0.0),
                                  progress=lambda fraction, message: said.append(message))
-    assert as_it_is.check == "" and as_it_is.match.mirror < as_it_is.match.alignment, as_it_is.match
+    assert as_it_is.check == "" and as_it_is.match.mirror < 1 < mirrored.match.mirror, (as_it_is.match, mirrored.match)
     assert mirrored.check.startswith("the scan matches the atlas's mirror image better than the atlas"), mirrored.match
     assert "left and right look swapped" in mirrored.check and not mirrored.match.misregistered()
     assert not any("farther poses" in message for message in said), said

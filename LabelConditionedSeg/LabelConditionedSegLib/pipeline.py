@@ -19,7 +19,7 @@ from .engine import Condition, Encoded, Engine, Progress
 from .errors import LCSError
 from .labels import Label, distinct_colors
 from .quality import (EDGE_SCALE_MM, LOW_VALIDATION_DICE, Match, alignment, edges, flag, mirror_image,
-                      volume_scale)
+                      mirror_ratio, volume_scale)
 from .geometry import (Box, box_to_input, labels_to_input, normalize_intensity, register, to_input_grid, to_model_grid,
                        with_margin)
 from .volume import check_extent, check_volume
@@ -199,7 +199,7 @@ class Segmenter:
                                                                      for s in grid.GetSpacing()])) > 0
         return Match(coverage=float((seen & brain).sum() / max(brain.sum(), 1)),
                      alignment=alignment(model_image, atlas, around & seen), edges=edges(model_image, atlas, brain & clear, grid),
-                     mirror=alignment(model_image, self._mirror, around & seen),
+                     mirror=mirror_ratio(model_image, atlas, self._mirror, around & seen),
                      deformable=None if prior is None else alignment(model_image, prior.atlas_image, around & seen))
 
     def conditions(self, labels: Sequence[str | int] = (), masks: Sequence[tuple] = ()) -> list[Condition]:

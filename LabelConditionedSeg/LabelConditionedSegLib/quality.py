@@ -9,7 +9,8 @@ three are read only where the registered scan shows something (inside its field 
   it (geometry.with_margin), after the affine step and, in deformable mode, with the warped atlas (which must not
   match worse than the affine one);
 - edges: whether the scan's edges inside the brain lie where the atlas's do (normalized gradient fields);
-- mirror: alignment with the atlas's mirror image, which a scan whose left and right are swapped matches better;
+- mirror: where the atlas differs from its mirror image, how much better the mirror image matches the scan (a scan
+  whose left and right are swapped matches it better);
 - each label's volume against its atlas region's, scaled by the registration's change of volume.
 """
 from __future__ import annotations
@@ -44,13 +45,16 @@ MIN_ALIGNMENT = 1.03
 # 0.061-0.078; after the affine step's change (edges read 4 mm away from where the scan's signal ends), registered
 # 0.092-0.147, failed 0.074-0.079.
 MIN_EDGES = 0.09
-# How much better the atlas's mirror image may match than the atlas itself, (mirror - 1) / (alignment - 1), before
-# the scan's left and right look swapped. Validation heads (unlike generator, T1/T2/PD/FLAIR, and the training
-# generator's T1 at 1.5x; 3 each), registered right: 0.83-0.93; the same heads mirrored: 1.067-1.30; Colin27
-# mirrored with --registration none 2.9; MNI152 2009, a template made symmetric (its mirror image is itself): 1.027.
-# A brain's asymmetries are its own: a scan of another person mirrored is caught only as far as its asymmetries
-# follow the atlas's.
-MAX_MIRROR = 1.05
+# Where the atlas and its mirror image differ by more than ASYMMETRY (normalized intensity), how much better the mirror
+# image may match the scan than the atlas, (mirror - 1) / (alignment - 1), before its left and right look swapped.
+# Validation heads (unlike generator T1/T2/PD/FLAIR and the training generator's T1 at 1.5x; 3 each), registered
+# right: 0.59-0.83; the same heads mirrored: 1.19-2.09 (5 whose registration failed: flagged for that first);
+# Colin27 mirrored 5.4-7.0; MNI152 2009, a template made symmetric (its mirror image is itself), 1.05 as it is and
+# mirrored. Over the whole brain and head instead, the same heads gave 0.83-0.93 against 1.07-1.30 and MNI152 1.03:
+# the symmetric voxels match both alike and only dilute the difference. A brain's asymmetries are its own: a scan of
+# another person mirrored is caught only as far as its asymmetries follow the atlas's.
+ASYMMETRY = 0.1
+MAX_MIRROR = 1.12
 MIN_COVERAGE = 0.5  # share of the atlas's brain the scan shows, below which most labels lie outside what it shows
 LOW_VALIDATION_DICE = 0.1  # a model whose own validation Dice is below this is barely trained
 EDGE_SCALE_MM = 2.0  # edges are read at this scale, whatever the atlas's grid
@@ -58,23 +62,22 @@ EDGE_SCALE_MM = 2.0  # edges are read at this scale, whatever the atlas's grid
 
 @dataclass(frozen=True)
 class Match:
-    """How a registered scan matches the atlas (see the module's docstring); `mirror` with the atlas's mirror image
-    (mirror_image), `deformable` with the warped atlas."""
+    """How a registered scan matches the atlas (see the module's docstring); `deformable` with the warped atlas."""
 
     coverage: float
     alignment: float
     edges: float
-    mirror: float  # alignment with the atlas's mirror image (mirror_image)
+    mirror: float  # how much better the atlas's mirror image matches than the atlas (mirror_ratio)
     deformable: float | None = None
 
     def problem(self) -> str:
         """What looks wrong with the registration, in one clause; '' when nothing does."""
         if failed := self.misregistered():
             return failed
-        if self.mirror - 1 > MAX_MIRROR * (self.alignment - 1):
-            return (f"the scan matches the atlas's mirror image better than the atlas (alignment {self.mirror:.3f} "
-                    f"against {self.alignment:.3f}): its left and right look swapped; check the orientation in its "
-                    "header, or whether it was flipped")
+        if self.mirror > MAX_MIRROR:
+            return (f"the scan matches the atlas's mirror image better than the atlas ({times(self.mirror)} as well "
+                    f"where the two differ; heads score <= {MAX_MIRROR}): its left and right look swapped; check the "
+                    "orientation in its header, or whether it was flipped")
         if self.deformable is not None and self.deformable < self.alignment:
             return (f"the deformable prior matches the scan worse than the affine step (alignment "
                     f"{self.deformable:.3f} < {self.alignment:.3f}): use --registration affine")
@@ -90,6 +93,15 @@ class Match:
                     f"{self.edges:.3f}; heads score >= {MIN_ALIGNMENT} and >= {MIN_EDGES}): the registration failed "
                     "(try another registration mode), or this is not a head")
         return ""
+
+
+def mirror_ratio(image: np.ndarray, atlas_image: np.ndarray, mirror: np.ndarray, mask: np.ndarray) -> float:
+    """How much better the atlas's mirror image (mirror_image) matches a registered scan than the atlas, where the two
+    differ (inside `mask`): (alignment with the mirror - 1) / (alignment with the atlas - 1), below 1 for a scan the
+    right way round; 1 where it cannot tell."""
+    asymmetric = mask & (np.abs(atlas_image - mirror) > ASYMMETRY)
+    straight = alignment(image, atlas_image, asymmetric)
+    return (alignment(image, mirror, asymmetric) - 1) / (straight - 1) if straight > 1 else 1.0
 
 
 def mirror_image(atlas_image: sitk.Image, atlas_mask: sitk.Image) -> np.ndarray:

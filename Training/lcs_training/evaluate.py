@@ -41,7 +41,7 @@ from .synth import Strength, SubjectGenerator, random_grid
 
 FIELDS = ["subject", "contrast", "method", "value", "name", "dice", "hd95_mm", "truth_ml", "predicted_ml", "volume_diff_pct",
           "seconds"]
-CHECK_FIELDS = ["subject", "contrast", "registration", "coverage", "alignment", "edges", "mirror_alignment",
+CHECK_FIELDS = ["subject", "contrast", "registration", "coverage", "alignment", "edges", "mirror_ratio",
                 "deformable_alignment", "check"]
 # Subject i of a kind is drawn from the seeds [--seed, stream + i]. Held-out subjects are a test set that never picks
 # anything; settings and thresholds are chosen on the validation streams (--validation), which share no seed with
@@ -115,7 +115,7 @@ class Scoring:
             m = p.match
             self.checks.append({"subject": case, "contrast": contrast, "registration": registration,
                                 "coverage": round(m.coverage, 4), "alignment": round(m.alignment, 4),
-                                "edges": round(m.edges, 4), "mirror_alignment": round(m.mirror, 4), "check": p.check,
+                                "edges": round(m.edges, 4), "mirror_ratio": round(m.mirror, 4), "check": p.check,
                                 "deformable_alignment": "" if m.deformable is None else round(m.deformable, 4)})
         spacing = image.GetSpacing()[::-1]
         for method, prediction in predictions.items():
