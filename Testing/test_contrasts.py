@@ -152,5 +152,5 @@ def test_evaluate_scores_every_method_per_contrast_with_ants(tiny_checkpoint, co
     assert list(rows[0])[:3] == ["subject", "contrast", "method"] and {r["contrast"] for r in rows} == {"t1", "t2"}
     truth = {c: {(r["method"], r["value"]): r["truth_ml"] for r in rows if r["contrast"] == c} for c in ("t1", "t2")}
     assert truth["t1"] == truth["t2"] and len(truth["t1"]) == 3 * 6  # one anatomy, two contrasts
-    for png in ("heldout_dice.png", "heldout_contrasts.png", "contrasts.png"):
+    for png in ("heldout_dice.png", "heldout_contrasts.png", "heldout_seconds.png", "contrasts.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

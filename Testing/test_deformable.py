@@ -38,6 +38,14 @@ def _known_warp(atlas, seed: int = 4):
     return warp, sitk.GetArrayFromImage(field)
 
 
+def _warped(atlas, image: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`image` (an array of the atlas grid) warped by _known_warp(seed), and the known field's vectors."""
+    warp, truth = _known_warp(atlas, seed)
+    source = sitk.GetImageFromArray(image)
+    source.CopyInformation(atlas.image)
+    return sitk.GetArrayFromImage(sitk.Resample(source, atlas.image, warp, sitk.sitkLinear, 0.0)), truth
+
+
 @pytest.mark.slow  # 2 mm grid; the 4 mm prior tests (reproducible, through the pipeline) stay fast
 def test_a_known_warp_is_recovered_inside_the_brain_within_a_stated_tolerance(atlas_2mm):
     """The atlas warped by a known smooth field is registered back: inside the brain the demons field lies within
@@ -85,15 +93,40 @@ def test_a_known_warp_is_recovered_on_a_scan_of_inverted_contrast(colin27):
     assert error < 0.6 * moved, (moved, error)
 
 
+def test_the_finest_demons_level_refines_only_the_brain_and_its_margin(colin27, monkeypatch):
+    """The finest level runs on the box of the atlas's brain grown by CROP_MARGIN_MM: outside it the field is exactly
+    the coarser levels' one, inside the brain it is the field of the finest level run on the whole grid: within 0.1 mm
+    on average (0.04 mm here, where the finest level moves it by 1.8 mm; at the demo's 2 mm, on 13 validation heads,
+    0.00-0.01 mm and propagation Dice within 0.0004). On a 4 mm grid, to be quick."""
+    atlas = load_atlas(colin27, "colin27", 4.0, 8)
+    image = normalized(atlas.image, atlas.mask)
+    brain = sitk.GetArrayFromImage(atlas.mask) > 0
+    subject, _ = _warped(atlas, image, seed=7)
+
+    def field(**settings):
+        for name, value in settings.items():
+            monkeypatch.setattr(deformable, name, value)
+        prior = deformable_prior(subject, image, atlas.image, atlas_mask=brain)
+        return sitk.GetArrayFromImage(prior.field.GetDisplacementField())
+
+    cropped = field()
+    whole = field(CROP_SHRINK=0)
+    coarse = field(LEVELS=deformable.LEVELS[:-1])
+    margin = int(np.ceil(deformable.CROP_MARGIN_MM / 4.0))
+    box = np.zeros(brain.shape, bool)
+    box[tuple(slice(max(0, a.min() - margin), a.max() + 1 + margin) for a in np.nonzero(brain))] = True
+    assert 0 < (~box).sum() and np.abs(cropped - coarse)[~box].max() < 1e-9  # the finest level did not run there
+    assert np.abs(whole - coarse)[~box].max() > 0.1  # where on the whole grid it did
+    refined = np.linalg.norm(whole - coarse, axis=-1)[brain].mean()
+    assert np.linalg.norm(cropped - whole, axis=-1)[brain].mean() < min(0.1, refined / 10), refined
+
+
 def test_the_prior_is_reproducible(colin27):
     """Same inputs, same field: the demons registration has no random sampling (bit for bit on one machine; the
     stated tolerance, 1e-4 mm, covers other thread counts). On a 4 mm grid, to be quick."""
     atlas = load_atlas(colin27, "colin27", 4.0, 8)
     image = normalized(atlas.image, atlas.mask)
-    warp, _ = _known_warp(atlas, seed=5)
-    source = sitk.GetImageFromArray(image)
-    source.CopyInformation(atlas.image)
-    subject = sitk.GetArrayFromImage(sitk.Resample(source, atlas.image, warp, sitk.sitkLinear, 0.0))
+    subject, _ = _warped(atlas, image, seed=5)
     fields = [sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
         deformable_prior(subject, image, atlas.image).field, sitk.sitkVectorFloat64, atlas.image.GetSize(),
         atlas.image.GetOrigin(), atlas.image.GetSpacing(), atlas.image.GetDirection())) for _ in range(2)]
@@ -239,10 +272,7 @@ def test_where_the_scan_shows_nothing_the_atlas_is_not_dragged_across_the_edge(c
     atlas = load_atlas(colin27, "colin27", 4.0, 8)
     image = normalized(atlas.image, atlas.mask)
     brain = sitk.GetArrayFromImage(atlas.mask) > 0
-    warp, truth = _known_warp(atlas, seed=6)
-    source = sitk.GetImageFromArray(image)
-    source.CopyInformation(atlas.image)
-    subject = sitk.GetArrayFromImage(sitk.Resample(source, atlas.image, warp, sitk.sitkLinear, 0.0))
+    subject, truth = _warped(atlas, image, seed=6)
     seen = np.ones(subject.shape, bool)
     seen[int(0.7 * subject.shape[0]):] = False  # z is the first array axis: the top of the head
     cut = np.where(seen, subject, 0)

@@ -41,7 +41,7 @@ def test_evaluate_scores_lcs_registration_and_the_baseline(tiny, tiny_baseline, 
     for r in rows:
         if float(r["dice"]) > 0.5:  # a fair overlap lies within a few voxels of the truth
             assert 0 < float(r["hd95_mm"]) < 30 and abs(float(r["volume_diff_pct"])) < 100
-    for png in ("heldout_dice.png", "heldout_hd95.png"):
+    for png in ("heldout_dice.png", "heldout_hd95.png", "heldout_seconds.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -182,7 +182,7 @@ def test_evaluate_scores_a_folder_of_labelled_test_scans(tiny_checkpoint, test_s
         if r["subject"] == "scan0" and r["name"] == "Frontal_Sup_L":
             voxels = int((sitk.GetArrayViewFromImage(truth) == 1003).sum())
             assert truth_ml == pytest.approx(voxels * voxel_ml, abs=1e-3)
-    for png in ("heldout_dice.png", "heldout_hd95.png"):
+    for png in ("heldout_dice.png", "heldout_hd95.png", "heldout_seconds.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -174,7 +174,8 @@ def test_a_head_upside_down_or_mirrored_a_phantom_and_a_deformable_prior_gone_as
     atlas, brain = (sitk.GetArrayFromImage(i) for i in (grid, segmenter.checkpoint.atlas_mask))
     astray = deformable_prior(np.roll(prepared.model_image, shift, axis=0), atlas, grid, atlas_mask=brain > 0)
     assert prepared.check == "", prepared.match  # the prior fitted to this head is fine
-    problem = segmenter.match(coarse, prepared.transform, prepared.model_image, astray).problem()
+    seen = segmenter.seen(coarse, prepared.transform)
+    problem = segmenter.warped_match(prepared.match, prepared.model_image, seen, astray).problem()
     assert problem.startswith("the deformable prior matches the scan worse than the affine step"), problem
 
 

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from .engine import Condition
 from .errors import Cancelled
-from .geometry import Box, on_grid
+from .geometry import Box, bounding_box, on_grid
 
 # (shrink factor of the model grid, demons iterations), coarse to fine. Chosen on the 3 validation subjects of the demo
 # recipe (docs/results.md): the coarse levels are cheap and carry the large deformations; 40/40/10 at 1.5 voxels was 0.73.
@@ -44,6 +44,13 @@ STRIPPED_SHARE = 0.9
 # bin's median needs MIN_VOXELS voxels.
 BINS = 64
 MIN_VOXELS = 20
+# The levels of shrink factor CROP_SHRINK and finer run only on the box of the atlas's brain grown by CROP_MARGIN_MM
+# (when the brain mask is given); outside it the field stays the coarser levels'. The finest level is the costliest
+# (30 iterations on the whole model grid); on 13 validation heads (both generators, T1/T2/PD/FLAIR) its crop left the
+# field in the brain as it was (mean change <= 0.01 mm), propagation Dice within 0.0004, and took the demons step from
+# 10.2 s to 8.5 s. Cropping the middle level too (7.6 s) moved the brain's field by up to 8 mm on one head: not kept.
+CROP_SHRINK = 1
+CROP_MARGIN_MM = 8.0
 
 
 @dataclass
@@ -73,6 +80,23 @@ class Prior:
         if box is None:
             return replace(condition, mask=np.zeros((0, 0, 0), bool), offset=(0, 0, 0))
         return replace(condition, mask=box.mask, offset=box.offset)
+
+
+def _brain_region(atlas_mask: np.ndarray, grid: sitk.Image, shrink: int, level: sitk.Image
+                  ) -> tuple[list[int], list[int]] | None:
+    """(size, index) of the atlas brain's box grown by CROP_MARGIN_MM on a level's grid (x, y, z), or None if it
+    covers the whole level (or there is no brain)."""
+    box = bounding_box(atlas_mask)
+    if box is None:
+        return None
+    lo, hi = box
+    margin = int(np.ceil(CROP_MARGIN_MM / min(grid.GetSpacing())))
+    size = np.array(level.GetSize())
+    start = np.maximum((np.array(lo[::-1]) - margin) // shrink, 0)
+    end = np.minimum(-(-(np.array(hi[::-1]) + margin) // shrink), size)
+    if (start == 0).all() and (end == size).all():
+        return None
+    return [int(v) for v in end - start], [int(v) for v in start]
 
 
 def _place(image: sitk.Image, grid: sitk.Image, offset_zyx) -> None:
@@ -162,6 +186,8 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
     Where the scan holds no signal (`seen` False: outside its field of view, a slab zeroed by defacing or a cut), the
     atlas stands in for it, painted and warped as it is, so it pulls nothing there: otherwise the edge where the
     scan's signal ends drags the atlas's head across it.
+    With `atlas_mask`, the finest level refines only the brain's box and CROP_MARGIN_MM around it: the brain's field
+    as on the whole grid, in less time.
     `cancel` is polled every demons iteration (a few tens of milliseconds); when it returns True, Cancelled is raised."""
     fixed, atlas = on_grid(image, grid), on_grid(atlas_image, grid)
     seen = None if seen is None or seen.all() else seen
@@ -179,6 +205,11 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
             warped_so_far = painted if to_atlas is None else pulled(painted, to_atlas, grid)
             fixed = on_grid(np.where(seen, image, warped_so_far), grid)
         level_fixed, level_moving = (sitk.Shrink(i, [shrink] * 3) if shrink > 1 else i for i in (fixed, moving))
+        level_grid = level_fixed
+        region = None if atlas_mask is None or shrink > CROP_SHRINK or field is None else \
+            _brain_region(atlas_mask, grid, shrink, level_fixed)
+        if region is not None:
+            level_fixed, level_moving = (sitk.RegionOfInterest(i, *region) for i in (level_fixed, level_moving))
         demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
         demons.SetNumberOfIterations(iterations)
         demons.SetStandardDeviations(smoothing)
@@ -188,7 +219,12 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
             field = demons.Execute(level_fixed, level_moving)
         else:
             start = sitk.Resample(field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
-            field = demons.Execute(level_fixed, level_moving, start)
+            refined = demons.Execute(level_fixed, level_moving, start)
+            if region is None:
+                field = refined
+            else:
+                around = sitk.Resample(field, level_grid, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+                field = sitk.Paste(around, refined, region[0], [0, 0, 0], region[1])
         if cancel is not None and cancel():
             raise Cancelled()
         if shrink > 1:  # read the atlas's tissues in the scan again, now that they lie closer to the scan's

@@ -139,6 +139,7 @@ def _affine(fixed, moving, starts, fixed_mask, signal, seed, cancel) -> sitk.Tra
     fits = [(_optimize(fixed, moving, start, mask, seed, levels[:1], cancel, final_samples=samples,
                        moving_mask=signal)[0], mask) for start in starts for mask in masks]
     method = _method(masks[-1], seed, cancel)
+    method.SetMetricUseMovingImageGradientFilter(False)  # a value needs no gradient: 0.2 s less per value at 2 mm
 
     def mismatch(fit: tuple[sitk.Transform, sitk.Image | None]) -> float:
         method.SetInitialTransform(fit[0], inPlace=False)

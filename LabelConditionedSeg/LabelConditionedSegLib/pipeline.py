@@ -26,11 +26,12 @@ from .volume import check_extent, check_volume
 
 
 class Registered(NamedTuple):
-    """One registration of a scan: its transform, the scan on the model grid, as the network sees it, its check."""
+    """One registration of a scan: its transform, the scan on the model grid as the network sees it, where it shows
+    something there, and its check."""
 
     transform: sitk.Transform
-    moved: sitk.Image
     model_image: np.ndarray
+    seen: np.ndarray  # where the scan shows something on the model grid (Segmenter.seen)
     match: Match
 
 
@@ -148,7 +149,7 @@ class Segmenter:
             wider = self._registered(image, registration, cancel, wide=True)
             if not wider.match.misregistered() or wider.match.alignment > found.match.alignment:
                 found = wider
-        transform, moved, model_image, match = found
+        transform, model_image, seen, match = found
         brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
         atlas = sitk.GetArrayViewFromImage(self.checkpoint.atlas_image)
         prior = None
@@ -157,21 +158,19 @@ class Segmenter:
                 self.messages(f"{self.checkpoint.provenance.get('name', 'this model')} was not trained on deformable "
                               "priors; its results may be worse than with --registration affine")
             step(0.3, "warping the atlas onto the volume (deformable)")
-            seen = sitk.GetArrayViewFromImage(moved) != 0  # outside its field of view or zeroed: no signal
             prior = deformable_prior(model_image, atlas, self.checkpoint.atlas_image, cancel, brain, seen)
+            match = self.warped_match(match, model_image, seen, prior)
         step(0.5, f"encoding on {self.device}")
         encoded = self.engine.encode(model_image, None if prior is None else prior.atlas_image)
-        if prior is not None:
-            match = self.match(image, transform, model_image, prior)
         return Prepared(image, transform, model_image, encoded, prior, match)
 
     def _registered(self, image: sitk.Image, registration: str, cancel: Callable[[], bool] | None, wide: bool = False
                     ) -> Registered:
         transform = register(image, self.checkpoint.atlas_image, registration, fixed_mask=self.checkpoint.atlas_mask,
                              cancel=cancel, wide=wide)
-        moved = to_model_grid(image, self.checkpoint.atlas_image, transform)
-        model_image = normalized_input(self.checkpoint, moved)
-        return Registered(transform, moved, model_image, self.match(image, transform, model_image))
+        model_image = normalized_input(self.checkpoint, to_model_grid(image, self.checkpoint.atlas_image, transform))
+        seen = self.seen(image, transform)
+        return Registered(transform, model_image, seen, self.match(model_image, seen))
 
     @cached_property
     def _around_brain(self) -> np.ndarray:
@@ -184,23 +183,29 @@ class Segmenter:
         """The atlas's mirror image (quality.mirror_image), which a scan with left and right swapped matches best."""
         return mirror_image(self.checkpoint.atlas_image, self.checkpoint.atlas_mask)
 
-    def match(self, image: sitk.Image, transform: sitk.Transform, model_image: np.ndarray,
-              prior: Prior | None = None) -> Match:
-        """How the registered scan matches the atlas (quality.Match): what the check of every run reads."""
+    def seen(self, image: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+        """Where the registered scan shows something on the model grid: inside its field of view and not a zeroed
+        slab. Only there can it match the atlas, and only there does it guide the deformable prior."""
+        return sitk.GetArrayFromImage(sitk.Resample(image != 0, self.checkpoint.atlas_image, transform,
+                                                    sitk.sitkNearestNeighbor, 0)) > 0
+
+    def match(self, model_image: np.ndarray, seen: np.ndarray) -> Match:
+        """How the registered scan matches the atlas (quality.Match), where it shows something (`seen`): what the
+        check of every run reads."""
         grid = self.checkpoint.atlas_image
         atlas = sitk.GetArrayViewFromImage(grid)
         brain = sitk.GetArrayViewFromImage(self.checkpoint.atlas_mask) > 0
         around = self._around_brain
-        # Where the scan shows something: inside its field of view and not a zeroed slab. Only there can it match.
-        seen_image = sitk.Resample(image != 0, grid, transform, sitk.sitkNearestNeighbor, 0)
-        seen = sitk.GetArrayFromImage(seen_image) > 0
         # Edges only away from where the signal ends: that edge is the scan's, not anatomy the atlas could share.
-        clear = sitk.GetArrayFromImage(sitk.BinaryErode(seen_image, [int(np.ceil(2 * EDGE_SCALE_MM / s))
-                                                                     for s in grid.GetSpacing()])) > 0
+        radius = [int(np.ceil(2 * EDGE_SCALE_MM / s)) for s in grid.GetSpacing()]
+        clear = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(seen.astype(np.uint8)), radius)) > 0
         return Match(coverage=float((seen & brain).sum() / max(brain.sum(), 1)),
                      alignment=alignment(model_image, atlas, around & seen), edges=edges(model_image, atlas, brain & clear, grid),
-                     mirror=mirror_ratio(model_image, atlas, self._mirror, around & seen),
-                     deformable=None if prior is None else alignment(model_image, prior.atlas_image, around & seen))
+                     mirror=mirror_ratio(model_image, atlas, self._mirror, around & seen))
+
+    def warped_match(self, match: Match, model_image: np.ndarray, seen: np.ndarray, prior: Prior) -> Match:
+        """`match` (Segmenter.match) with how well the atlas warped onto the scan by `prior` matches it."""
+        return replace(match, deformable=alignment(model_image, prior.atlas_image, self._around_brain & seen))
 
     def conditions(self, labels: Sequence[str | int] = (), masks: Sequence[tuple] = ()) -> list[Condition]:
         """Atlas labels by name or value ('A+B' for a union) and masks drawn on the atlas, as conditions.

@@ -35,7 +35,7 @@ from .baseline import segment_multichannel
 from .contrasts import CONTRASTS, contrast_heads, contrast_subjects, parse_contrasts
 from .data import case_files, check_training_folder, read_table, write_colin27_aal
 from .metrics import label_metrics
-from .plots import plot_contrast_dice, plot_contrast_slices, plot_method_dice
+from .plots import plot_contrast_dice, plot_contrast_slices, plot_dice_seconds, plot_method_dice
 from .propagation import ants_propagate, bspline_propagate, require_ants
 from .synth import Strength, SubjectGenerator, random_grid
 
@@ -189,6 +189,7 @@ class Scoring:
         order = [first] + [m for m in methods if m != first]
         plot_method_dice(rows, order, summary, out / "heldout_dice.png")
         plot_method_dice(rows, order, {m: summary[f"{m} hd95"] for m in order}, out / "heldout_hd95.png", metric="hd95_mm")
+        plot_dice_seconds(rows, order, out / "heldout_seconds.png")
         if heads:
             for (contrast, m), times in self.seconds.items():
                 summary[f"{contrast}/{m}"] = float(np.mean([r["dice"] for r in rows
@@ -311,7 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="registration of 'lcs' and of the atlas propagation, as in lcs segment")
     parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--out", type=Path, default=Path("build/evaluate"),
-                        help="folder for heldout_metrics.csv, heldout_dice.png and heldout_hd95.png")
+                        help="folder for heldout_metrics.csv, checks.csv and the plots")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -336,7 +337,7 @@ def run(args: argparse.Namespace) -> None:
         count = f"subjects={args.subjects}"
     methods = [k for k in s if k not in ("cases", "flagged", "registrations") and "/" not in k
                and not k.endswith((" seconds", " hd95"))]
-    plots = "heldout_dice.png, heldout_hd95.png" + (", heldout_contrasts.png, contrasts.png" if args.contrasts else "")
+    plots = "heldout_dice.png, heldout_hd95.png, heldout_seconds.png" + (", heldout_contrasts.png, contrasts.png" if args.contrasts else "")
     print(f"{what}; per label and case in {args.out}/heldout_metrics.csv, plots {plots}")
     for m in methods:
         print(f"  {m:25s} mean Dice {s[m]:.3f}  HD95 {s[m + ' hd95']:.1f} mm  {s[m + ' seconds']:.1f} s/case")
