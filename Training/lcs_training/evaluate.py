@@ -337,7 +337,8 @@ def run(args: argparse.Namespace) -> None:
         count = f"subjects={args.subjects}"
     methods = [k for k in s if k not in ("cases", "flagged", "registrations") and "/" not in k
                and not k.endswith((" seconds", " hd95"))]
-    plots = "heldout_dice.png, heldout_hd95.png, heldout_seconds.png" + (", heldout_contrasts.png, contrasts.png" if args.contrasts else "")
+    plots = "heldout_dice.png, heldout_hd95.png, heldout_seconds.png" + (
+        ", heldout_contrasts.png, contrasts.png" if args.contrasts else "")
     print(f"{what}; per label and case in {args.out}/heldout_metrics.csv, plots {plots}")
     for m in methods:
         print(f"  {m:25s} mean Dice {s[m]:.3f}  HD95 {s[m + ' hd95']:.1f} mm  {s[m + ' seconds']:.1f} s/case")
