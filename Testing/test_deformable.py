@@ -93,6 +93,7 @@ def test_a_known_warp_is_recovered_on_a_scan_of_inverted_contrast(colin27):
     assert error < 0.6 * moved, (moved, error)
 
 
+@pytest.mark.slow  # three priors, 9 s; the fast tier's prior tests run the finest level on the brain's box too
 def test_the_finest_demons_level_refines_only_the_brain_and_its_margin(colin27, monkeypatch):
     """The finest level runs on the box of the atlas's brain grown by CROP_MARGIN_MM: outside it the field is exactly
     the coarser levels' one, inside the brain it is the field of the finest level run on the whole grid: within 0.1 mm
