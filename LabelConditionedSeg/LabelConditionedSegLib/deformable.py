@@ -205,11 +205,6 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
             warped_so_far = painted if to_atlas is None else pulled(painted, to_atlas, grid)
             fixed = on_grid(np.where(seen, image, warped_so_far), grid)
         level_fixed, level_moving = (sitk.Shrink(i, [shrink] * 3) if shrink > 1 else i for i in (fixed, moving))
-        level_grid = level_fixed
-        region = None if atlas_mask is None or shrink > CROP_SHRINK or field is None else \
-            _brain_region(atlas_mask, grid, shrink, level_fixed)
-        if region is not None:
-            level_fixed, level_moving = (sitk.RegionOfInterest(i, *region) for i in (level_fixed, level_moving))
         demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
         demons.SetNumberOfIterations(iterations)
         demons.SetStandardDeviations(smoothing)
@@ -219,12 +214,13 @@ def deformable_prior(image: np.ndarray, atlas_image: np.ndarray, grid: sitk.Imag
             field = demons.Execute(level_fixed, level_moving)
         else:
             start = sitk.Resample(field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
-            refined = demons.Execute(level_fixed, level_moving, start)
+            region = None if atlas_mask is None or shrink > CROP_SHRINK else \
+                _brain_region(atlas_mask, grid, shrink, level_fixed)
             if region is None:
-                field = refined
-            else:
-                around = sitk.Resample(field, level_grid, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
-                field = sitk.Paste(around, refined, region[0], [0, 0, 0], region[1])
+                field = demons.Execute(level_fixed, level_moving, start)
+            else:  # refine the brain's box; the rest keeps the coarser levels' field
+                box = [sitk.RegionOfInterest(i, *region) for i in (level_fixed, level_moving, start)]
+                field = sitk.Paste(start, demons.Execute(*box), region[0], [0, 0, 0], region[1])
         if cancel is not None and cancel():
             raise Cancelled()
         if shrink > 1:  # read the atlas's tissues in the scan again, now that they lie closer to the scan's
