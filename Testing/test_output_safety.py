@@ -118,6 +118,7 @@ def test_a_seg_nrrd_records_what_it_was_made_with_and_slicer_fields_stay(scans, 
     assert header.HasMetaDataKey(FIELD) and header.GetMetaData("Segment0_Name") == "Frontal_Sup_L+Frontal_Sup_R"
 
 
+@pytest.mark.slow  # a whole batch / two whole runs: 8-9 s
 def test_a_scan_another_live_run_holds_is_left_to_it_and_a_dead_run_s_lock_is_taken_over(scans, tiny_checkpoint,
                                                                                          tmp_path):
     out = tmp_path / "out"

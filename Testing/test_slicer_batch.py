@@ -127,6 +127,7 @@ def test_a_scene_batch_writes_nothing_into_a_scene_closed_and_reloaded_meanwhile
     assert segmentations(scene) == [] and scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
 
 
+@pytest.mark.slow  # a whole batch / two whole runs: 8-9 s
 def test_a_volume_deleted_during_a_scene_batch_is_listed_as_failed(scene, folder, tiny_checkpoint):
     volumes = [load_volume(scene, folder / name) for name in ("a.nii.gz", "b.nrrd")]
     logic = SegmentationLogic(scene)
