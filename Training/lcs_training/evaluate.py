@@ -46,6 +46,7 @@ CHECK_FIELDS = ["subject", "contrast", "registration", "coverage", "alignment", 
 # Subject i of a kind is drawn from the seeds [--seed, stream + i]. Held-out subjects are a test set that never picks
 # anything; settings and thresholds are chosen on the validation streams (--validation), which share no seed with
 # them nor with training's validation ([seed, 10000]).
+ANTS = "ants syn propagation"  # the baseline users run instead (--ants)
 HELDOUT_STREAMS = {"like": 20_000, "unlike": 30_000}
 VALIDATION_STREAMS = {"like": 40_000, "unlike": 50_000}
 # What the atlas labels are propagated with, after each registration of `lcs segment --registration`.
@@ -161,8 +162,8 @@ class Scoring:
             seconds["bspline propagation"] = time.time() - start + registered
         if self.ants:
             start = time.time()
-            predictions["ants syn propagation"] = ants_propagate(image, self.checkpoint.atlas_image, self.atlas_labels)
-            seconds["ants syn propagation"] = time.time() - start
+            predictions[ANTS] = ants_propagate(image, self.checkpoint.atlas_image, self.atlas_labels)
+            seconds[ANTS] = time.time() - start
         if self.baselines:
             start = time.time()
             predictions["baseline"] = [(b, _baseline_labels(b, prepared, segmenter.device)) for b in self.baselines]
@@ -189,7 +190,7 @@ class Scoring:
         order = [first] + [m for m in methods if m != first]
         plot_method_dice(rows, order, summary, out / "heldout_dice.png")
         plot_method_dice(rows, order, {m: summary[f"{m} hd95"] for m in order}, out / "heldout_hd95.png", metric="hd95_mm")
-        plot_dice_seconds(rows, order, out / "heldout_seconds.png")
+        plot_dice_seconds(rows, order, out / "heldout_seconds.png", halved=ANTS)
         if heads:
             for (contrast, m), times in self.seconds.items():
                 summary[f"{contrast}/{m}"] = float(np.mean([r["dice"] for r in rows

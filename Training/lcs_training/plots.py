@@ -113,25 +113,26 @@ def plot_contrast_dice(rows: list[dict], methods: list[str], png: Path) -> None:
     _save(fig, png)
 
 
-def plot_dice_seconds(rows: list[dict], methods: list[str], png: Path) -> None:
+def plot_dice_seconds(rows: list[dict], methods: list[str], png: Path, halved: str = "") -> None:
     """Each method's mean Dice against its mean seconds per case (one point per contrast, when there are several):
-    what a method costs beside what it gives. With ANTs SyN among the methods, half its seconds as a line."""
+    what a method costs beside what it gives. With the method `halved` among them, half its seconds as a line."""
     contrasts = list(dict.fromkeys(r.get("contrast", "") for r in rows))
+    markers = dict(zip(contrasts, "osD^vP*X"))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ants, markers = [], dict(zip(contrasts, "osD^vP*X"))
+    seconds_of = {}
     for j, method in enumerate(methods):
         ax.plot([], [], "s", color=f"C{j}", label=method)
         for contrast, marker in markers.items():
             mine = [r for r in rows if r["method"] == method and r.get("contrast", "") == contrast]
             if mine:
                 seconds = np.mean(list({r["subject"]: r["seconds"] for r in mine}.values()))
-                ants += [seconds] if method == "ants syn propagation" else []
+                seconds_of.setdefault(method, []).append(seconds)
                 ax.plot(seconds, np.mean([r["dice"] for r in mine]), marker, color=f"C{j}", ms=7)
     for contrast, marker in markers.items() if len(markers) > 1 else ():
         ax.plot([], [], marker, color="grey", label=contrast)
-    if ants:
-        ax.axvline(np.mean(ants) / 2, color="grey", ls="--", lw=0.8, label="half ANTs SyN's seconds")
+    if halved in seconds_of:
+        ax.axvline(np.mean(seconds_of[halved]) / 2, color="grey", ls="--", lw=0.8, label=f"half the seconds of {halved}")
     ax.set_xlim(left=0)
     ax.set_xlabel("seconds per case (mean)")
     ax.set_ylabel("Dice (mean over labels and cases)")
